@@ -1,0 +1,268 @@
+"""
+Token files on disk and the batches drawn from them.
+
+    from dataloader import TokenData, RandomSampler
+    train = TokenData("data/shakespeare_char", "train")
+    x, y = RandomSampler(train, batch_size=12, block_size=64, seed=1337).next_batch()
+
+Two on-disk formats, both uint16 tokens:
+- nanoGPT's `train.bin` / `val.bin`: raw tokens, no header; meta.json beside them records the token
+  counts so that a truncated file is caught.
+- llm.c / modded-nanogpt shards `*_train_NNNNNN.bin` / `*_val_NNNNNN.bin`: a header of 256 int32
+  (magic 20240520, version 1, token count) then the tokens. Shards published for those projects
+  train here as they are.
+
+Reading: every read opens a fresh memmap and copies out a bounded slice. One long-lived memmap read
+at random offsets makes the process's RSS grow towards the whole file (PITFALLS 9).
+Samplers keep their position in a small JSON-able state so a resumed run continues exactly.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit; a larger vocab needs another format
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE. r50k_base holds the same ranks and special token as 'gpt2' (50257 ids,
+    <|endoftext|> = 50256) from one file, which tiktoken reads from TIKTOKEN_CACHE_DIR when offline."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("r50k_base")
+    except Exception as e:  # tiktoken raises requests/OS errors of several kinds when it cannot download
+        raise RuntimeError(
+            "could not load the GPT-2 BPE ranks (tiktoken 'r50k_base'): " + str(e).splitlines()[0] + "\n"
+            "Offline, put the ranks file in tiktoken's cache:  mkdir -p $TIKTOKEN_CACHE_DIR && cp "
+            "r50k_base.tiktoken $TIKTOKEN_CACHE_DIR/0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4") from e
+
+
+# ----------------------------------------------------------------------------- the file formats
+
+def write_shard(path, tokens):
+    """Write tokens as an llm.c shard, atomically: a crash leaves either no file or the whole file."""
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) > np.iinfo(TOKEN_DTYPE).max:
+        raise ValueError(f"token id {int(tokens.max())} does not fit uint16 shards (vocab too large)")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    _atomic_write(path, [header.tobytes(), tokens.astype(TOKEN_DTYPE, copy=False).tobytes()])
+
+
+def write_raw_tokens(path, tokens):
+    """Write nanoGPT's raw uint16 token file, atomically."""
+    _atomic_write(path, [np.asarray(tokens, dtype=TOKEN_DTYPE).tobytes()])
+
+
+def _atomic_write(path, chunks):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_header(path):
+    """(offset in bytes, token count) of a token file; raises ValueError naming the file on any damage."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
+    if head.size >= 3 and head[0] == SHARD_MAGIC:
+        if head[1] != SHARD_VERSION:
+            raise ValueError(f"{path}: shard version {head[1]}, expected {SHARD_VERSION}")
+        n = int(head[2])
+        if size != HEADER_BYTES + 2 * n:
+            raise ValueError(f"{path}: header says {n:,} tokens ({HEADER_BYTES + 2 * n:,} bytes) but the file "
+                             f"has {size:,} bytes: truncated or corrupted, prepare it again")
+        return HEADER_BYTES, n
+    if "_train_" in path.name or "_val_" in path.name:
+        raise ValueError(f"{path}: not a token shard (magic {int(head[0]) if head.size else None}, "
+                         f"expected {SHARD_MAGIC}); prepare the dataset again")
+    if size % 2:
+        raise ValueError(f"{path}: odd size {size:,} bytes for uint16 tokens: truncated, prepare it again")
+    return 0, size // 2
+
+
+def load_meta(data_dir):
+    """meta.json of a prepared dataset, or {} when there is none."""
+    p = Path(data_dir) / "meta.json"
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e}); prepare the dataset again") from e
+
+
+class TokenData:
+    """The token files of one split of a prepared dataset directory, validated on open."""
+
+    def __init__(self, data_dir, split):
+        data_dir = Path(data_dir)
+        raw = data_dir / f"{split}.bin"
+        files = [raw] if raw.exists() else sorted(data_dir.glob(f"*_{split}_*.bin"))
+        if not files:
+            raise FileNotFoundError(
+                f"no '{split}' tokens in {data_dir}: expected {split}.bin or *_{split}_NNNNNN.bin shards. "
+                f"Run the dataset's prepare.py first (e.g. python data/shakespeare_char/prepare.py)")
+        self.meta = load_meta(data_dir)
+        self.files, self.offsets, self.lengths = [], [], []
+        for f in files:
+            offset, n = read_header(f)
+            if n == 0:
+                raise ValueError(f"{f}: holds no tokens; prepare the dataset again")
+            self.files.append(f)
+            self.offsets.append(offset)
+            self.lengths.append(n)
+        expected = self.meta.get(f"{split}_tokens")
+        if raw.exists() and expected is not None and expected != self.lengths[0]:
+            raise ValueError(f"{raw}: {self.lengths[0]:,} tokens but meta.json records {expected:,}: "
+                             f"truncated or from another preparation, run prepare.py again")
+        self.vocab_size = self.meta.get("vocab_size")
+        self.n_tokens = sum(self.lengths)
+
+    def read(self, file_idx, start, length):
+        """A copy of tokens [start, start+length) of one file as int64 (fresh memmap per read)."""
+        m = np.memmap(self.files[file_idx], dtype=TOKEN_DTYPE, mode="r",
+                      offset=self.offsets[file_idx], shape=(self.lengths[file_idx],))
+        out = m[start:start + length].astype(np.int64)
+        del m
+        return out
+
+    def check_vocab(self, vocab_size):
+        if self.vocab_size is not None and self.vocab_size > vocab_size:
+            raise ValueError(f"the dataset's vocab_size {self.vocab_size} (meta.json) exceeds the model's "
+                             f"{vocab_size}: the data was prepared with another tokenizer")
+
+
+# ----------------------------------------------------------------------------- samplers
+
+class _Sampler:
+    """Common part: turn a list of (file, start) windows into (x, y) int64 arrays of (B, T)."""
+
+    def __init__(self, data, batch_size, block_size, vocab_size=None):
+        self.data, self.batch_size, self.block_size, self.vocab_size = data, batch_size, block_size, vocab_size
+        too_short = [str(f) for f, n in zip(data.files, data.lengths) if n < block_size + 1]
+        if len(too_short) == len(data.files):
+            raise ValueError(f"every token file is shorter than block_size+1 = {block_size + 1} tokens: "
+                             f"{too_short[:3]}; use a smaller block_size or more data")
+
+    def _batch(self, windows):
+        rows = [self.data.read(f, s, self.block_size + 1) for f, s in windows]
+        buf = np.stack(rows)  # (B, T+1)
+        if self.vocab_size is not None and int(buf.max()) >= self.vocab_size:
+            raise ValueError(f"token id {int(buf.max())} in {self.data.files[windows[0][0]].parent} is >= the "
+                             f"model's vocab_size {self.vocab_size}: data and model use different tokenizers")
+        return buf[:, :-1], buf[:, 1:]
+
+
+class RandomSampler(_Sampler):
+    """nanoGPT's sampling: windows at uniformly random offsets (files weighted by their length)."""
+
+    def __init__(self, data, batch_size, block_size, seed, rank=0, vocab_size=None):
+        super().__init__(data, batch_size, block_size, vocab_size)
+        self.starts = np.array([max(n - block_size, 0) for n in data.lengths], dtype=np.float64)
+        self.rng = np.random.default_rng([seed, rank])  # each rank its own stream: different data
+
+    def next_batch(self):
+        fidx = self.rng.choice(len(self.starts), size=self.batch_size, p=self.starts / self.starts.sum())
+        offs = [int(self.rng.integers(self.starts[f])) for f in fidx]
+        return self._batch(list(zip(fidx.tolist(), offs)))
+
+    def state_dict(self):
+        return {"kind": "random", "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        assert state["kind"] == "random", f"cannot resume a {state['kind']} sampler as a random one"
+        self.rng.bit_generator.state = state["rng"]
+
+
+class SequentialSampler(_Sampler):
+    """Every non-overlapping window once per epoch, in a seeded order that changes each epoch.
+
+    The position is one global counter of windows consumed by all ranks together; rank r of W takes
+    windows [cursor + r*B, cursor + (r+1)*B), so ranks read disjoint windows and a run can resume on
+    another world size.
+    """
+
+    def __init__(self, data, batch_size, block_size, seed, rank=0, world_size=1, vocab_size=None):
+        super().__init__(data, batch_size, block_size, vocab_size)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        per_file = [max((n - 1) // block_size, 0) for n in data.lengths]
+        self.first = np.concatenate([[0], np.cumsum(per_file)]).astype(np.int64)  # window index of each file
+        self.n_windows = int(self.first[-1])
+        self.cursor = 0
+        self._perm_epoch, self._perm = None, None
+
+    def _window(self, g):
+        epoch, i = divmod(g, self.n_windows)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows).astype(np.int64)
+            self._perm_epoch = epoch
+        w = int(self._perm[i])
+        f = int(np.searchsorted(self.first, w, side="right") - 1)
+        return f, (w - int(self.first[f])) * self.block_size
+
+    def next_batch(self):
+        base = self.cursor + self.rank * self.batch_size
+        windows = [self._window(base + j) for j in range(self.batch_size)]
+        self.cursor += self.world_size * self.batch_size
+        return self._batch(windows)
+
+    @property
+    def epoch(self):
+        return self.cursor / self.n_windows
+
+    def state_dict(self):
+        return {"kind": "sequential", "cursor": self.cursor, "seed": self.seed, "n_windows": self.n_windows}
+
+    def load_state_dict(self, state):
+        assert state["kind"] == "sequential", f"cannot resume a {state['kind']} sampler as a sequential one"
+        if state["n_windows"] != self.n_windows:
+            raise ValueError(f"the dataset has {self.n_windows} windows but the checkpoint's sampler had "
+                             f"{state['n_windows']}: the data or block_size changed since the checkpoint")
+        self.cursor, self.seed = state["cursor"], state["seed"]
+
+
+def make_sampler(kind, data, batch_size, block_size, seed, rank=0, world_size=1, vocab_size=None):
+    if kind == "random":
+        return RandomSampler(data, batch_size, block_size, seed, rank, vocab_size)
+    if kind == "sequential":
+        return SequentialSampler(data, batch_size, block_size, seed, rank, world_size, vocab_size)
+    raise ValueError(f"sampling must be 'random' or 'sequential', got {kind!r}")
+
+
+def eval_batches(data, batch_size, block_size, max_batches=0, vocab_size=None):
+    """The fixed evaluation set: consecutive non-overlapping windows from the start of the split, in
+    file order, the first max_batches batches of them (all when max_batches <= 0). The same weights
+    always give the same number, and every run is measured on the same tokens."""
+    sampler = _Sampler(data, batch_size, block_size, vocab_size)
+    windows = [(f, s) for f, n in enumerate(data.lengths) for s in range(0, n - block_size, block_size)]
+    if max_batches > 0:
+        windows = windows[:max_batches * batch_size]
+    for i in range(0, len(windows), batch_size):
+        yield sampler._batch(windows[i:i + batch_size])
+
+
+def to_device(arrays, device):
+    """numpy batches -> int64 tensors on the device; pinned and non-blocking on CUDA."""
+    out = []
+    for a in arrays:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if device.type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        else:
+            t = t.to(device)
+        out.append(t)
+    return out

@@ -1,0 +1,312 @@
+"""
+GPT-2 style decoder-only Transformer, in one file.
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65))
+    logits, loss = model(idx, targets)
+
+References: "Language Models are Unsupervised Multitask Learners" (GPT-2, 2019) for the architecture
+(pre-LayerNorm blocks, learned positions, GELU MLP, tied embeddings); "Attention Is All You Need"
+(2017) for attention. Parameter names follow OpenAI's GPT-2 checkpoint (wte wpe h ln_f c_attn c_proj
+c_fc lm_head) so that weight import and export are key-by-key copies.
+This file imports torch only: transformers is imported lazily by hf.py where it is needed.
+"""
+
+import math
+from dataclasses import dataclass, asdict
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (torch's nn.LayerNorm cannot drop just the bias)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of one generation, preallocated to the block size: (n_layer, B, nh, T_max, hs)."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype):
+        shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions already filled
+
+    def update(self, layer, k, v):
+        """Store k, v (B, nh, T, hs) for `layer` at the current position; return all keys/values so far."""
+        T = k.size(2)
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, f"n_embd {config.n_embd} not divisible by n_head {config.n_head}"
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # q, k, v projections for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None and kv_cache.pos > 0:
+            # decoding: the new query (T == 1) may look at every cached position, so no mask is needed
+            assert T == 1, f"the KV cache decodes one token at a time, got {T}"
+            k, v = kv_cache.update(self.layer_idx, k, v)
+            is_causal = False
+        else:
+            if kv_cache is not None:  # prefill: fill the cache with the prompt, attend causally
+                kv_cache.update(self.layer_idx, k, v)
+            is_causal = True
+        # dropout only while training: eval and generation must be deterministic (PITFALLS 8)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh*hs) re-assembled heads
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 used the tanh approximation of GELU; keep it so imported weights give the same logits
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # maximum context length (learned position embeddings)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12  # number of Transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # residual stream width
+    dropout: float = 0.0  # on attention weights, residual branches and embeddings; 0 for pretraining
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2; False is a bit faster
+    qkv_bias: Optional[bool] = None  # bias of the q/k/v projection; None means the same as `bias`
+    tie_weights: bool = True  # lm_head shares wte's matrix, as GPT-2
+
+    def __post_init__(self):
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+
+    # fields that define the shapes of the weights: a checkpoint only loads into a model that agrees on these
+    SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias", "tie_weights")
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.activation_checkpointing = False  # recompute block activations in backward to save memory
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            # one matrix for reading tokens in and writing logits out (GPT-2; Press & Wolf 2017)
+            self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 paper: scale the residual projections by 1/sqrt(2 * n_layer) at init
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=False):
+        """Number of parameters, each shared tensor counted once. non_embedding drops wpe (and wte when untied)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, reduction="mean", kv_cache=None):
+        """idx (B, T) token ids -> (logits, loss).
+
+        targets (B, T) with -1 where no loss is wanted (padding, prompt tokens). reduction is 'mean'
+        over the counted targets or 'sum' (the caller normalises, e.g. by the targets of a whole
+        optimizer step). Without targets only the last position's logits are computed (B, 1, V).
+        """
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        assert start + T <= self.config.block_size, \
+            f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            if self.activation_checkpointing and self.training and kv_cache is None:
+                x = activation_checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): generation needs the last position only
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                               ignore_index=-1, reduction=reduction)
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context, e.g. to fine-tune a 1024-context GPT-2 at 256 on a small GPU."""
+        assert block_size <= self.config.block_size, \
+            f"can only crop the block size down: {block_size} > {self.config.block_size}"
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a local Hugging Face GPT-2 directory."""
+        from hf import load_hf_gpt2  # lazy: transformers is an optional dependency
+        return load_hf_gpt2(cls, name_or_path, override_args or {})
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
+        """AdamW with decay on >=2-D weights only (matmuls, embeddings), never on biases or LayerNorm gains.
+
+        Frozen parameters (requires_grad False, e.g. a LoRA base) are left out entirely.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        assert len(decay) + len(no_decay) == len(params), "every trainable parameter must be in one group"
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if fused is None:
+            # the fused kernel is a single launch per step on CUDA; on CPU torch's fused AdamW also wins
+            fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward): 6N + 12*L*T*C (PaLM paper, appendix B).
+
+        N counts the weights used in matmuls: every Linear, including lm_head, but not the wte/wpe
+        lookups (a tied lm_head is a matmul too, so it counts once through lm_head).
+        """
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * n_matmul + 12 * cfg.n_layer * T * cfg.n_embd
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops, seq_len=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak for its dtype.
+
+        tokens_per_iter counts every micro-step of one optimizer step on this device.
+        """
+        return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 generator=None, use_cache=True):
+        """Continue idx (B, T) by max_new_tokens tokens. temperature 0 is greedy decoding.
+
+        With use_cache the prompt is prefilled once and each new token costs one position; without
+        it every step recomputes the (cropped) context. Both give identical tokens. Once the
+        sequence outgrows block_size the positions shift every step, so it recomputes the window.
+        """
+        was_training = self.training
+        self.eval()
+        cfg = self.config
+        cache = None
+        for _ in range(max_new_tokens):
+            if use_cache and idx.size(1) <= cfg.block_size:
+                if cache is None:
+                    p = next(self.parameters())
+                    cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_head, cfg.block_size,
+                                    cfg.n_embd // cfg.n_head, idx.device, p.dtype)
+                    logits, _ = self(idx, kv_cache=cache)  # prefill with the whole prompt
+                else:
+                    logits, _ = self(idx[:, -1:], kv_cache=cache)  # one new position
+            else:
+                logits, _ = self(idx[:, -cfg.block_size:])
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, next_id), dim=1)
+            if cache is not None and idx.size(1) > cfg.block_size:
+                cache = None  # the cropped window no longer starts at position 0
+        self.train(was_training)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from logits (B, V): greedy at temperature 0, else sample.
+
+    top_k keeps exactly k tokens even when logits tie (masking `< kth value` would keep more);
+    top_p keeps the smallest set whose probability reaches p (always at least the top token).
+    """
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        values, indices = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True)
+        # drop a token when the tokens ranked before it already reach top_p
+        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def model_args(config):
+    """GPTConfig as a plain dict (for JSON checkpoints)."""
+    return asdict(config)
