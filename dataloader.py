@@ -44,6 +44,33 @@ def gpt2_encoding():
             "r50k_base.tiktoken $TIKTOKEN_CACHE_DIR/0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4") from e
 
 
+class Tokenizer:
+    """encode/decode for a prepared dataset's meta.json: {"tokenizer": "char", "itos": [...]} or "gpt2"."""
+
+    def __init__(self, meta):
+        kind = (meta or {}).get("tokenizer", "gpt2")
+        self.kind = kind
+        if kind == "char":
+            itos = meta["itos"]
+            stoi = {ch: i for i, ch in enumerate(itos)}
+            self.vocab_size, self.eot = len(itos), None
+            self.encode = lambda s: [stoi[c] for c in s if _known(c, stoi)]
+            self.decode = lambda ids: "".join(itos[i] for i in ids)
+        elif kind == "gpt2":
+            enc = gpt2_encoding()
+            self.vocab_size, self.eot = enc.n_vocab, enc.eot_token
+            self.encode = enc.encode_ordinary
+            self.decode = enc.decode
+        else:
+            raise ValueError(f"unknown tokenizer {kind!r} in meta.json: expected 'char' or 'gpt2'")
+
+
+def _known(c, stoi):
+    if c not in stoi:
+        raise ValueError(f"character {c!r} is not in the dataset's vocabulary; use characters of the training text")
+    return True
+
+
 # ----------------------------------------------------------------------------- the file formats
 
 def write_shard(path, tokens):

@@ -96,10 +96,11 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        # GPT-2 used the tanh approximation of GELU; nanoGPT trains with the exact (erf) one
+        self.approximate = {"gelu_tanh": "tanh", "gelu": "none"}[config.activation]
 
     def forward(self, x):
-        # GPT-2 used the tanh approximation of GELU; keep it so imported weights give the same logits
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -128,10 +129,13 @@ class GPTConfig:
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2; False is a bit faster
     qkv_bias: Optional[bool] = None  # bias of the q/k/v projection; None means the same as `bias`
     tie_weights: bool = True  # lm_head shares wte's matrix, as GPT-2
+    activation: str = "gelu_tanh"  # GPT-2's GELU; 'gelu' (exact erf) for checkpoints converted from nanoGPT
 
     def __post_init__(self):
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
+        if self.activation not in ("gelu_tanh", "gelu"):
+            raise ValueError(f"activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
 
     # fields that define the shapes of the weights: a checkpoint only loads into a model that agrees on these
     SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias", "tie_weights")
@@ -219,7 +223,7 @@ class GPT(nn.Module):
         from hf import load_hf_gpt2  # lazy: transformers is an optional dependency
         return load_hf_gpt2(cls, name_or_path, override_args or {})
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None, eight_bit=False):
         """AdamW with decay on >=2-D weights only (matmuls, embeddings), never on biases or LayerNorm gains.
 
         Frozen parameters (requires_grad False, e.g. a LoRA base) are left out entirely.
@@ -230,6 +234,15 @@ class GPT(nn.Module):
         assert len(decay) + len(no_decay) == len(params), "every trainable parameter must be in one group"
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        if eight_bit:
+            # 8-bit optimizer states (Dettmers et al. 2021): 2 bytes per parameter instead of 8
+            if device_type != "cuda":
+                raise ValueError("optimizer='adamw8bit' needs CUDA (bitsandbytes); use optimizer='adamw'")
+            try:
+                import bitsandbytes as bnb
+            except ImportError as e:
+                raise ValueError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes") from e
+            return bnb.optim.AdamW8bit(groups, lr=learning_rate, betas=betas)
         if fused is None:
             # the fused kernel is a single launch per step on CUDA; on CPU torch's fused AdamW also wins
             fused = device_type in ("cuda", "cpu")

@@ -1,0 +1,346 @@
+"""
+The one checkpoint format: a directory of safetensors and JSON, no pickle anywhere.
+
+    from checkpoint import load_model
+    model, info = load_model("out-shakespeare-char")  # the run's latest checkpoint, on the CPU
+
+    out_dir/
+      latest.json, best.json       pointers: {"checkpoint": "ckpt-0000500", "iter_num": 500}
+      ckpt-0000500/
+        model.safetensors          weights of the unwrapped, uncompiled module (or only the trained
+                                   parameters of a LoRA / 1-D fine-tune, plus a reference to its base)
+        optimizer.safetensors      optimizer tensors keyed by parameter name (any world size resumes)
+        state.json                 everything else: iteration, tokens, config, model args, data
+                                   position, RNG, scaler, optimizer scalars, versions, and the size
+                                   and sha256 of each file above, checked on load
+
+A save writes a hidden temporary directory, fsyncs it and renames it into place, then moves the
+latest pointer: a crash, kill -9 or full disk mid-save leaves the previous checkpoint loadable.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+PREFIX = "ckpt-"
+
+
+# ----------------------------------------------------------------------------- module and state dict hygiene
+
+def unwrap(model):
+    """The plain GPT inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def clean_state_dict(sd):
+    """Strip the `_orig_mod.` and `module.` prefixes that compiled or DDP-wrapped saves carry (PITFALLS 7).
+    The only place that knows about them: every loader goes through here."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
+        out[k.replace("._orig_mod.", ".")] = v
+    return out
+
+
+def model_tensors(model, trainable_only=False):
+    """Tensors to save: the whole state dict, or just the parameters being trained; a tied lm_head
+    is stored once (safetensors refuses shared storage)."""
+    model = unwrap(model)
+    sd = model.state_dict()
+    if trainable_only:
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        sd = {k: v for k, v in sd.items() if k in names}
+    if getattr(model.config, "tie_weights", False):
+        sd.pop("transformer.wte.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def optimizer_tensors(model, optimizer):
+    """(tensors keyed '<param name>/<state key>', JSON part) of an optimizer's state, by parameter name."""
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sd = optimizer.state_dict()
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    assert len(ids) == len(params), "optimizer state and parameter groups disagree"
+    tensors, scalars = {}, {}
+    for i, p in zip(ids, params):
+        for key, value in sd["state"].get(i, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"{names[id(p)]}/{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{names[id(p)]}/{key}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in og["params"]]}
+              for g, og in zip(sd["param_groups"], optimizer.param_groups)]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def restore_optimizer(model, optimizer, ckpt_dir, state):
+    """Load optimizer.safetensors into an optimizer built over the same parameters (any world size)."""
+    tensors = _load_tensors(Path(ckpt_dir) / "optimizer.safetensors")
+    saved = state["optimizer"]
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    sd = optimizer.state_dict()
+    by_name = {}
+    for key, value in list(tensors.items()) + list(saved["scalars"].items()):
+        pname, skey = key.rsplit("/", 1)
+        by_name.setdefault(pname, {})[skey] = value
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    current = [names[id(p)] for p in params]
+    saved_names = [n for g in saved["param_groups"] for n in g["params"]]
+    if sorted(current) != sorted(saved_names):
+        missing = sorted(set(current) - set(saved_names))[:5]
+        extra = sorted(set(saved_names) - set(current))[:5]
+        raise ValueError(f"{ckpt_dir}: the optimizer was saved for other parameters "
+                         f"(not saved: {missing}, not in this model: {extra})")
+    sd["state"] = {i: by_name[n] for i, n in zip(ids, current) if n in by_name}
+    for g, sg in zip(sd["param_groups"], saved["param_groups"]):
+        for k, v in sg.items():
+            if k != "params":
+                g[k] = tuple(v) if k == "betas" else v
+    optimizer.load_state_dict(sd)
+
+
+# ----------------------------------------------------------------------------- saving
+
+def _fsync_dir(path):
+    if os.name == "posix":
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _file_record(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _write_json(path, obj):
+    """Atomic JSON: temp file, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False, is_best=False, keep_last_n=3):
+    """Write ckpt-<iter> atomically, point latest (and best when is_best) at it, prune old ones.
+
+    state: the JSON-able rest (must hold iter_num). Returns the checkpoint's path.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f".{PREFIX}*.tmp-*"):  # debris of a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"{PREFIX}{state['iter_num']:07d}"
+    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+    final = out_dir / name
+    try:
+        tmp.mkdir()
+        files = {}
+        save_file(model_tensors(model, trainable_only), str(tmp / "model.safetensors"))
+        files["model.safetensors"] = _file_record(tmp / "model.safetensors")
+        state = dict(state, format_version=FORMAT_VERSION, trainable_only=trainable_only,
+                     versions=library_versions())
+        if optimizer is not None:
+            tensors, rest = optimizer_tensors(model, optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            files["optimizer.safetensors"] = _file_record(tmp / "optimizer.safetensors")
+            state["optimizer"] = rest
+        state["files"] = files
+        _write_json(tmp / "state.json", state)
+        _fsync_dir(tmp)
+        if final.exists():  # the same iteration saved again (e.g. a resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(out_dir)
+        pointer = {"checkpoint": name, "iter_num": state["iter_num"]}
+        _write_json(out_dir / "latest.json", pointer)
+        if is_best:
+            _write_json(out_dir / "best.json", pointer | {"val_loss": state.get("best_val_loss")})
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"saving checkpoint {final} failed: {e}. The previous checkpoint (latest.json) "
+                           f"is untouched; free disk space or pick another out_dir") from e
+    prune(out_dir, keep_last_n)
+    return final
+
+
+def prune(out_dir, keep_last_n):
+    """Delete all but the newest keep_last_n checkpoints; never the ones latest or best point to."""
+    if keep_last_n <= 0:
+        return
+    keep = {_read_pointer(out_dir / p) for p in ("latest.json", "best.json")}
+    ckpts = sorted(p.name for p in Path(out_dir).glob(f"{PREFIX}*") if p.is_dir())
+    for name in ckpts[:-keep_last_n]:
+        if name not in keep:
+            shutil.rmtree(Path(out_dir) / name)
+
+
+def library_versions():
+    import numpy
+    import safetensors
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+            "safetensors": safetensors.__version__}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _read_pointer(path):
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())["checkpoint"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path}: damaged pointer file ({e}); point it at a ckpt-* directory or delete it") from e
+
+
+def resolve(path, which="latest"):
+    """A checkpoint directory from a run's out_dir (its latest or best) or a checkpoint directory itself."""
+    path = Path(path)
+    if (path / "state.json").exists():
+        return path
+    name = _read_pointer(path / f"{which}.json")
+    if name is None:
+        hint = ""
+        if (path / "ckpt.pt").exists():
+            hint = f"; {path / 'ckpt.pt'} is a nanoGPT checkpoint: python convert_nanogpt.py --ckpt={path / 'ckpt.pt'}"
+        raise FileNotFoundError(f"no checkpoint in {path}: expected {which}.json or state.json{hint}")
+    return path / name
+
+
+def read_checkpoint(path, which="latest", verify=True):
+    """(checkpoint dir, state dict) after checking the format version and every file's size and hash."""
+    ckpt = resolve(path, which)
+    state_file = ckpt / "state.json"
+    if not state_file.exists():
+        raise FileNotFoundError(f"{state_file}: missing; the checkpoint is incomplete")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{state_file}: corrupted JSON ({e})") from e
+    version = state.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{ckpt}: checkpoint format version {version!r}; this homegpt reads up to "
+                         f"{FORMAT_VERSION}: upgrade homegpt to load it")
+    for fname, rec in state.get("files", {}).items():
+        f = ckpt / fname
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: missing from the checkpoint")
+        size = f.stat().st_size
+        if size != rec["bytes"]:
+            raise ValueError(f"{f}: {size:,} bytes, expected {rec['bytes']:,}: truncated or corrupted")
+        if verify:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+            if h.hexdigest() != rec["sha256"]:
+                raise ValueError(f"{f}: sha256 mismatch: the file is corrupted")
+    return ckpt, state
+
+
+def _load_tensors(path):
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read safetensors ({e})") from e
+
+
+def check_model_args(saved, current):
+    """Refuse to load weights into a model of another shape, naming the fields that differ."""
+    from model import GPTConfig
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+            for k in GPTConfig.SHAPE_FIELDS if saved.get(k) != current.get(k)]
+    if diff:
+        raise ValueError("the model shape differs from the checkpoint's:\n  " + "\n  ".join(diff) +
+                         "\nkeep the checkpoint's values (or start a new out_dir)")
+
+
+def restore_model(model, ckpt_dir, state):
+    """Load model.safetensors into model (whole, or the trained parameters of a fine-tune)."""
+    sd = clean_state_dict(_load_tensors(Path(ckpt_dir) / "model.safetensors"))
+    model = unwrap(model)
+    if state.get("trainable_only"):
+        import lora
+        lora.load_trainable_state_dict(model, sd)
+        return
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if model.config.tie_weights:
+        missing = [k for k in missing if k != "transformer.wte.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir}/model.safetensors does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def build_base(init_from, model_args=None):
+    """The model a fine-tune starts from: OpenAI GPT-2 by name, a Hugging Face directory, or one of our runs."""
+    from model import GPT
+    p = Path(init_from)
+    if p.exists() and ((p / "state.json").exists() or (p / "latest.json").exists()):
+        model, _ = load_model(p, merge_lora=True)
+        return model
+    return GPT.from_pretrained(init_from)
+
+
+def apply_finetune(model, cfg):
+    """Freeze and wrap a model for LoRA or 1-D-only training as the config says; returns True when
+    only part of the model trains (so checkpoints hold only that part)."""
+    if cfg.get("lora_rank", 0) > 0:
+        import lora
+        lora.apply_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
+        return True
+    if cfg.get("train_1d_only", False):
+        import lora
+        lora.train_only_1d(model)
+        return True
+    return False
+
+
+def load_model(path, device="cpu", merge_lora=True, which="latest"):
+    """A GPT in eval mode from a run's out_dir or a checkpoint directory, LoRA merged; plus its info."""
+    from model import GPT, GPTConfig
+    ckpt, state = read_checkpoint(path, which)
+    args = state["model_args"]
+    cfg = state.get("config", {})
+    if state.get("trainable_only"):
+        model = build_base(state["base"])
+        if model.config.block_size > args["block_size"]:
+            model.crop_block_size(args["block_size"])
+        check_model_args(args, vars(model.config))
+        apply_finetune(model, cfg)
+        restore_model(model, ckpt, state)
+        if merge_lora and cfg.get("lora_rank", 0) > 0:
+            import lora
+            lora.merge_lora(model)
+    else:
+        model = GPT(GPTConfig(**args))
+        restore_model(model, ckpt, state)
+    model.to(device).eval()
+    info = {k: state.get(k) for k in ("config", "model_args", "iter_num", "tokens_seen", "best_val_loss", "data_meta")}
+    info["checkpoint"] = str(ckpt)
+    return model, info

@@ -1,0 +1,117 @@
+"""
+Configuration for every script: a dataclass of defaults, then config files, then --key=value.
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+
+Config files are plain Python assignments (`n_layer = 6`), run in a fresh namespace; names that
+start with an underscore are helpers for the file's own arithmetic and are not config keys.
+Overrides are parsed with ast.literal_eval (falling back to the raw string), split on the first
+'='. Every value, from a file or the command line, is checked against the field's type; an unknown
+key or a wrong type stops with a message naming the key, the expected type and the closest keys.
+All problems are reported at once.
+"""
+
+import ast
+import dataclasses
+import difflib
+import os
+import typing
+from pathlib import Path
+
+
+def _allowed(tp):
+    """The plain types a field accepts: Optional[int] -> (int, NoneType)."""
+    if typing.get_origin(tp) is typing.Union:
+        return tuple(a for a in typing.get_args(tp))
+    return (tp,)
+
+
+def _coerce(key, value, tp, raw=None):
+    """Return value converted to tp, or raise ValueError naming the key and the expected type."""
+    allowed = _allowed(tp)
+    if value is None and type(None) in allowed:
+        return None
+    if str in allowed and raw is not None:
+        return value if isinstance(value, str) else raw  # --out_dir=123 means the string '123'
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    if int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)  # an int is fine for a float (--learning_rate=1 means 1.0)
+    if str in allowed and isinstance(value, str):
+        return value
+    names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
+    raise ValueError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown(key, valid):
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run with --help to list the keys"
+    return f"unknown config key '{key}'{hint}"
+
+
+def _read_config_file(path):
+    """The public names a config file assigns."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file not found: {path} (config files are paths, overrides are --key=value)")
+    namespace = {}
+    try:
+        exec(compile(p.read_text(), str(p), "exec"), namespace)
+    except Exception as e:
+        raise ValueError(f"{path}: could not run the config file: {type(e).__name__}: {e}") from e
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
+
+
+def parse_config(cfg_cls, argv):
+    """Build cfg_cls from its defaults, the config files in argv, then the --key=value overrides."""
+    hints = typing.get_type_hints(cfg_cls)
+    valid = [f.name for f in dataclasses.fields(cfg_cls)]
+    values, errors = {}, []
+    for arg in argv:
+        try:
+            if not arg.startswith("--"):
+                for key, value in _read_config_file(arg).items():
+                    if key not in hints:
+                        errors.append(f"{arg}: " + _unknown(key, valid))
+                        continue
+                    values[key] = _coerce(key, value, hints[key])
+                continue
+            if "=" not in arg:
+                raise ValueError(f"{arg}: overrides take the form --key=value")
+            key, raw = arg[2:].split("=", 1)
+            if key not in hints:
+                raise ValueError(_unknown(key, valid))
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare word: --device=cpu
+            values[key] = _coerce(key, value, hints[key], raw=raw)
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+    return cfg_cls(**values)
+
+
+def configure(cfg_cls, argv=None):
+    """parse_config for a script: --help lists the keys, errors exit non-zero, the result is printed once."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: python {Path(sys.argv[0]).name} [config/file.py ...] [--key=value ...]\nkeys and defaults:")
+        for f in dataclasses.fields(cfg_cls):
+            print(f"  --{f.name}={getattr(cfg_cls(), f.name)!r}")
+        raise SystemExit(0)
+    try:
+        cfg = parse_config(cfg_cls, argv)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, print once
+        print("config: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    return cfg

@@ -1,0 +1,221 @@
+"""
+Where and how the math runs: device, precision, distributed setup, seeding, RNG state, peak FLOP/s.
+
+    from runtime import pick_device, pick_dtype, autocast
+    device = pick_device("auto"); dtype = pick_dtype("auto", device)
+    with autocast(device, dtype):
+        logits, loss = model(x, y)
+
+train, sample, eval and bench all take their precision from here, so the dtype decision lives in
+exactly one place (PITFALLS 13): it is made after the config is resolved, from the actual device,
+and never calls a CUDA query on a machine without CUDA.
+"""
+
+import base64
+import contextlib
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def print0(*args, **kwargs):
+    """print on the first rank only (or always, outside torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def pick_device(name):
+    """'auto' -> cuda, then mps, then cpu. An explicit device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but this PyTorch has no usable CUDA; use --device=cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r} but MPS is not available; use --device=cpu or auto")
+    return device
+
+
+def cpu_has_bf16():
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
+
+
+def pick_dtype(name, device):
+    """'auto': bfloat16 where the device computes it natively, else float16 on CUDA (with a GradScaler),
+    else float32. An explicit choice the device cannot run is an error, not a silent fallback."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # T4/V100: fp16
+        if device.type == "cpu" and cpu_has_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    dtype = DTYPES[name]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16 (pre-Ampere, e.g. T4/V100): use --dtype=float16 or auto")
+    return dtype
+
+
+def autocast(device, dtype):
+    """Mixed precision context: weights stay float32, matmuls run in dtype. A no-op for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device, dtype):
+    """A GradScaler, enabled only for float16 (bfloat16 has float32's range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+
+
+def setup_backends(device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores: ~8x on Ampere
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+
+def init_distributed(device_name):
+    """Read torchrun's environment; start the process group (nccl on CUDA, gloo on CPU).
+    Returns (Dist, device). Outside torchrun: one process, device from pick_device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist(), pick_device(device_name)
+    import torch.distributed as dist
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return Dist(rank, local_rank, world_size), device
+
+
+def all_reduce_sum(value, device, dist_info):
+    """Sum a float across ranks (a no-op in one process)."""
+    if not dist_info.enabled:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([float(value)], device=device, dtype=torch.float64 if device.type != "mps" else torch.float32)
+    dist.all_reduce(t)
+    return t.item()
+
+
+# ----------------------------------------------------------------------------- seeding and RNG state
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(seed, rank, step):
+    """The torch seed for one optimizer step of one rank. Re-seeding every step makes dropout a pure
+    function of (seed, rank, step), so a resumed run draws the same masks as an uninterrupted one,
+    on any world size."""
+    return hash((seed, rank, step)) & 0x7FFF_FFFF_FFFF_FFFF  # int tuples hash the same in every process
+
+
+def rng_state():
+    """Python, numpy, torch CPU and CUDA RNG states as JSON-able values."""
+    b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()
+    py = random.getstate()
+    npk = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [npk[0], npk[1].tolist(), int(npk[2]), int(npk[3]), float(npk[4])],
+             "torch": b64(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = [b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state):
+    unb64 = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npk = state["numpy"]
+    np.random.set_state((npk[0], np.array(npk[1], dtype=np.uint32), npk[2], npk[3], npk[4]))
+    torch.set_rng_state(unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([unb64(s) for s in state["cuda"]])
+
+
+# ----------------------------------------------------------------------------- peak FLOP/s for MFU
+
+# Dense peak FLOP/s from the vendors' data sheets (no sparsity). bf16/fp16 are tensor-core figures
+# with float32 accumulation; float32 is the plain (non-TF32) figure except on Ampere+ where matmuls
+# run as TF32 because setup_backends enables it.
+GPU_PEAK_FLOPS = {
+    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 495e12},
+    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},
+    "A10": {torch.bfloat16: 125e12, torch.float16: 125e12, torch.float32: 62.5e12},
+    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 60e12},
+    "4090": {torch.bfloat16: 165e12, torch.float16: 165e12, torch.float32: 82.6e12},
+    "3090": {torch.bfloat16: 71e12, torch.float16: 71e12, torch.float32: 35.6e12},
+    "A6000": {torch.bfloat16: 155e12, torch.float16: 155e12, torch.float32: 77e12},
+    "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
+    "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
+}
+_measured = {}
+
+
+def measure_matmul_flops(device, dtype, n=1024, repeats=10):
+    """Best FLOP/s of an n x n matmul in dtype on this device: the practical peak of a CPU."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b  # warm-up: thread pools, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device, dtype):
+    """(peak FLOP/s, where the number came from) for MFU: a data-sheet table for known GPUs, a
+    measured matmul elsewhere (cached per device and dtype for the life of the process)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, table in GPU_PEAK_FLOPS.items():
+            if key in name and dtype in table:
+                return table[dtype], f"data sheet: {name} {str(dtype).replace('torch.', '')}"
+    key = (device.type, dtype)
+    if key not in _measured:
+        _measured[key] = measure_matmul_flops(device, dtype)
+    return _measured[key], f"measured: 1024x1024 {str(dtype).replace('torch.', '')} matmul on {device.type}"

@@ -1,0 +1,509 @@
+"""
+Train or fine-tune a GPT: one process, or many under torchrun (DDP).
+
+    python train.py config/train_shakespeare_char_cpu.py
+    python train.py config/train_shakespeare_char.py --device=cpu --n_layer=4 --max_iters=100
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+
+The loop, in labelled phases: learning rate -> evaluate / checkpoint -> stop? -> micro-steps ->
+clip and step -> log. Checkpoints resume exactly (init_from='resume'); SIGTERM or Ctrl-C finishes
+the current step, saves and exits.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import checkpoint as ckpt_lib
+from configurator import configure
+from dataloader import TokenData, Tokenizer, eval_batches, load_meta, make_sampler, to_device
+from model import GPT, GPTConfig
+from runtime import (all_reduce_sum, autocast, init_distributed, make_scaler, peak_flops, pick_dtype,
+                     print0, rng_state, set_rng_state, setup_backends, step_seed)
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"  # checkpoints and metrics.jsonl go here
+    eval_interval: int = 2000  # evaluate (and maybe checkpoint) every this many iterations
+    log_interval: int = 1  # print and append to metrics.jsonl every this many iterations
+    eval_iters: int = 200  # batches of the fixed validation set per evaluation; 0 = the whole split
+    eval_only: bool = False  # evaluate once and exit
+    always_save_checkpoint: bool = True  # save at each evaluation; False = only when val improved
+    save_interval: int = 0  # also save every this many iterations, independent of evaluation; 0 = off
+    keep_last_n: int = 3  # checkpoints kept besides latest and best
+    init_from: str = "scratch"  # 'scratch' | 'resume' | 'gpt2[-medium|-large|-xl]' | HF dir | one of our out_dirs
+    seed: int = 1337
+    max_bad_steps: int = 10  # stop (with a checkpoint) after this many non-finite steps in a row
+    # wandb (optional, imported only when on)
+    wandb_log: bool = False
+    wandb_project: str = "homegpt"
+    wandb_run_name: str = "run"
+    # data
+    dataset: str = "shakespeare_char"  # a folder under data/
+    data_dir: str = ""  # '' = data/<dataset>; else any prepared directory (e.g. FineWeb shards)
+    sampling: str = "random"  # 'random' windows (nanoGPT) or 'sequential' (every window once per epoch)
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, summed over all ranks
+    batch_size: int = 12  # sequences per micro-step per rank
+    block_size: int = 1024  # context length
+    # supervised fine-tuning on JSONL (instead of token files)
+    sft_train_file: str = ""  # Alpaca or prompt/completion JSONL; '' = pretraining on token files
+    sft_val_file: str = ""  # JSONL for validation loss (on completions only)
+    sft_template: str = ""  # prompt template with {instruction} and {input}; '' = Alpaca's
+    sft_packing: bool = False  # pack several examples per row instead of padding
+    # model (ignored when starting from pretrained weights; resume refuses a change of shape)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # 0 for pretraining; 0.1+ for fine-tuning or small data
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    qkv_bias: Optional[bool] = None  # None = same as bias
+    tie_weights: bool = True  # lm_head shares wte, as GPT-2
+    vocab_size: int = 0  # 0 = the dataset's (meta.json), else 50304 (GPT-2's padded to a multiple of 64)
+    activation: str = "gelu_tanh"
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # fine-tuning a part of the model
+    lora_rank: int = 0  # 0 disables LoRA
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "attn"  # 'attn' (c_attn, attention c_proj) or 'all' linear layers of the blocks
+    train_1d_only: bool = False  # train only biases and LayerNorm gains
+    base_dtype: str = "float32"  # storage of the frozen base under LoRA: 'float32' or 'bfloat16'
+    # optimizer
+    optimizer: str = "adamw"  # 'adamw' or 'adamw8bit' (bitsandbytes, CUDA)
+    learning_rate: float = 6e-4
+    max_iters: int = 600000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    # learning rate schedule: linear warmup, then cosine decay to min_lr
+    decay_lr: bool = True  # False = constant learning_rate (after warmup)
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000  # ~ max_iters (Chinchilla)
+    min_lr: float = 6e-5  # ~ learning_rate / 10 (Chinchilla)
+    # system
+    backend: str = "auto"  # DDP backend: auto = nccl on CUDA, gloo on CPU
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    dtype: str = "auto"  # auto = bfloat16 where native, float16 (+GradScaler) on older GPUs, else float32
+    compile: bool = False  # torch.compile the model (turned off, with the reason printed, where it cannot work)
+
+
+def get_lr(it, cfg):
+    """Linear warmup (non-zero at step 0), then cosine decay from learning_rate to min_lr."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def compile_reason(device):
+    """None when torch.compile can run here, else why not."""
+    if device.type == "mps":
+        return "torch.compile does not support MPS"
+    if sys.platform == "win32":
+        return "torch.compile's default backend needs Triton/a C++ toolchain that Windows installs lack"
+    if device.type == "cpu":
+        import shutil
+        if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            return "no C++ compiler found for torch.compile's CPU backend"
+    return None
+
+
+def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, device):
+    """One optimizer step over micro-batches [(x, y), ...] of this rank.
+
+    The loss is the sum of token losses over every micro-batch of every rank divided by the global
+    number of target tokens, so uneven masks (SFT) weigh every token alike however the batch is
+    split (PITFALLS 1-2). Returns (mean loss tensor, grad norm tensor, stepped: bool).
+    """
+    n_local = sum(int((y != -1).sum()) for _, y in batches)
+    n_targets = all_reduce_sum(n_local, device, dist_info)
+    if n_targets == 0:
+        raise ValueError("an optimizer step has no target tokens: every example is masked out")
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    loss_sum = torch.zeros((), device=device)
+    for micro, (x, y) in enumerate(batches):
+        if ddp:  # sync gradients on the last micro-step only; set before the forward (PITFALLS 3)
+            model.require_backward_grad_sync = micro == len(batches) - 1
+        with ctx:
+            _, loss = model(x, y, reduction="sum")
+        # DDP averages gradients over ranks: scale by world_size so the result is the global sum / n
+        loss = loss * (dist_info.world_size / n_targets)
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach() / dist_info.world_size
+    scaler.unscale_(optimizer)  # clip real gradients, not scaled ones (PITFALLS 4); no-op without fp16
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    # all ranks must agree to skip: the gradients are already synced, the loss is per rank
+    ok = torch.isfinite(loss_sum).float()
+    if dist_info.enabled:
+        ok = torch.tensor(all_reduce_sum(ok.item(), device, dist_info) == dist_info.world_size)
+    stepped = bool(ok) and (scaler.is_enabled() or bool(torch.isfinite(norm)))
+    if stepped:
+        scaler.step(optimizer)  # with fp16 the scaler itself skips a step whose gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, norm, stepped
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+def load_data(cfg, dist_info, vocab_size_hint=None, meta_hint=None):
+    """(train sampler, function yielding val batches, dataset meta) for token files or SFT JSONL."""
+    if cfg.sft_train_file:
+        import sft
+        tokenizer = Tokenizer(meta_hint or {"tokenizer": "gpt2"})
+        template = cfg.sft_template or None
+        train_tok, n_cut = sft.tokenize_examples(sft.load_examples(cfg.sft_train_file, template), tokenizer, cfg.block_size)
+        print0(f"sft: {len(train_tok):,} training examples from {cfg.sft_train_file}, {n_cut} truncated to block_size")
+        sampler = sft.SFTSampler(train_tok, cfg.batch_size, cfg.block_size, cfg.seed, dist_info.rank,
+                                 dist_info.world_size, packing=cfg.sft_packing)
+        val_tok = None
+        if cfg.sft_val_file:
+            val_tok, _ = sft.tokenize_examples(sft.load_examples(cfg.sft_val_file, template), tokenizer, cfg.block_size)
+        val = (lambda: sft.sft_eval_batches(val_tok, cfg.batch_size, cfg.block_size)) if val_tok else None
+        return sampler, val, meta_hint or {"tokenizer": "gpt2", "vocab_size": tokenizer.vocab_size}
+    data_dir = Path(cfg.data_dir or Path("data") / cfg.dataset)
+    train = TokenData(data_dir, "train")
+    valdata = TokenData(data_dir, "val")
+    meta = train.meta
+    vocab = vocab_size_hint or meta.get("vocab_size") or 50304
+    if vocab_size_hint:
+        train.check_vocab(vocab_size_hint)
+    sampler = make_sampler(cfg.sampling, train, cfg.batch_size, cfg.block_size, cfg.seed,
+                           dist_info.rank, dist_info.world_size, vocab)
+    val = lambda: eval_batches(valdata, cfg.batch_size, cfg.block_size, cfg.eval_iters, vocab)
+    print0(f"data: {data_dir}: {train.n_tokens:,} train tokens in {len(train.files)} file(s), "
+           f"{valdata.n_tokens:,} val tokens; sampling={cfg.sampling}")
+    return sampler, val, meta
+
+
+def build_model(cfg, origin, model_args, base=None):
+    """The GPT for this run: from scratch, or a pretrained base (cropped, with LoRA / 1-D training)."""
+    if origin == "scratch":
+        model = GPT(GPTConfig(**model_args))
+        partial = False
+    else:
+        model = ckpt_lib.build_base(base or origin)
+        model.config.dropout = cfg.dropout
+        for m in model.modules():  # pretrained weights with this run's dropout
+            if isinstance(m, torch.nn.Dropout):
+                m.p = cfg.dropout
+            if hasattr(m, "dropout") and isinstance(m.dropout, float):
+                m.dropout = cfg.dropout
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+        partial = ckpt_lib.apply_finetune(model, dataclasses.asdict(cfg))
+        if partial and cfg.base_dtype != "float32":
+            import lora
+            lora.freeze_base_dtype(model, {"bfloat16": torch.bfloat16}[cfg.base_dtype])
+    model.activation_checkpointing = cfg.activation_checkpointing
+    return model, partial
+
+
+def check_config(cfg, dist_info):
+    """All problems of a config at once, as a ValueError."""
+    errors = []
+    if cfg.gradient_accumulation_steps % dist_info.world_size:
+        errors.append(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
+                      f"{dist_info.world_size} ranks; use a multiple of {dist_info.world_size}")
+    for k in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval"):
+        if getattr(cfg, k) <= 0:
+            errors.append(f"{k} must be positive, got {getattr(cfg, k)}")
+    if cfg.sampling not in ("random", "sequential"):
+        errors.append(f"sampling must be 'random' or 'sequential', got {cfg.sampling!r}")
+    if cfg.lora_targets not in ("attn", "all"):
+        errors.append(f"lora_targets must be 'attn' or 'all', got {cfg.lora_targets!r}")
+    if cfg.base_dtype not in ("float32", "bfloat16"):
+        errors.append(f"base_dtype must be 'float32' or 'bfloat16', got {cfg.base_dtype!r}")
+    if cfg.optimizer not in ("adamw", "adamw8bit"):
+        errors.append(f"optimizer must be 'adamw' or 'adamw8bit', got {cfg.optimizer!r}")
+    if (cfg.lora_rank > 0 or cfg.train_1d_only) and cfg.init_from == "scratch":
+        errors.append("LoRA / train_1d_only fine-tune a pretrained model: set init_from")
+    if errors:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+class StopFlag:
+    """SIGTERM / Ctrl-C ask the loop to finish its step, save and exit; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              f"(Ctrl-C again aborts without saving)", flush=True)
+
+
+def trim_metrics(path, last_iter):
+    """On resume, drop metric lines past the checkpoint (a crash may have logged beyond it)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iter"] <= last_iter:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            pass  # a half-written last line of a killed run
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(cfg):
+    check_config(cfg, _dist_probe())  # before any process group starts
+    dist_info, device = init_distributed(cfg.device)
+    setup_backends(device)
+    dtype = pick_dtype(cfg.dtype, device)
+    ctx = autocast(device, dtype)
+    master = dist_info.is_master
+    out_dir = Path(cfg.out_dir)
+    accum = cfg.gradient_accumulation_steps // dist_info.world_size  # micro-steps per rank
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    print0(f"runtime: device={device}, dtype={str(dtype).replace('torch.', '')}, world_size={dist_info.world_size}, "
+           f"torch {torch.__version__}, numpy {np.__version__}")
+    print0(f"tokens per iteration: {cfg.gradient_accumulation_steps} accum x {cfg.batch_size} batch x "
+           f"{cfg.block_size} block = {tokens_per_iter:,} ({accum} micro-steps on each of {dist_info.world_size} rank(s))")
+    if device.type == "cpu" and accum > 1:
+        print0("note: gradient accumulation gives no speed-up on a CPU; a larger batch_size does the same math")
+
+    # --- state to resume from
+    state, ckpt_dir = None, None
+    if cfg.init_from == "resume":
+        ckpt_dir, state = ckpt_lib.read_checkpoint(out_dir)
+        saved = state["config"]
+        changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+                   if k != "init_from" and saved.get(k) != v}
+        shape = {k: c for k, c in changed.items() if k in GPTConfig.SHAPE_FIELDS or k in
+                 ("lora_rank", "lora_targets", "train_1d_only", "sft_train_file", "dataset", "data_dir")}
+        if shape:
+            raise ValueError(f"cannot resume {ckpt_dir} with a different model or data: " + ", ".join(
+                f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in shape.items()) + "; keep them as they were")
+        for k, (a, b) in changed.items():
+            print0(f"resume: {k} changed from {a!r} to {b!r}")
+        print0(f"resuming from {ckpt_dir} at iteration {state['iter_num']}")
+
+    # --- data and model
+    origin = (state["config"]["init_from"] if state else cfg.init_from)
+    meta_hint = state.get("data_meta") if state else None
+    if origin not in ("scratch", "resume") and not meta_hint:
+        p = Path(origin)
+        meta_hint = ({"tokenizer": "gpt2", "vocab_size": 50257} if not (p / "latest.json").exists()
+                     else ckpt_lib.load_model(p)[1].get("data_meta"))
+    sampler, val_batches, data_meta = load_data(cfg, dist_info, None, meta_hint)
+    if origin == "scratch":
+        vocab = cfg.vocab_size or data_meta.get("vocab_size") or 50304
+        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, qkv_bias=cfg.qkv_bias,
+                          tie_weights=cfg.tie_weights, activation=cfg.activation)
+    else:
+        model_args = None
+    model, partial = build_model(cfg, origin, model_args, base=state.get("base") if state else None)
+    if hasattr(sampler, "vocab_size") and sampler.vocab_size is not None and sampler.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the dataset's vocab ({sampler.vocab_size}) exceeds the model's ({model.config.vocab_size})")
+    if hasattr(sampler, "data"):
+        sampler.data.check_vocab(model.config.vocab_size)
+        sampler.vocab_size = model.config.vocab_size
+    model.to(device)
+    n_params = model.get_num_params()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokens_planned = cfg.max_iters * tokens_per_iter
+    print0(f"model: {n_params:,} parameters ({model.get_num_params(non_embedding=True):,} without embeddings), "
+           f"{n_train:,} trained")
+    print0(f"budget: {tokens_planned:,} tokens, 6ND = {6 * n_params * tokens_planned:.3g} FLOPs, "
+           f"{tokens_planned / n_params:.1f} tokens per parameter (Chinchilla-optimal ~20)")
+    _print_memory(model, cfg, device, dtype)
+
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           device.type, eight_bit=cfg.optimizer == "adamw8bit")
+    scaler = make_scaler(device, dtype)
+    iter_num, tokens_seen, best_val = 0, 0, float("inf")
+    wandb_id = None
+    if state:
+        ckpt_lib.restore_model(model, ckpt_dir, state)
+        ckpt_lib.restore_optimizer(model, optimizer, ckpt_dir, state)
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        iter_num, tokens_seen = state["iter_num"], state["tokens_seen"]
+        best_val = state["best_val_loss"] if state["best_val_loss"] is not None else float("inf")
+        wandb_id = state.get("wandb_run_id")
+        if master:
+            trim_metrics(out_dir / "metrics.jsonl", iter_num)
+    resumed_at = iter_num if state else None
+
+    runner = model
+    if cfg.compile:
+        reason = compile_reason(device)
+        if reason:
+            print0(f"compile: off ({reason})")
+        else:
+            print0("compile: compiling the model (the first iterations are slow)")
+            runner = torch.compile(model)
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        runner = DDP(runner, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pf, pf_source = peak_flops(device, dtype)
+        print0(f"mfu: peak {pf / 1e12:.2f} TFLOP/s ({pf_source})")
+        if cfg.wandb_log:
+            import wandb
+            run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
+                             id=wandb_id, resume="allow")
+            wandb_id = run.id
+    metrics = open(out_dir / "metrics.jsonl", "a") if master else None
+
+    def save(is_best=False):
+        st = {"iter_num": iter_num, "tokens_seen": tokens_seen,
+              "best_val_loss": best_val if math.isfinite(best_val) else None,
+              "config": dataclasses.asdict(cfg) | {"init_from": origin}, "model_args": dataclasses.asdict(model.config),
+              "sampler": sampler.state_dict(), "rng": rng_state(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+              "wandb_run_id": wandb_id, "data_meta": data_meta,
+              "base": (state.get("base") if state else None) or (str(Path(origin).resolve()) if Path(origin).exists() else origin)}
+        path = ckpt_lib.save_checkpoint(out_dir, st, model, optimizer, trainable_only=partial,
+                                        is_best=is_best, keep_last_n=cfg.keep_last_n)
+        print0(f"saved checkpoint to {path}")
+
+    def log(record):
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        if cfg.wandb_log:
+            wandb.log(record, step=record["iter"])
+
+    stop = StopFlag()
+    bad_steps, skipped = 0, 0
+    log_loss, log_steps = torch.zeros((), device=device), 0
+    t_log = time.perf_counter()
+    while True:
+        # --- learning rate
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        last_step = iter_num >= cfg.max_iters
+
+        # --- evaluate and checkpoint, on rank 0 (skipped at the iteration a resume starts from: done before)
+        saved_now = False
+        if master and (iter_num % cfg.eval_interval == 0 or last_step or cfg.eval_only) and iter_num != resumed_at:
+            if val_batches is not None:
+                import evaluate
+                val = evaluate.evaluate_loss(model, (to_device(b, device) for b in val_batches()), device, ctx)["loss"]
+                improved = val < best_val
+                best_val = min(best_val, val)
+                print0(f"iter {iter_num}: val loss {val:.4f}{' (best)' if improved else ''}")
+                log({"iter": iter_num, "tokens": tokens_seen, "val_loss": val, "lr": lr})
+            else:
+                improved = False
+            if iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
+                save(is_best=improved)
+                saved_now = True
+        if master and cfg.save_interval and iter_num % cfg.save_interval == 0 and iter_num > 0 \
+                and not saved_now and iter_num != resumed_at:
+            save()
+            saved_now = True
+
+        # --- stop: end of schedule, eval_only, or a signal (all ranks agree)
+        signalled = all_reduce_sum(float(stop.signum is not None), device, dist_info) > 0
+        if last_step or cfg.eval_only or signalled:
+            if signalled and master and not saved_now and iter_num != resumed_at:
+                save()
+            break
+
+        # --- micro-steps, clip, step
+        torch.manual_seed(step_seed(cfg.seed, dist_info.rank, iter_num))  # dropout masks resume exactly
+        batches = [to_device(sampler.next_batch(), device) for _ in range(accum)]
+        loss, norm, stepped = train_step(runner, optimizer, scaler, batches, ctx, cfg.grad_clip, dist_info, device)
+        if not stepped and not (scaler.is_enabled() and torch.isfinite(loss)):
+            bad_steps += 1
+            skipped += 1
+            print0(f"iter {iter_num}: non-finite loss or gradient ({loss.item():.4g}, norm {norm.item():.4g}), "
+                   f"step skipped ({bad_steps} in a row, {skipped} in all)")
+            if bad_steps >= cfg.max_bad_steps:
+                if master:
+                    save()
+                raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row at iteration {iter_num}. The last "
+                                 f"good weights are saved in {out_dir}; lower learning_rate, use bfloat16 or "
+                                 f"float32, or check the data")
+        else:
+            bad_steps = 0
+            log_loss += loss
+            log_steps += 1
+        iter_num += 1
+        tokens_seen += tokens_per_iter
+
+        # --- log: mean loss over the interval (one host sync per interval)
+        if iter_num % cfg.log_interval == 0 and log_steps > 0:
+            mean_loss = all_reduce_sum(log_loss.item(), device, dist_info) / dist_info.world_size / log_steps
+            dt = (time.perf_counter() - t_log) / cfg.log_interval
+            t_log = time.perf_counter()
+            if master:
+                mfu = model.estimate_mfu(tokens_per_iter // dist_info.world_size, dt, pf, cfg.block_size)
+                tps = tokens_per_iter / dt
+                eta = (cfg.max_iters - iter_num) * dt
+                print0(f"iter {iter_num}: loss {mean_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
+                       f"{tps:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min")
+                log({"iter": iter_num, "tokens": tokens_seen, "train_loss": mean_loss, "lr": lr,
+                     "ms_per_iter": dt * 1000, "tokens_per_sec": tps, "mfu": mfu, "skipped_steps": skipped})
+            log_loss.zero_()
+            log_steps = 0
+
+    if metrics:
+        metrics.close()
+    if dist_info.enabled:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    if stop.signum == signal.SIGINT:
+        raise SystemExit(130)
+    return {"iter_num": iter_num, "best_val_loss": best_val}
+
+
+def _dist_probe():
+    """World size from torchrun's environment, for config checks made before the process group starts."""
+    from runtime import Dist
+    return Dist(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _print_memory(model, cfg, device, dtype):
+    try:
+        import memory
+    except ImportError:
+        return
+    est = memory.estimate_training_memory(
+        model, cfg.batch_size, cfg.block_size,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        compute_dtype_bytes=4 if dtype == torch.float32 else 2,
+        optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing)
+    print0(memory.memory_report(est, memory.device_memory(device)))
+
+
+if __name__ == "__main__":
+    try:
+        main(configure(TrainConfig))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
