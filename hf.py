@@ -1,0 +1,442 @@
+"""
+Hugging Face GPT-2 interop: import OpenAI's GPT-2 (or any HF GPT-2 directory), export ours to HF format.
+
+    from model import GPT
+    model = GPT.from_pretrained("gpt2")                # or "gpt2-xl", or a save_pretrained directory
+    from hf import export_hf
+    export_hf(model, "hf-gpt2", tokenizer="gpt2")      # transformers.AutoModelForCausalLM loads it
+    python export_hf.py --out_dir=out-shakespeare --hf_dir=hf-shakespeare   # the same from a checkpoint
+
+Hugging Face stores GPT-2 as OpenAI wrote it: the four matmuls of a block (attn.c_attn, attn.c_proj,
+mlp.c_fc, mlp.c_proj) are "Conv1D" modules whose weight is (in, out), the transpose of nn.Linear's
+(out, in) (PITFALLS 6). The files also carry the causal-mask buffers attn.bias / attn.masked_bias,
+which are not weights. Every name is mapped explicitly and every shape checked, so a renamed or
+missing tensor is an error here instead of a silently random layer.
+
+The tokenizer: offline there is nothing to download, so vocab.json and merges.txt are rebuilt from
+tiktoken's GPT-2 ranks (the same 50,257 ids); see gpt2_vocab_and_merges.
+transformers is imported lazily: the rest of the toolkit runs without it.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+# the four checkpoints OpenAI released, by the short names everyone uses -> their hub repository
+HF_MODELS = {
+    "gpt2": "openai-community/gpt2",  # 124M: n_layer=12, n_head=12, n_embd=768
+    "gpt2-medium": "openai-community/gpt2-medium",  # 350M: n_layer=24, n_head=16, n_embd=1024
+    "gpt2-large": "openai-community/gpt2-large",  # 774M: n_layer=36, n_head=20, n_embd=1280
+    "gpt2-xl": "openai-community/gpt2-xl",  # 1558M: n_layer=48, n_head=25, n_embd=1600
+}
+
+# our name inside block i -> HF's name inside block i (both under "h.{i}."); listed, not pattern-matched
+LAYER_KEYS = {
+    "ln_1.weight": "ln_1.weight",
+    "ln_1.bias": "ln_1.bias",
+    "attn.c_attn.weight": "attn.c_attn.weight",
+    "attn.c_attn.bias": "attn.c_attn.bias",
+    "attn.c_proj.weight": "attn.c_proj.weight",
+    "attn.c_proj.bias": "attn.c_proj.bias",
+    "ln_2.weight": "ln_2.weight",
+    "ln_2.bias": "ln_2.bias",
+    "mlp.c_fc.weight": "mlp.c_fc.weight",
+    "mlp.c_fc.bias": "mlp.c_fc.bias",
+    "mlp.c_proj.weight": "mlp.c_proj.weight",
+    "mlp.c_proj.bias": "mlp.c_proj.bias",
+}
+# Conv1D weights, stored (in, out): transposed on the way in and on the way out
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# per-block buffers in HF files (the causal mask and its fill value): not weights, dropped on import
+MASK_BUFFERS = ("attn.bias", "attn.masked_bias")
+LAYER_NORM_EPS = 1e-5  # model.py's LayerNorm; GPT-2's layer_norm_epsilon
+GPT2_VOCAB = 50257  # 50,000 merges + 256 bytes + <|endoftext|>
+EOT_ID = 50256
+EOT = "<|endoftext|>"
+
+
+def hf_key_map(n_layer, tie_weights):
+    """Our parameter name -> the HF GPT2LMHeadModel name without its "transformer." prefix.
+
+    A tied lm_head is wte itself, so it only appears (as "lm_head.weight") when untied.
+    """
+    m = {
+        "transformer.wte.weight": "wte.weight",
+        "transformer.wpe.weight": "wpe.weight",
+    }
+    for i in range(n_layer):
+        for ours, theirs in LAYER_KEYS.items():
+            m[f"transformer.h.{i}.{ours}"] = f"h.{i}.{theirs}"
+    m["transformer.ln_f.weight"] = "ln_f.weight"
+    m["transformer.ln_f.bias"] = "ln_f.bias"
+    if not tie_weights:
+        m["lm_head.weight"] = "lm_head.weight"
+    return m
+
+
+def _is_transposed(our_key):
+    return our_key.startswith("transformer.h.") and our_key.split(".", 3)[3] in TRANSPOSED
+
+
+# ----------------------------------------------------------------------------- import
+
+def load_hf_gpt2(cls, name_or_path, override_args):
+    """A `cls` (GPT) holding OpenAI's GPT-2 weights or those of a local Hugging Face GPT-2 directory.
+
+    override_args may set "dropout" (for fine-tuning) and "block_size" (cropped down only).
+    Raises ValueError naming the model/path and what to do on anything it cannot load exactly.
+    """
+    override_args = dict(override_args or {})
+    unknown = sorted(set(override_args) - {"dropout", "block_size"})
+    if unknown:
+        raise ValueError(f"from_pretrained can only override 'dropout' and 'block_size', not {unknown}: "
+                         f"the other shapes are fixed by the pretrained weights")
+    hf_config, sd, source = read_hf_gpt2(name_or_path)
+    config = gpt_config_from_hf(hf_config, source)
+    from model import GPTConfig
+    config = GPTConfig(**config, dropout=float(override_args.get("dropout", 0.0)))
+    block_size = override_args.get("block_size")
+    if block_size is not None and not 0 < block_size <= config.block_size:
+        raise ValueError(f"block_size={block_size} for {source}: must be between 1 and its "
+                         f"{config.block_size} positions (a pretrained model can only be cropped down)")
+    model = cls(config)
+    load_hf_state_dict(model, sd, source)
+    if block_size is not None and block_size < config.block_size:
+        model.crop_block_size(block_size)
+    return model
+
+
+def read_hf_gpt2(name_or_path):
+    """(HF config dict, state dict with HF names minus "transformer.", source description)."""
+    name_or_path = str(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _read_local(path)
+    if name_or_path in HF_MODELS:
+        return _download(name_or_path)
+    if path.exists():
+        raise ValueError(f"{path} is a file: give the directory that save_pretrained wrote "
+                         f"(holding config.json and model.safetensors or pytorch_model.bin)")
+    raise ValueError(f"{name_or_path!r} is neither a GPT-2 model name ({', '.join(HF_MODELS)}) nor an "
+                     f"existing directory: check the spelling, or give the path of a Hugging Face GPT-2 "
+                     f"directory written by save_pretrained")
+
+
+def _download(name):
+    try:
+        from transformers import GPT2LMHeadModel
+    except ImportError as e:
+        raise ValueError(f"loading {name!r} needs transformers: pip install transformers") from e
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(HF_MODELS[name])
+    except OSError as e:  # transformers reports every failed download (DNS, HTTP, no cache) as OSError
+        raise ValueError(
+            f"could not download {name!r} ({HF_MODELS[name]}) from the Hugging Face hub: the hub is "
+            f"unreachable from here or the download failed ({str(e).splitlines()[0]}).\n"
+            f"Instead give a local directory: on a machine with access run "
+            f"GPT2LMHeadModel.from_pretrained('{HF_MODELS[name]}').save_pretrained('{name}-hf'), copy "
+            f"the directory over and pass its path (e.g. --init_from=./{name}-hf)") from e
+    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    return hf.config.to_dict(), sd, f"{name!r} ({HF_MODELS[name]})"
+
+
+def _read_local(path):
+    """config.json and the weights save_pretrained writes: model.safetensors, pytorch_model.bin, or
+    either one sharded with an index.json."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{path} has no config.json: not a Hugging Face model directory "
+                         f"(write one with model.save_pretrained(dir))")
+    try:
+        hf_config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e}); write it again with save_pretrained") from e
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(hf_config).__name__}")
+    files = []
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path / single).is_file():
+            files = [path / single]
+        elif (path / index).is_file():
+            try:
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path / index}: not a valid shard index ({e!r})") from e
+            files = [path / f for f in sorted(set(weight_map.values()))]
+        if files:
+            break
+    if not files:
+        raise ValueError(f"{path} has no weights: expected model.safetensors or pytorch_model.bin "
+                         f"(or a sharded *.index.json), as save_pretrained writes")
+    sd = {}
+    for f in files:
+        sd.update(_read_weights(f))
+    # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (OpenAI's own hub files) saves "h.0..."
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    return hf_config, sd, str(path)
+
+
+def _read_weights(file):
+    if not file.is_file():
+        raise ValueError(f"{file} is missing: the shard index lists it; copy the whole directory")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(file))
+        # weights_only: a pickle file can run code on load; plain tensors never need that
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, pickle and zip each raise their own types on a damaged file
+        raise ValueError(f"{file}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"the file is damaged or truncated: save or copy it again") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{file}: expected a dict of tensors (a state dict)")
+    return sd
+
+
+def gpt_config_from_hf(hf, source):
+    """GPTConfig fields from a HF GPT-2 config dict; refuses what model.py cannot reproduce exactly."""
+    problems = []
+    if hf.get("model_type", "gpt2") != "gpt2":
+        problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
+    # gelu_new and gelu_pytorch_tanh are both GELU's tanh approximation, which model.py computes
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        problems.append(f"activation_function {act!r}: model.py computes GELU's tanh approximation "
+                        f"('gelu_new' / 'gelu_pytorch_tanh') only")
+    eps = hf.get("layer_norm_epsilon", LAYER_NORM_EPS)
+    if abs(eps - LAYER_NORM_EPS) > 1e-12:
+        problems.append(f"layer_norm_epsilon {eps}: model.py's LayerNorm uses {LAYER_NORM_EPS}")
+    n_embd = hf.get("n_embd")
+    if hf.get("n_inner") not in (None, 4 * (n_embd or 0)):
+        problems.append(f"n_inner {hf.get('n_inner')}: model.py's MLP is 4 * n_embd = {4 * (n_embd or 0)} wide")
+    if not hf.get("scale_attn_weights", True):
+        problems.append("scale_attn_weights is false: model.py always scales attention by 1/sqrt(head size)")
+    if hf.get("scale_attn_by_inverse_layer_idx", False):
+        problems.append("scale_attn_by_inverse_layer_idx is true: model.py does not scale by layer index")
+    if hf.get("add_cross_attention", False):
+        problems.append("add_cross_attention is true: model.py is decoder-only")
+    fields = {"n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"), "n_embd": n_embd,
+              # n_ctx is the older spelling of the context length
+              "block_size": hf.get("n_positions", hf.get("n_ctx")), "vocab_size": hf.get("vocab_size")}
+    for k, v in fields.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            problems.append(f"{k} ({'n_positions' if k == 'block_size' else k}) is {v!r}: expected a positive integer")
+    if problems:
+        raise ValueError(f"cannot load {source} exactly: " + "; ".join(problems))
+    # HF's GPT-2 always has biases (Linear and LayerNorm); the head is tied unless the config says not
+    return dict(fields, bias=True, qkv_bias=True, tie_weights=bool(hf.get("tie_word_embeddings", True)))
+
+
+@torch.no_grad()
+def load_hf_state_dict(model, sd, source):
+    """Copy HF-named tensors (no "transformer." prefix) into our GPT; every key and shape accounted for."""
+    cfg = model.config
+    sd = dict(sd)
+    for i in range(cfg.n_layer):
+        for buf in MASK_BUFFERS:
+            sd.pop(f"h.{i}.{buf}", None)
+    if cfg.tie_weights and "lm_head.weight" in sd:
+        # some files store the tied head as its own tensor; it must really be wte
+        head = sd.pop("lm_head.weight")
+        if "wte.weight" in sd and not torch.equal(head, sd["wte.weight"]):
+            raise ValueError(f"{source}: lm_head.weight differs from wte.weight although the config says "
+                             f"tie_word_embeddings=true; set it to false in config.json if the head is separate")
+    key_map = hf_key_map(cfg.n_layer, cfg.tie_weights)
+    missing = sorted(set(key_map.values()) - set(sd))
+    unexpected = sorted(set(sd) - set(key_map.values()))
+    if missing or unexpected:
+        raise ValueError(f"{source}: the weights do not match a GPT-2 of its config.json "
+                         f"(n_layer={cfg.n_layer}): missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                         f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    ours = model.state_dict()
+    uncovered = set(ours) - set(key_map) - ({"lm_head.weight"} if cfg.tie_weights else set())
+    assert not uncovered, f"model parameters with no GPT-2 counterpart: {sorted(uncovered)}"
+    for our_key, hf_key in key_map.items():
+        src = sd[hf_key]
+        if _is_transposed(our_key):
+            src = src.t()
+        if src.shape != ours[our_key].shape:
+            raise ValueError(f"{source}: {hf_key} has shape {tuple(sd[hf_key].shape)}, expected "
+                             f"{tuple(ours[our_key].shape)}{' transposed' if _is_transposed(our_key) else ''} "
+                             f"for its config.json")
+        ours[our_key].copy_(src)
+
+
+# ----------------------------------------------------------------------------- export
+
+def hf_state_dict(model):
+    """Our GPT's weights under GPT2LMHeadModel's names, float32 on the CPU, with zeros for every bias
+    HF expects but the model lacks (bias=False, qkv_bias=False): a zero bias computes the same thing."""
+    cfg = model.config
+    ours = model.state_dict()
+    key_map = hf_key_map(cfg.n_layer, cfg.tie_weights)
+    leftover = set(ours) - set(key_map) - ({"lm_head.weight"} if cfg.tie_weights else set())
+    if leftover:
+        raise ValueError(f"the model has tensors a GPT-2 does not ({sorted(leftover)[:4]} ...): merge LoRA "
+                         f"adapters into the weights first (checkpoint.load_model does)")
+    out = {}
+    for our_key, hf_key in key_map.items():
+        if our_key in ours:
+            t = ours[our_key].detach().to("cpu", torch.float32)
+            t = t.t() if _is_transposed(our_key) else t
+        else:
+            # the bias that the model was built without: zeros of the size of its weight's output
+            weight = ours[our_key.removesuffix(".bias") + ".weight"]
+            assert our_key.endswith(".bias"), f"{our_key} missing from the model"
+            t = torch.zeros(weight.shape[0], dtype=torch.float32)
+        out["lm_head.weight" if hf_key == "lm_head.weight" else "transformer." + hf_key] = t.contiguous().clone()
+    return out
+
+
+def hf_config(config, tokenizer):
+    """A transformers GPT2Config equal to our GPTConfig."""
+    from transformers import GPT2Config
+    eot = EOT_ID if tokenizer == "gpt2" else None
+    return GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
+        activation_function="gelu_new",  # GPT-2's own value; the same tanh GELU as model.py
+        layer_norm_epsilon=LAYER_NORM_EPS, tie_word_embeddings=config.tie_weights,
+        resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+        # a char-level model has no <|endoftext|>; a GPT-2 id there would be out of its vocabulary
+        bos_token_id=eot, eos_token_id=eot, architectures=["GPT2LMHeadModel"])
+
+
+def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False):
+    """Write `model` (our GPT) as a Hugging Face GPT2LMHeadModel directory: config.json,
+    model.safetensors (float32) and, with tokenizer="gpt2", the GPT-2 tokenizer files.
+
+    The directory appears complete or not at all (written beside it, then renamed into place).
+    An existing non-empty hf_dir is refused unless overwrite. Returns the directory as a Path.
+    """
+    from safetensors.torch import save_file
+    if tokenizer not in ("gpt2", None):
+        raise ValueError(f"tokenizer={tokenizer!r}: expected 'gpt2' (GPT-2 BPE) or None (no tokenizer files)")
+    cfg = model.config
+    if tokenizer == "gpt2" and cfg.vocab_size < GPT2_VOCAB:
+        raise ValueError(f"tokenizer='gpt2' but the model's vocab_size is {cfg.vocab_size} < {GPT2_VOCAB}: "
+                         f"it was not trained on GPT-2 BPE; export with tokenizer=None")
+    hf_dir = Path(hf_dir)
+    if hf_dir.exists() and (not hf_dir.is_dir() or any(hf_dir.iterdir())) and not overwrite:
+        raise ValueError(f"{hf_dir} already exists and is not empty: choose a new directory or overwrite")
+    hf_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = hf_dir.with_name(f".{hf_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        hf_config(cfg, tokenizer).save_pretrained(tmp)  # writes config.json
+        # the "format" metadata tells transformers these are PyTorch tensors
+        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer == "gpt2":
+            write_gpt2_tokenizer(tmp, model_max_length=cfg.block_size)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if hf_dir.exists():
+            old = hf_dir.with_name(f".{hf_dir.name}.old-{os.getpid()}")
+            os.replace(hf_dir, old)
+            os.replace(tmp, hf_dir)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, hf_dir)
+        _fsync_dir(hf_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
+        raise
+    return hf_dir
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open directories; its renames are durable enough
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- the GPT-2 tokenizer files
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character table (vocab.json and merges.txt spell tokens with it).
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (control bytes, space, ...) are moved
+    to code points 256, 257, ... in byte order, so that no token contains whitespace or controls.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def _bpe_parts(token, rank, ranks):
+    """Run byte-level BPE on `token` using only merges ranked below `rank`: the two parts left are the
+    merge that created it. (A token often splits several ways into lower-ranked tokens, e.g. ' the' =
+    ' t'+'he' = ' th'+'e'; only BPE's own order says which merge the tokenizer actually applies.)"""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        best = None  # (rank, position) of the lowest-ranked adjacent pair allowed
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best is None or r < best[0]):
+                best = (r, i)
+        if best is None:
+            break
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def gpt2_vocab_and_merges(enc=None):
+    """(vocab: token string -> id, merges: [(left, right)] in priority order) of GPT-2's BPE, rebuilt
+    from tiktoken's ranks (bytes -> id); merge k creates the token of id 256 + k."""
+    if enc is None:
+        from dataloader import gpt2_encoding
+        enc = gpt2_encoding()
+    ranks = enc._mergeable_ranks  # bytes -> rank (== token id); tiktoken keeps no merges list
+    b2u = bytes_to_unicode()
+
+    def spell(b):
+        return "".join(b2u[x] for x in b)
+
+    vocab = {spell(tok): r for tok, r in ranks.items()}
+    for name, i in enc._special_tokens.items():
+        vocab[name] = i
+    merges = []
+    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) == 1:
+            continue
+        parts = _bpe_parts(tok, rank, ranks)
+        assert len(parts) == 2, f"token {tok!r} (rank {rank}) is not one merge of lower-ranked tokens: {parts}"
+        merges.append((spell(parts[0]), spell(parts[1])))
+    assert len(vocab) == enc.n_vocab, f"vocab has {len(vocab)} entries, tiktoken {enc.n_vocab}"
+    return vocab, merges
+
+
+def write_gpt2_tokenizer(out_dir, model_max_length=1024):
+    """vocab.json, merges.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json:
+    what transformers.AutoTokenizer.from_pretrained(out_dir) needs, offline."""
+    out_dir = Path(out_dir)
+    vocab, merges = gpt2_vocab_and_merges()
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                        encoding="utf-8")
+    from transformers import GPT2Tokenizer
+    # transformers writes tokenizer.json (the fast tokenizer) and tokenizer_config.json from these
+    tok = GPT2Tokenizer(vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"),
+                        model_max_length=model_max_length, add_prefix_space=False)
+    tok.save_pretrained(str(out_dir))
+    special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

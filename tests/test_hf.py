@@ -1,0 +1,305 @@
+"""Hugging Face GPT-2 import/export: exact logits both ways, every key accounted for, clear errors.
+
+    python -m pytest -q tests/test_hf.py
+
+No network: the "pretrained" GPT-2 is a small random transformers model saved to tmp_path.
+"""
+
+import json
+import logging
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+import hf  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+VOCAB = 97
+
+
+def _all_logits(model, idx):
+    """Our logits at every position (targets of -1 ask for the full sequence without a loss)."""
+    logits, _ = model(idx, targets=torch.full_like(idx, -1))
+    return logits
+
+
+@torch.no_grad()
+def _perturb(module, seed):
+    """Random non-trivial biases and LayerNorm gains: with the init's zeros/ones a dropped or
+    misplaced bias or gain would go unnoticed."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.dim() == 1:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def make_hf_gpt2(tie=True, seed=0, vocab_size=VOCAB):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=vocab_size,
+                     tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None)
+    model = GPT2LMHeadModel(cfg).eval()
+    _perturb(model, seed)
+    return model
+
+
+def save_openai_style_bin(model, path):
+    """pytorch_model.bin as OpenAI's hub files have it: no "transformer." prefix, the causal-mask
+    buffers attn.bias / attn.masked_bias included, no lm_head (GPT2Model's state dict)."""
+    path.mkdir()
+    model.config.save_pretrained(path)
+    sd = {k.removeprefix("transformer."): v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    n = model.config.n_positions
+    for i in range(model.config.n_layer):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n)
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(sd, path / "pytorch_model.bin")
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    d = tmp_path / "hf-tiny"
+    make_hf_gpt2().save_pretrained(d)
+    return d
+
+
+# ----------------------------------------------------------------------------- import
+
+@pytest.mark.parametrize("fmt", ["safetensors", "openai_bin", "untied"])
+def test_import_gives_transformers_logits_and_generations(tmp_path, fmt):
+    ref = make_hf_gpt2(tie=(fmt != "untied"))
+    d = tmp_path / "hf"
+    if fmt == "openai_bin":
+        save_openai_style_bin(ref, d)
+    else:
+        ref.save_pretrained(d)
+    model = GPT.from_pretrained(str(d)).eval()
+    assert model.config.tie_weights == (fmt != "untied")
+    assert (model.config.block_size, model.config.vocab_size, model.config.n_layer) == (16, VOCAB, 2)
+    idx = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = _all_logits(model, idx)
+        theirs = ref(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
+    prompt = idx[:, :5]
+    greedy = model.generate(prompt, max_new_tokens=11, temperature=0)
+    expected = ref.generate(prompt, max_new_tokens=11, do_sample=False, pad_token_id=0,
+                            attention_mask=torch.ones_like(prompt))
+    assert torch.equal(greedy, expected)
+
+
+def test_block_size_crop_and_dropout_override(hf_dir):
+    full = GPT.from_pretrained(str(hf_dir)).eval()
+    cropped = GPT.from_pretrained(str(hf_dir), {"block_size": 8, "dropout": 0.25})
+    assert cropped.config.block_size == 8 and cropped.transformer.wpe.weight.shape == (8, 32)
+    assert cropped.config.dropout == 0.25
+    assert cropped.transformer.drop.p == 0.25 and cropped.transformer.h[0].attn.dropout == 0.25
+    assert full.config.dropout == 0.0
+    idx = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        # a crop keeps the first positions' embeddings: the same logits for a short enough input
+        assert torch.allclose(_all_logits(cropped.eval(), idx), _all_logits(full, idx), atol=1e-6)
+    with pytest.raises(ValueError, match="cropped down"):
+        GPT.from_pretrained(str(hf_dir), {"block_size": 32})
+    with pytest.raises(ValueError, match="n_layer"):
+        GPT.from_pretrained(str(hf_dir), {"n_layer": 4})
+
+
+def test_unknown_name_and_missing_directory(tmp_path):
+    with pytest.raises(ValueError, match="gpt2-xl") as e:
+        GPT.from_pretrained("gpt3")
+    assert "'gpt3'" in str(e.value)
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(ValueError, match="no-such-dir"):
+        GPT.from_pretrained(str(missing))
+
+
+def test_hub_unreachable_says_to_use_a_local_directory(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", offline)
+    with pytest.raises(ValueError) as e:
+        GPT.from_pretrained("gpt2-medium")
+    msg = str(e.value)
+    assert "unreachable" in msg and "save_pretrained" in msg and "openai-community/gpt2-medium" in msg
+
+
+def test_malformed_directories_name_the_path_and_the_problem(hf_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        GPT.from_pretrained(str(empty))
+
+    (empty / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        GPT.from_pretrained(str(empty))
+
+    (empty / "config.json").write_text((hf_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match="has no weights"):
+        GPT.from_pretrained(str(empty))
+
+    weights = (hf_dir / "model.safetensors").read_bytes()
+    (empty / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a truncated copy
+    with pytest.raises(ValueError, match="model.safetensors.*damaged or truncated"):
+        GPT.from_pretrained(str(empty))
+
+    with pytest.raises(ValueError, match="is a file"):
+        GPT.from_pretrained(str(hf_dir / "config.json"))
+
+
+def test_missing_leftover_or_misshapen_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    ref = make_hf_gpt2()
+    d = tmp_path / "hf"
+    ref.save_pretrained(d)
+    sd = load_file(str(d / "model.safetensors"))
+
+    save_file({k: v for k, v in sd.items() if k != "transformer.h.1.mlp.c_fc.bias"}, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['h.1.mlp.c_fc.bias'\]"):
+        GPT.from_pretrained(str(d))
+
+    save_file({**sd, "transformer.h.2.ln_1.weight": torch.ones(32)}, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected \['h.2.ln_1.weight'\]"):
+        GPT.from_pretrained(str(d))
+
+    bad = dict(sd)
+    bad["transformer.h.0.attn.c_attn.weight"] = bad["transformer.h.0.attn.c_attn.weight"].t().contiguous()
+    save_file(bad, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"h.0.attn.c_attn.weight has shape \(96, 32\)"):
+        GPT.from_pretrained(str(d))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"activation_function": "relu"}, "activation_function 'relu'"),
+    ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon"),
+    ({"n_inner": 64}, "n_inner 64"),
+    ({"model_type": "gpt_neo"}, "model_type"),
+])
+def test_configs_model_py_cannot_reproduce_are_refused(hf_dir, change, match):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(change)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        GPT.from_pretrained(str(hf_dir))
+
+
+def test_gelu_pytorch_tanh_is_accepted(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["activation_function"] = "gelu_pytorch_tanh"  # the same tanh approximation, computed by torch
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    assert GPT.from_pretrained(str(hf_dir)).config.n_layer == 2
+
+
+# ----------------------------------------------------------------------------- export
+
+def _our_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB, dropout=0.0)
+    cfg.update(kw)
+    model = GPT(GPTConfig(**cfg)).eval()
+    _perturb(model, seed)
+    return model
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),  # GPT-2's shape: biases, tied head
+    dict(tie_weights=False),
+    dict(bias=False),
+    dict(bias=False, tie_weights=False),
+    dict(bias=True, qkv_bias=False),
+    dict(bias=False, qkv_bias=True),
+], ids=["gpt2", "untied", "nobias", "nobias-untied", "no-qkv-bias", "qkv-bias-only"])
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, kw, caplog):
+    model = _our_model(**kw)
+    out = hf.export_hf(model, tmp_path / "export", tokenizer=None)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    with caplog.at_level(logging.WARNING):
+        loaded, info = GPT2LMHeadModel.from_pretrained(str(out), output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+    assert not [r for r in caplog.records if "were not" in r.getMessage() or "newly initialized" in r.getMessage()]
+    assert loaded.config.tie_word_embeddings == model.config.tie_weights
+    if not model.config.tie_weights:
+        assert not torch.equal(loaded.lm_head.weight, loaded.transformer.wte.weight)
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (loaded.eval()(idx).logits - _all_logits(model, idx)).abs().max().item()
+    assert diff < 1e-5
+    # and back: the exported directory imports to the same function
+    back = GPT.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        assert (_all_logits(back, idx) - _all_logits(model, idx)).abs().max().item() < 1e-5
+
+
+def test_export_refuses_a_nonempty_directory_unless_overwrite(tmp_path):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        hf.export_hf(_our_model(), target, tokenizer=None)
+    assert (target / "notes.txt").read_text() == "mine"
+    hf.export_hf(_our_model(), target, tokenizer=None, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary or old copies left
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError):
+        hf.export_hf(_our_model(), tmp_path / "export", tokenizer=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_lora_leftovers_and_gpt2_tokenizer_on_a_small_vocab(tmp_path):
+    model = _our_model()
+    with pytest.raises(ValueError, match="tokenizer=None"):
+        hf.export_hf(model, tmp_path / "a", tokenizer="gpt2")
+    with pytest.raises(ValueError, match="tokenizer="):
+        hf.export_hf(model, tmp_path / "b", tokenizer="char")
+    model.transformer.h[0].attn.c_attn.register_parameter("lora_A", torch.nn.Parameter(torch.zeros(4, 32)))
+    with pytest.raises(ValueError, match="merge LoRA"):
+        hf.export_hf(model, tmp_path / "c", tokenizer=None)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_recovered_merges_are_gpt2s():
+    vocab, merges = hf.gpt2_vocab_and_merges()
+    assert len(vocab) == 50257 and len(merges) == 50000 and vocab["<|endoftext|>"] == 50256
+    # the first lines of OpenAI's merges.txt; ' the' could also be ' th'+'e', but BPE builds ' t'+'he'
+    assert merges[:8] == [("Ġ", "t"), ("Ġ", "a"), ("h", "e"), ("i", "n"), ("r", "e"), ("o", "n"),
+                          ("Ġt", "he"), ("e", "r")]
+    assert vocab["Ġthe"] == 262 and vocab["!"] == 0
+
+
+def test_exported_tokenizer_encodes_like_tiktoken(tmp_path):
+    from transformers import AutoTokenizer
+
+    from dataloader import gpt2_encoding
+    model = _our_model(vocab_size=50257)
+    out = hf.export_hf(model, tmp_path / "export", tokenizer="gpt2")
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 50256
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.eos_token_id == 50256 and tok.model_max_length == 16
+    enc = gpt2_encoding()
+    shakespeare = (hf.Path(__file__).resolve().parents[1] / "data" / "shakespeare_char" / "input.txt")
+    texts = [
+        "Hello world", " Hello world",
+        "naïve café — 東京の天気は晴れ 🎉🚀 Ünïcödé",
+        "  leading\n\n\ttabs   and    runs   \n\n\n", "trailing spaces   ", "a\r\nb \u00a0c\u2003d",
+        "12345 3.14159 1,000,000 0x1F 2024-05-20", "It's they're we've I'm you'll he'd",
+        "def f(x):\n    return x**2  # comment\n",
+        shakespeare.read_text()[:20000] if shakespeare.exists() else "First Citizen:\nBefore we proceed",
+    ]
+    for text in texts:
+        ids = enc.encode_ordinary(text)
+        assert tok(text)["input_ids"] == ids, text[:40]
+        assert tok.decode(ids) == text
