@@ -1,0 +1,58 @@
+"""data/shakespeare/prepare.py: Tiny Shakespeare in GPT-2 BPE with nanoGPT's exact token counts.
+
+    python -m pytest -q tests/test_shakespeare_bpe.py
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataloader import TokenData, gpt2_encoding
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "data" / "shakespeare" / "prepare.py"
+SHIPPED = ROOT / "data" / "shakespeare_char" / "input.txt"
+
+pytestmark = pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped Tiny Shakespeare text is missing")
+
+
+def _load_prepare():
+    spec = importlib.util.spec_from_file_location("shakespeare_prepare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prepare_writes_nanogpts_token_counts(tmp_path):
+    prep = _load_prepare()
+    meta = prep.main(prep.PrepareConfig(out_dir=str(tmp_path)))
+    assert meta == {"vocab_size": 50257, "tokenizer": "gpt2", "train_tokens": 301_966, "val_tokens": 36_059}
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta
+    train, val = TokenData(tmp_path, "train"), TokenData(tmp_path, "val")
+    assert (train.n_tokens, val.n_tokens) == (301_966, 36_059)
+    enc = gpt2_encoding()
+    head = train.read(0, 0, 5).astype(np.int64).tolist()
+    assert enc.decode(head) == "First Citizen:\nBefore"
+    # the validation split starts mid-text, where the first 90% of the characters end
+    text = SHIPPED.read_text(encoding="utf-8")
+    val_head = enc.decode(val.read(0, 0, 20).astype(np.int64).tolist())
+    assert text[int(0.9 * len(text)):].startswith(val_head)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_command_line_out_dir_and_missing_input(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "shk"
+    r = subprocess.run([sys.executable, str(SCRIPT), f"--out_dir={out}"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "301,966" in r.stdout and json.loads((out / "meta.json").read_text())["val_tokens"] == 36_059
+    r = subprocess.run([sys.executable, str(SCRIPT), f"--out_dir={tmp_path / 'x'}", f"--input={tmp_path / 'nope.txt'}"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "nope.txt" in r.stderr
+    assert not (tmp_path / "x").exists()
