@@ -1,0 +1,266 @@
+"""
+Evaluate one or several models side by side: validation loss, HellaSwag, PIQA, Winogrande, LAMBADA,
+and generation accuracy of a fine-tune.
+
+    python eval.py --out_dir=out-shakespeare-char --tasks=val
+    python eval.py --models=gpt2,out-gpt2-ft --tasks=val,hellaswag,lambada --dataset=openwebtext --limit=1000
+    python eval.py --init_from=gpt2 --tasks=piqa --data_file=piqa_validation.jsonl
+
+A model is an out_dir of ours (its latest checkpoint), an OpenAI GPT-2 name or a local Hugging Face
+GPT-2 directory. Benchmarks download from the Hugging Face hub, or read a local JSONL file in the
+dataset's own schema (--data_file). Prints a table (rows = task metrics, columns = models) and
+writes every number to out_file. Accuracies carry a 95% Wilson score interval.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from configurator import configure
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+BENCHMARK_TASKS = ("hellaswag", "piqa", "winogrande", "lambada")
+TASKS = ("val",) + BENCHMARK_TASKS + ("generate",)
+
+
+@dataclass
+class EvalConfig:
+    init_from: str = "resume"  # 'resume' = out_dir's latest checkpoint; or gpt2[-medium|-large|-xl] or a HF dir
+    out_dir: str = "out"  # the run evaluated when init_from='resume'
+    models: str = ""  # comma-separated out_dirs / gpt2 names / HF dirs, side by side; '' = init_from
+    tasks: str = "val"  # comma-separated: val, hellaswag, piqa, winogrande, lambada, generate
+    dataset: str = ""  # prepared dataset for 'val' (data/<dataset>); '' = the checkpoint's own
+    data_dir: str = ""  # '' = data/<dataset>; else any prepared directory
+    batch_size: int = 8  # sequences per forward pass for 'val' and LAMBADA
+    block_size: int = 0  # 0 = the model's context; smaller crops it (faster, usually a higher loss)
+    eval_iters: int = 0  # batches of the fixed validation set; 0 = the whole split
+    data_file: str = ""  # local JSONL for the (single) benchmark or 'generate' task; '' = download
+    limit: int = 0  # at most this many items per benchmark (the first ones); 0 = all
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    dtype: str = "auto"  # auto = bfloat16 where native, float16 on older GPUs, else float32
+    seed: int = 1337  # the evaluations are deterministic; the seed only matters to sampling in generate
+    k_shot: int = 0  # 'generate': 0 = the fine-tuned model zero-shot; >0 = a k-shot prompt baseline
+    shots_file: str = ""  # 'generate': JSONL the k examples are drawn from
+    max_new_tokens: int = 16  # 'generate': tokens generated per answer
+    out_file: str = "eval_results.json"  # every number, per model and task
+    progress: bool = True  # tqdm progress bars
+
+
+def parse_list(s):
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def check_config(cfg):
+    """All the problems with the knobs at once, before any model is loaded."""
+    tasks, errors = parse_list(cfg.tasks), []
+    if not tasks:
+        errors.append("tasks is empty; e.g. --tasks=val,hellaswag")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        errors.append(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    uses_file = [t for t in tasks if t in BENCHMARK_TASKS + ("generate",)]
+    if cfg.data_file and len(uses_file) > 1:
+        errors.append(f"data_file is one file but tasks {', '.join(uses_file)} each need their own; "
+                      f"evaluate them one per call")
+    if "generate" in tasks and not cfg.data_file:
+        errors.append("the 'generate' task needs --data_file=examples.jsonl")
+    if "generate" in tasks and cfg.k_shot > 0 and not cfg.shots_file:
+        errors.append(f"k_shot={cfg.k_shot} needs --shots_file=train.jsonl to draw the examples from")
+    for key in ("batch_size", "block_size", "eval_iters", "limit", "k_shot", "max_new_tokens"):
+        if getattr(cfg, key) < 0 or (key in ("batch_size", "max_new_tokens") and getattr(cfg, key) == 0):
+            errors.append(f"{key}={getattr(cfg, key)} must be {'positive' if key in ('batch_size', 'max_new_tokens') else '>= 0'}")
+    if errors:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+    return tasks
+
+
+def model_specs(cfg):
+    if cfg.models:
+        return parse_list(cfg.models)
+    return [cfg.out_dir if cfg.init_from == "resume" else cfg.init_from]
+
+
+def load_any(spec, device):
+    """(model, tokenizer, info) for an out_dir of ours, a GPT-2 name or a Hugging Face directory."""
+    import checkpoint
+    from dataloader import Tokenizer
+    from model import GPT
+    p = Path(spec)
+    if spec in GPT2_NAMES or (p / "config.json").is_file():
+        model = GPT.from_pretrained(spec).to(device).eval()
+        return model, Tokenizer({"tokenizer": "gpt2"}), {"config": {}, "data_meta": {"tokenizer": "gpt2"}}
+    if not p.exists():
+        raise ValueError(f"model {spec!r}: not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging Face "
+                         f"directory or an existing out_dir")
+    model, info = checkpoint.load_model(p, device=device)
+    return model, Tokenizer(info.get("data_meta") or {}), info
+
+
+def val_data_dir(cfg, info, spec):
+    if cfg.data_dir:
+        return cfg.data_dir
+    if cfg.dataset:
+        return os.path.join("data", cfg.dataset)
+    run = info.get("config") or {}
+    if run.get("data_dir"):
+        return run["data_dir"]
+    if run.get("dataset"):
+        return os.path.join("data", run["dataset"])
+    raise ValueError(f"'val' for {spec}: which data? pass --dataset=<name> or --data_dir=<prepared dir>")
+
+
+def eval_val(cfg, model, tokenizer, info, spec, device, ctx):
+    from dataloader import TokenData, eval_batches
+    from evaluate import evaluate_loss
+    data_dir = val_data_dir(cfg, info, spec)
+    data = TokenData(data_dir, "val")
+    kind = data.meta.get("tokenizer")
+    if kind and kind != tokenizer.kind:
+        raise ValueError(f"{data_dir} was prepared with the {kind!r} tokenizer but {spec} uses {tokenizer.kind!r}; "
+                         f"pass --dataset/--data_dir of data in the model's tokenizer")
+    if kind == "char" and data.meta.get("itos") != (info.get("data_meta") or {}).get("itos"):
+        raise ValueError(f"{data_dir}: its characters differ from the ones {spec} was trained on")
+    data.check_vocab(model.config.vocab_size)
+    batches = eval_batches(data, cfg.batch_size, model.config.block_size, cfg.eval_iters, model.config.vocab_size)
+    r = evaluate_loss(model, _progress(batches, cfg.progress, "val"), device, ctx)
+    return dict(r, data_dir=str(data_dir))
+
+
+def eval_generate(cfg, model, tokenizer, device, ctx):
+    try:
+        import sft
+    except ModuleNotFoundError as e:
+        if e.name != "sft":
+            raise
+        raise ValueError("the 'generate' task needs sft.py (supervised fine-tuning), which is missing") from e
+    examples = sft.load_examples(cfg.data_file)
+    if cfg.limit > 0:
+        examples = examples[:cfg.limit]
+    shots = sft.load_examples(cfg.shots_file) if cfg.k_shot > 0 else None
+    result = sft.evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=cfg.max_new_tokens,
+                                     k_shot=cfg.k_shot, shots=shots)
+    print(sft.format_generation_report(result))
+    return result
+
+
+def _progress(iterable, enabled, desc):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+# ----------------------------------------------------------------------------- the report
+
+# rows of the table per task: (metric, is a fraction shown as a percentage with its interval)
+TABLE_ROWS = {
+    "val": [("loss", False), ("perplexity", False), ("tokens", False)],
+    "hellaswag": [("acc_norm", True), ("acc", True), ("n", False)],
+    "piqa": [("acc_norm", True), ("acc", True), ("n", False)],
+    "winogrande": [("acc", True), ("acc_norm", True), ("n", False)],
+    "lambada": [("acc", True), ("perplexity", False), ("word_perplexity", False), ("n", False)],
+}
+
+
+def _cell(result, metric, pct):
+    v = result.get(metric)
+    if v is None:
+        return "-"
+    if pct:
+        lo, hi = result[f"{metric}_ci95"]
+        return f"{100 * v:.2f}% ({100 * lo:.1f}-{100 * hi:.1f})"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else str(v)
+
+
+def format_table(results, tasks):
+    """rows = task metrics, columns = models; accuracies in % with their 95% Wilson interval."""
+    names = list(results)
+    rows = []
+    for task in tasks:
+        metrics = TABLE_ROWS.get(task)
+        if metrics is None:  # 'generate': whatever numbers the report holds
+            keys = {k for r in results.values() for k, v in r.get(task, {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            metrics = [(k, False) for k in sorted(keys)]
+        for metric, pct in metrics:
+            rows.append([task, metric] + [_cell(results[n].get(task, {}), metric, pct) for n in names])
+    header = ["task", "metric"] + names
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    table = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    if any(pct for t in tasks for _, pct in TABLE_ROWS.get(t, [])):
+        table.append("accuracy in % (95% Wilson score interval)")
+    return "\n".join(table)
+
+
+def write_json(path, obj):
+    """Atomically: a crash leaves the previous file or none, never half of one."""
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(cfg):
+    import torch
+    from evaluate import load_task, run_benchmark, run_lambada
+    from runtime import autocast, pick_device, pick_dtype, seed_everything
+    tasks = check_config(cfg)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    ctx = autocast(device, dtype)
+    print(f"device={device}, dtype={str(dtype).replace('torch.', '')}")
+    # benchmark items are text, loaded once and encoded by each model's own tokenizer
+    items = {t: load_task(t, cfg.data_file, cfg.limit) for t in tasks if t in BENCHMARK_TASKS}
+    results = {}
+    for spec in model_specs(cfg):
+        model, tokenizer, info = load_any(spec, device)
+        if cfg.block_size > model.config.block_size:
+            raise ValueError(f"block_size={cfg.block_size} exceeds {spec}'s context of {model.config.block_size}")
+        if cfg.block_size:
+            model.crop_block_size(cfg.block_size)
+        print(f"{spec}: {model.get_num_params() / 1e6:.2f}M parameters, block_size {model.config.block_size}, "
+              f"tokenizer {tokenizer.kind}")
+        res = {}
+        for task in tasks:
+            torch.manual_seed(cfg.seed)  # each task sees the same RNG whatever ran before it
+            if task == "val":
+                res[task] = eval_val(cfg, model, tokenizer, info, spec, device, ctx)
+            elif task == "lambada":
+                res[task] = run_lambada(model, tokenizer, items[task], device, ctx, batch_size=cfg.batch_size,
+                                        progress=cfg.progress, desc=f"{spec} {task}")
+            elif task in BENCHMARK_TASKS:
+                res[task] = run_benchmark(model, tokenizer, items[task], device, ctx, progress=cfg.progress,
+                                          desc=f"{spec} {task}")
+            else:
+                res[task] = eval_generate(cfg, model, tokenizer, device, ctx)
+        results[spec] = res
+        del model
+    print(format_table(results, tasks))
+    write_json(cfg.out_file, {"config": dataclasses.asdict(cfg), "device": str(device),
+                              "dtype": str(dtype).replace("torch.", ""),
+                              "interval": "95% Wilson score interval (acc*_ci95)", "results": results})
+    print(f"wrote {cfg.out_file}")
+    return results
+
+
+if __name__ == "__main__":
+    _cfg = configure(EvalConfig)
+    try:
+        main(_cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
