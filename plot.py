@@ -1,0 +1,127 @@
+"""
+Loss curves of one or several runs from their metrics.jsonl: train and validation loss against
+tokens (or iterations) on top, the learning rate below, runs overlaid.
+
+    python plot.py out-shakespeare-char
+    python plot.py out-a out-b --out=compare.png --x=iter
+
+Reads nothing but out_dir/metrics.jsonl, line by line, so it works on a run that is still
+training: a half-written last line is skipped. Needs matplotlib (pip install -e .[plot]).
+"""
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class PlotConfig:
+    run_dirs: list = field(default_factory=list)  # out_dirs holding metrics.jsonl
+    out: str = "loss.png"  # the PNG written
+    x: str = "tokens"  # x axis: 'tokens' (comparable across batch sizes) or 'iter'
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl, streamed. An unparsable line without its newline is the line
+    train.py is writing right now and is skipped; an unparsable complete line is damage: an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no metrics file; is this a run's out_dir? (train.py writes out_dir/metrics.jsonl)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if not line.endswith("\n"):
+                    break  # the last line, still being written
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e}); delete or repair that line") from e
+            if isinstance(rec, dict):
+                records.append(rec)
+    return records
+
+
+def _series(records, x, y):
+    pts = [(r[x], r[y]) for r in records if r.get(x) is not None and r.get(y) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def run_names(run_dirs):
+    """Legend names: each out_dir's folder name, or the path as given when two names collide."""
+    names = [Path(d).resolve().name for d in run_dirs]
+    return [n if names.count(n) == 1 else str(d) for n, d in zip(names, run_dirs)]
+
+
+def plot_runs(run_dirs, out, x="tokens"):
+    """Draw the runs and write the PNG to out (atomically); returns the matplotlib Figure."""
+    if x not in ("tokens", "iter"):
+        raise ValueError(f"x must be 'tokens' or 'iter', got {x!r}")
+    if not run_dirs:
+        raise ValueError("no runs to plot: pass one or more out_dirs")
+    try:
+        from matplotlib.figure import Figure  # a bare Figure draws with Agg: no display, no pyplot state
+    except ImportError as e:
+        raise SystemExit("plot.py needs matplotlib: pip install -e .[plot]") from e
+    runs = [(name, read_metrics(Path(d) / "metrics.jsonl")) for name, d in zip(run_names(run_dirs), run_dirs)]
+    fig = Figure(figsize=(9, 7), layout="constrained")
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    for i, (name, recs) in enumerate(runs):
+        color = f"C{i % 10}"
+        xs, ys = _series(recs, x, "train_loss")
+        if xs:
+            ax_loss.plot(xs, ys, color=color, lw=1.2, alpha=0.8, label=f"{name} train")
+        xv, yv = _series(recs, x, "val_loss")
+        if xv:
+            ax_loss.plot(xv, yv, color=color, lw=1.8, ls="--", marker="o", ms=3, label=f"{name} val")
+        xl, yl = _series(recs, x, "lr")
+        if xl:
+            ax_lr.plot(xl, yl, color=color, lw=1.2, label=name)
+        if not (xs or xv):
+            raise ValueError(f"{Path(run_dirs[i]) / 'metrics.jsonl'}: no train_loss or val_loss with '{x}' yet")
+    ax_loss.set_ylabel("loss (cross-entropy, nats/token)")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("tokens seen" if x == "tokens" else "iteration")
+    ax_lr.grid(alpha=0.3)
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    _save_png(fig, out)
+    return fig
+
+
+def _save_png(fig, out):
+    out = Path(out)
+    if out.parent != Path(""):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Plot loss and learning rate from runs' metrics.jsonl.")
+    p.add_argument("run_dirs", nargs="+", metavar="out_dir", help="run directories holding metrics.jsonl")
+    p.add_argument("--out", default=PlotConfig.out, help="PNG to write (default: %(default)s)")
+    p.add_argument("--x", default=PlotConfig.x, choices=("tokens", "iter"), help="x axis (default: %(default)s)")
+    a = p.parse_args(argv)
+    return PlotConfig(run_dirs=a.run_dirs, out=a.out, x=a.x)
+
+
+def main(cfg):
+    plot_runs(cfg.run_dirs, cfg.out, cfg.x)
+    print(f"wrote {cfg.out} ({len(cfg.run_dirs)} run(s), x = {cfg.x})")
+
+
+if __name__ == "__main__":
+    _cfg = parse_args()
+    try:
+        main(_cfg)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
