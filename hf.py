@@ -53,6 +53,9 @@ TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "ml
 # per-block buffers in HF files (the causal mask and its fill value): not weights, dropped on import
 MASK_BUFFERS = ("attn.bias", "attn.masked_bias")
 LAYER_NORM_EPS = 1e-5  # model.py's LayerNorm; GPT-2's layer_norm_epsilon
+# HF activation_function -> GPTConfig.activation. gelu_new (GPT-2's) and gelu_pytorch_tanh are both
+# GELU's tanh approximation; HF's plain "gelu" is the exact erf GELU (nanoGPT's)
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 GPT2_VOCAB = 50257  # 50,000 merges + 256 bytes + <|endoftext|>
 EOT_ID = 50256
 EOT = "<|endoftext|>"
@@ -202,11 +205,9 @@ def gpt_config_from_hf(hf, source):
     problems = []
     if hf.get("model_type", "gpt2") != "gpt2":
         problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
-    # gelu_new and gelu_pytorch_tanh are both GELU's tanh approximation, which model.py computes
     act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        problems.append(f"activation_function {act!r}: model.py computes GELU's tanh approximation "
-                        f"('gelu_new' / 'gelu_pytorch_tanh') only")
+    if act not in HF_ACTIVATIONS:
+        problems.append(f"activation_function {act!r}: model.py computes {' / '.join(map(repr, HF_ACTIVATIONS))} only")
     eps = hf.get("layer_norm_epsilon", LAYER_NORM_EPS)
     if abs(eps - LAYER_NORM_EPS) > 1e-12:
         problems.append(f"layer_norm_epsilon {eps}: model.py's LayerNorm uses {LAYER_NORM_EPS}")
@@ -228,7 +229,8 @@ def gpt_config_from_hf(hf, source):
     if problems:
         raise ValueError(f"cannot load {source} exactly: " + "; ".join(problems))
     # HF's GPT-2 always has biases (Linear and LayerNorm); the head is tied unless the config says not
-    return dict(fields, bias=True, qkv_bias=True, tie_weights=bool(hf.get("tie_word_embeddings", True)))
+    return dict(fields, bias=True, qkv_bias=True, tie_weights=bool(hf.get("tie_word_embeddings", True)),
+                activation=HF_ACTIVATIONS[act])
 
 
 @torch.no_grad()
@@ -299,7 +301,8 @@ def hf_config(config, tokenizer):
     return GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
         n_layer=config.n_layer, n_head=config.n_head, n_inner=None,
-        activation_function="gelu_new",  # GPT-2's own value; the same tanh GELU as model.py
+        # gelu_new is GPT-2's own spelling of the tanh GELU, understood by every GPT-2 loader
+        activation_function={"gelu_tanh": "gelu_new", "gelu": "gelu"}[getattr(config, "activation", "gelu_tanh")],
         layer_norm_epsilon=LAYER_NORM_EPS, tie_word_embeddings=config.tie_weights,
         resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
         # a char-level model has no <|endoftext|>; a GPT-2 id there would be out of its vocabulary

@@ -185,11 +185,19 @@ def test_configs_model_py_cannot_reproduce_are_refused(hf_dir, change, match):
         GPT.from_pretrained(str(hf_dir))
 
 
-def test_gelu_pytorch_tanh_is_accepted(hf_dir):
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg["activation_function"] = "gelu_pytorch_tanh"  # the same tanh approximation, computed by torch
-    (hf_dir / "config.json").write_text(json.dumps(cfg))
-    assert GPT.from_pretrained(str(hf_dir)).config.n_layer == 2
+@pytest.mark.parametrize("act,ours", [("gelu_pytorch_tanh", "gelu_tanh"), ("gelu", "gelu")])
+def test_other_gelus_import_exactly(tmp_path, act, ours):
+    # gelu_pytorch_tanh is GPT-2's tanh GELU computed by torch; "gelu" is the exact one (nanoGPT's)
+    ref = make_hf_gpt2()
+    ref.config.activation_function = act
+    ref = GPT2LMHeadModel(ref.config).eval()
+    _perturb(ref, 0)
+    ref.save_pretrained(tmp_path / "hf")
+    model = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    assert model.config.activation == ours
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (_all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
 
 
 # ----------------------------------------------------------------------------- export
@@ -210,7 +218,8 @@ def _our_model(seed=0, **kw):
     dict(bias=False, tie_weights=False),
     dict(bias=True, qkv_bias=False),
     dict(bias=False, qkv_bias=True),
-], ids=["gpt2", "untied", "nobias", "nobias-untied", "no-qkv-bias", "qkv-bias-only"])
+    dict(activation="gelu"),
+], ids=["gpt2", "untied", "nobias", "nobias-untied", "no-qkv-bias", "qkv-bias-only", "exact-gelu"])
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, kw, caplog):
     model = _our_model(**kw)
     out = hf.export_hf(model, tmp_path / "export", tokenizer=None)
