@@ -196,7 +196,7 @@ class SFTSampler:
         longest = max(len(ids) for ids, _ in tokenized)
         assert longest <= block_size + 1, f"an example has {longest} tokens > block_size+1: tokenize_examples first"
         assert 0 <= rank < world_size, f"rank {rank} of world size {world_size}"
-        self.data, self.batch_size, self.block_size = tokenized, batch_size, block_size
+        self.tokenized, self.batch_size, self.block_size = tokenized, batch_size, block_size
         self.seed, self.rank, self.world_size, self.packing = seed, rank, world_size, packing
         self.n_examples = len(tokenized)
         self.cursor = 0
@@ -214,7 +214,7 @@ class SFTSampler:
         B, W = self.batch_size, self.world_size
         if not self.packing:
             base = self.cursor + self.rank * B
-            batch = [self.data[self._index(base + j)] for j in range(B)]
+            batch = [self.tokenized[self._index(base + j)] for j in range(B)]
             self.cursor += W * B
             return _rows(batch, max(len(ids) for ids, _ in batch) - 1)
         # packing: lay out the rows of every rank from the global stream, keep this rank's
@@ -222,7 +222,7 @@ class SFTSampler:
         for _ in range(W * B):
             row, used = [], 0
             while True:
-                n = len(self.data[self._index(g)][0])
+                n = len(self.tokenized[self._index(g)][0])
                 if row and used + n > L:
                     break
                 row.append(g)
@@ -234,7 +234,7 @@ class SFTSampler:
         for r, row in enumerate(rows[self.rank * B:(self.rank + 1) * B]):
             s = 0
             for gi in row:
-                ids, mask = self.data[self._index(gi)]
+                ids, mask = self.tokenized[self._index(gi)]
                 n = len(ids)
                 buf[r, s:s + n] = ids
                 # an example's last token predicts nothing: the token after it is another example's
