@@ -1,0 +1,243 @@
+"""
+How much device memory a training run will need, estimated before it starts, and what to change when
+it will not fit.
+
+    import memory
+    from model import GPTConfig
+    est = memory.estimate_training_memory(GPTConfig(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257),
+                                          batch_size=1, block_size=1024, compute_dtype_bytes=2)
+    print(memory.memory_report(est, memory.device_memory("cuda")))   # gpt2-xl on your GPU?
+
+    python -c "import memory, model; print(memory.memory_report(memory.estimate_training_memory(model.GPTConfig(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257), 1, 1024, compute_dtype_bytes=2), 24 * 2**30))"
+
+What is counted (bytes, per device, for one micro-batch; gradient accumulation adds nothing):
+- weights: every parameter at its stored size (a tied wte/lm_head once).
+- gradients and optimizer states: for the trainable parameters only (LoRA trains few). AdamW keeps two
+  states per parameter at the parameter's size; bitsandbytes' 8-bit AdamW one byte each, plus one
+  fp32 scale per block of 256, and plain fp32 states for tensors under 4,096 elements.
+- activations: what autograd saves for backward. Per GPT-2 block, following Korthikanti et al. 2022,
+  "Reducing Activation Recomputation in Large Transformer Models" (section 4.1), whose count for
+  16-bit activations is s*b*h*(34 + 5*a*s/h) bytes (s block_size, b batch, h n_embd, a heads).
+  Spelled out per tensor for model.py, with c = compute bytes (2 under bf16/fp16 autocast, 4 in
+  fp32) and r = bytes of the residual stream (fp32 under autocast: the embeddings and residual adds
+  stay in the weights' dtype):
+      LayerNorm inputs 2*r*sbh; LayerNorm outputs as matmul inputs 2*c*sbh; q, k, v 3*c*sbh;
+      attention output = c_proj's input c*sbh (the fused kernels already return it in (B, T, C)
+      layout, so the .contiguous() is free); MLP 2*c*s*b*f (f = 4h, the GELU's input and output)
+      -> s*b*h*(2r + 14c) with f = 4h: 32*sbh at c = r = 2, the paper's 34 less its dropout masks.
+  The a*s*s attention matrix is not stored: scaled_dot_product_attention's fused kernels (flash /
+  memory-efficient, and torch's CPU flash kernel without dropout) recompute it in backward and keep
+  a*s*b fp32 log-sum-exps instead. flash_attention=False restores the paper's s^2 terms (softmax
+  output, and with dropout its mask and output). Dropout adds two 1-byte masks per block (s*b*h
+  each), as on CUDA. With activation checkpointing only each block's input (r*sbh) is kept, and one
+  block's activations exist again while it is recomputed in backward.
+- weight copies: autocast casts each matmul weight to the compute dtype and keeps the copy for
+  backward: c bytes per matmul weight (all blocks, or one block under checkpointing, plus lm_head).
+- logits: the lm_head output (b*s*V*c), the fp32 log-softmax cross-entropy keeps (b*s*V*4), and in
+  backward the fp32 gradient of the logits (b*s*V*4). With GPT-2's 50,257-token vocabulary this is
+  often the largest activation of all.
+Not counted: the CUDA context and allocator fragmentation (~0.5-1 GB), hence the 10% margin in the
+verdict, and evaluation, which needs far less. tests/test_memory.py checks the formula against what
+autograd really saves on the CPU.
+"""
+
+import os
+
+import torch
+
+GB = 1024 ** 3
+BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizers quantise states in blocks of 256, one fp32 scale each
+BNB_MIN_SIZE = 4096  # smaller tensors keep 32-bit states (bitsandbytes' min_8bit_size)
+FIT_MARGIN = 0.9  # use at most 90% of the device: CUDA context, fragmentation, evaluation buffers
+
+
+def estimate_training_memory(model, batch_size, block_size, trainable_params=None, param_dtype_bytes=None,
+                             compute_dtype_bytes=4, optimizer="adamw", activation_checkpointing=False,
+                             flash_attention=True, dropout=None):
+    """Bytes of one training step on one device: a dict with "weights", "gradients", "optimizer",
+    "activations", "weight_copies", "logits", "total" (all ints) and "settings" (the inputs, used
+    by memory_report to price its advice).
+
+    model: a GPT, or a GPTConfig (nothing is allocated: the model is built on the meta device).
+    trainable_params: how many parameters train (default: those with requires_grad).
+    param_dtype_bytes: bytes per stored weight (default: each parameter's own dtype).
+    compute_dtype_bytes: 2 under bf16/fp16 autocast, 4 in fp32.
+    optimizer: "adamw" or "adamw8bit". dropout: default the model's config.
+    """
+    if optimizer not in ("adamw", "adamw8bit"):
+        raise ValueError(f"optimizer={optimizer!r}: expected 'adamw' or 'adamw8bit'")
+    if compute_dtype_bytes not in (2, 4):
+        raise ValueError(f"compute_dtype_bytes={compute_dtype_bytes}: expected 2 (bf16/fp16) or 4 (fp32)")
+    if not isinstance(model, torch.nn.Module):
+        from model import GPT
+        with torch.device("meta"):  # shapes and counts only; gpt2-xl costs nothing
+            model = GPT(model)
+    cfg = model.config
+    params = list(model.parameters())  # shared (tied) tensors appear once
+    size = (lambda p: param_dtype_bytes) if param_dtype_bytes else (lambda p: p.element_size())
+    trainable = [p for p in params if p.requires_grad]
+    if trainable_params is None:
+        n_trainable = sum(p.numel() for p in trainable)
+        train_bytes = sum(p.numel() * size(p) for p in trainable)
+        small = sum(p.numel() for p in trainable if p.numel() < BNB_MIN_SIZE)
+    else:  # a count only: assume fp32-sized parameters of the large kind
+        n_trainable, train_bytes, small = trainable_params, trainable_params * (param_dtype_bytes or 4), 0
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    lm_head = model.lm_head.weight
+    block_weights = [m.weight for m in linears if m.weight is not lm_head]
+    wte = model.transformer.wte.weight
+    settings = dict(
+        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+        mlp_width=model.transformer.h[0].mlp.c_fc.weight.shape[0] if cfg.n_layer else 4 * cfg.n_embd,
+        batch_size=batch_size, block_size=block_size,
+        weights=sum(p.numel() * size(p) for p in params),
+        n_params=sum(p.numel() for p in params), n_trainable=n_trainable, trainable_bytes=train_bytes,
+        n_small_trainable=small,
+        # autocast copies a weight only when it is stored wider than the compute dtype
+        copied_block_weights=sum(w.numel() for w in block_weights if size(w) > compute_dtype_bytes),
+        copied_lm_head=lm_head.numel() if size(lm_head) > compute_dtype_bytes else 0,
+        compute_bytes=compute_dtype_bytes, residual_bytes=max(size(wte), compute_dtype_bytes),
+        optimizer=optimizer, activation_checkpointing=activation_checkpointing,
+        flash_attention=flash_attention, dropout=cfg.dropout if dropout is None else dropout,
+    )
+    return estimate_from_settings(settings)
+
+
+def block_activation_bytes(s, b, h, a, f, c, r, dropout=0.0, flash_attention=True):
+    """Bytes autograd keeps for one GPT-2 block (see the module docstring for each term)."""
+    sbh = s * b * h
+    n = sbh * (2 * r + 6 * c) + 2 * s * b * f * c  # LayerNorm in/out, q/k/v, attention output, MLP
+    n += 2 * 2 * s * b * 4  # each LayerNorm's fp32 mean and rstd per position
+    if flash_attention:
+        n += a * s * b * 4  # fp32 log-sum-exp per query row
+    else:
+        n += a * s * s * b * (c + ((1 + c) if dropout > 0 else 0))  # softmax out (+ dropout mask, out)
+    if dropout > 0:
+        n += 2 * sbh  # residual dropout masks after attention and MLP, one byte per element
+    return n
+
+
+def estimate_from_settings(st):
+    """The arithmetic of estimate_training_memory on plain numbers (memory_report re-prices advice with it)."""
+    s, b, h, a, L = st["block_size"], st["batch_size"], st["n_embd"], st["n_head"], st["n_layer"]
+    c, r, V = st["compute_bytes"], st["residual_bytes"], st["vocab_size"]
+    per_block = block_activation_bytes(s, b, h, a, st["mlp_width"], c, r, st["dropout"], st["flash_attention"])
+    head = s * b * h * (r + c) + 2 * s * b * 4  # ln_f input and output (lm_head's input), ln_f stats
+    head += s * b * 8  # token ids kept by the embedding for its backward (int64)
+    if st["dropout"] > 0:
+        head += s * b * h  # the embedding dropout's mask
+    if st["activation_checkpointing"]:
+        # each block's input, plus one block recomputed at a time in backward
+        activations = L * s * b * h * r + per_block + head
+        copies = (st["copied_block_weights"] // max(L, 1) + st["copied_lm_head"]) * c
+    else:
+        activations = L * per_block + head
+        copies = (st["copied_block_weights"] + st["copied_lm_head"]) * c
+    n = st["n_trainable"]
+    if st["optimizer"] == "adamw":
+        optimizer = 2 * st["trainable_bytes"]
+    else:
+        big = n - st["n_small_trainable"]
+        optimizer = 2 * big + 2 * 4 * -(-big // BNB_BLOCK) + 2 * 4 * st["n_small_trainable"]
+    est = dict(
+        weights=st["weights"],
+        gradients=st["trainable_bytes"],
+        optimizer=optimizer,
+        activations=activations,
+        weight_copies=copies,
+        logits=b * s * V * (c + 4 + 4),  # lm_head output, fp32 log-probs, fp32 gradient
+    )
+    est["total"] = sum(est.values())
+    est["settings"] = dict(st)
+    return est
+
+
+def device_memory(device):
+    """Bytes the device offers: total CUDA memory, Apple's recommended MPS budget, or for the CPU the
+    available RAM (MemAvailable from /proc/meminfo, else sysconf). None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    if device.type == "mps":
+        budget = getattr(torch.mps, "recommended_max_memory", None)
+        if budget is not None and torch.backends.mps.is_available():
+            return budget()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    try:  # macOS and other Unixes without /proc
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def fits(est, available):
+    """True / False with the margin for the CUDA context and fragmentation; None when unknown."""
+    return None if available is None else est["total"] <= FIT_MARGIN * available
+
+
+def _gb(n):
+    return f"{n / GB:8.2f} GB"
+
+
+def memory_report(est, available):
+    """A short table of the estimate; when it will not fit, what each knob would bring the total to."""
+    st = est["settings"]
+    rows = [("weights", est["weights"]), ("gradients", est["gradients"]),
+            (f"optimizer ({st['optimizer']})", est["optimizer"]),
+            ("activations" + (" (checkpointed)" if st["activation_checkpointing"] else ""), est["activations"]),
+            ("autocast weight copies", est["weight_copies"]), ("logits + grad", est["logits"])]
+    lines = [f"memory estimate for training: {st['n_params'] / 1e6:,.1f}M parameters "
+             f"({st['n_trainable'] / 1e6:,.2f}M trained), micro-batch {st['batch_size']} x {st['block_size']} tokens"]
+    lines += [f"  {name:<28}{_gb(n)}" for name, n in rows if n or name.startswith(("weights", "activations"))]
+    lines.append(f"  {'total':<28}{_gb(est['total'])}")
+    verdict = fits(est, available)
+    if verdict is None:
+        lines.append("  available: unknown")
+        return "\n".join(lines)
+    lines.append(f"  {'available':<28}{_gb(available)}  -> "
+                 + ("fits" if verdict else f"does NOT fit (keep under {FIT_MARGIN:.0%} of the device)"))
+    if not verdict:
+        lines.append("  to fit, try (estimated total after each change alone):")
+        for knob, total in advice(est):
+            lines.append(f"    {knob:<58}{_gb(total)}")
+    return "\n".join(lines)
+
+
+def advice(est):
+    """[(knob to set, estimated total with it)] for the knobs that reduce memory and are not yet set."""
+    st, out = est["settings"], []
+
+    def priced(**change):
+        return estimate_from_settings({**st, **change})["total"]
+
+    if st["n_trainable"] == st["n_params"]:
+        # LoRA rank 8 on the attention matmuls: (h + 3h) * 8 + (h + h) * 8 parameters per block,
+        # the frozen base keeps no gradients or optimizer states (weights stay at their stored size)
+        lora = 6 * st["n_embd"] * 8 * st["n_layer"]
+        lora_bytes = lora * 4
+        out.append(("lora_rank=8 (LoRA: trains ~%.1fM parameters)" % (lora / 1e6),
+                    priced(n_trainable=lora, trainable_bytes=lora_bytes, n_small_trainable=0,
+                           weights=st["weights"] + lora_bytes)))
+    frozen = st["weights"] - st["trainable_bytes"]
+    if st["n_trainable"] < st["n_params"] and st["copied_block_weights"]:
+        # the frozen base stored in bf16: half the bytes, and autocast has nothing left to copy
+        out.append(("base_dtype='bfloat16' (store the frozen base in bf16)",
+                    priced(weights=frozen // 2 + st["trainable_bytes"], copied_block_weights=0, copied_lm_head=0)))
+    if st["optimizer"] == "adamw":
+        out.append(("optimizer='adamw8bit' (bitsandbytes, CUDA only)", priced(optimizer="adamw8bit")))
+    if not st["activation_checkpointing"]:
+        out.append(("activation_checkpointing=True (one more forward per step)", priced(activation_checkpointing=True)))
+    if st["block_size"] > 128:
+        out.append((f"block_size={st['block_size'] // 2}", priced(block_size=st["block_size"] // 2)))
+    if st["batch_size"] > 1:
+        out.append((f"batch_size={max(1, st['batch_size'] // 2)} (raise gradient_accumulation_steps to keep "
+                    f"tokens per step)", priced(batch_size=max(1, st["batch_size"] // 2))))
+    return out
+
