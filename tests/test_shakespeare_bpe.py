@@ -56,3 +56,19 @@ def test_command_line_out_dir_and_missing_input(tmp_path):
                        env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "nope.txt" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_finetune_and_eval_configs_parse_and_match_their_arithmetic():
+    from configurator import parse_config
+    from train import TrainConfig
+    cfg = parse_config(TrainConfig, [str(ROOT / "config" / "finetune_shakespeare.py")])
+    assert (cfg.init_from, cfg.dataset, cfg.out_dir) == ("gpt2-xl", "shakespeare", "out-shakespeare")
+    tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
+    assert tokens_per_iter == 32_768 and round(301_966 / tokens_per_iter, 1) == 9.2
+    assert round(cfg.max_iters * tokens_per_iter / 301_966, 1) == 2.2
+    assert not cfg.decay_lr and cfg.warmup_iters == 0 and not cfg.always_save_checkpoint
+    eval_mod = pytest.importorskip("eval")
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        path = ROOT / "config" / f"eval_{name.replace('-', '_')}.py"
+        ecfg = parse_config(eval_mod.EvalConfig, [str(path)])
+        assert (ecfg.init_from, ecfg.dataset, ecfg.eval_iters) == (name, "shakespeare", 0)
