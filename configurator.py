@@ -77,10 +77,12 @@ def parse_config(cfg_cls, argv):
         try:
             if not arg.startswith("--"):
                 for key, value in _read_config_file(arg).items():
-                    if key not in hints:
-                        errors.append(f"{arg}: " + _unknown(key, valid))
-                        continue
-                    values[key] = _coerce(key, value, hints[key])
+                    try:
+                        if key not in hints:
+                            raise ValueError(_unknown(key, valid))
+                        values[key] = _coerce(key, value, hints[key])
+                    except ValueError as e:
+                        errors.append(f"{arg}: {e}")
                 continue
             if "=" not in arg:
                 raise ValueError(f"{arg}: overrides take the form --key=value")

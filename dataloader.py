@@ -104,7 +104,8 @@ def read_header(path):
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
+        raw = f.read(HEADER_BYTES)
+        head = np.frombuffer(raw[:len(raw) // 4 * 4], dtype=np.int32)
     if head.size >= 3 and head[0] == SHARD_MAGIC:
         if head[1] != SHARD_VERSION:
             raise ValueError(f"{path}: shard version {head[1]}, expected {SHARD_VERSION}")

@@ -29,7 +29,7 @@ from configurator import configure
 from dataloader import TokenData, Tokenizer, eval_batches, load_meta, make_sampler, to_device
 from model import GPT, GPTConfig
 from runtime import (all_reduce_sum, autocast, init_distributed, make_scaler, peak_flops, pick_dtype,
-                     print0, rng_state, set_rng_state, setup_backends, step_seed)
+                     print0, rng_state, seed_everything, set_rng_state, setup_backends, step_seed)
 
 
 @dataclass
@@ -308,6 +308,7 @@ def main(cfg):
         print0(f"resuming from {ckpt_dir} at iteration {state['iter_num']}")
 
     # --- data and model
+    seed_everything(cfg.seed)  # the same initial weights on every rank and every run
     origin = (state["config"]["init_from"] if state else cfg.init_from)
     meta_hint = state.get("data_meta") if state else None
     if origin not in ("scratch", "resume") and not meta_hint:
@@ -348,8 +349,11 @@ def main(cfg):
         ckpt_lib.restore_optimizer(model, optimizer, ckpt_dir, state)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        if state.get("sampler") and state.get("rng"):
+            sampler.load_state_dict(state["sampler"])
+            set_rng_state(state["rng"])
+        else:  # e.g. converted from nanoGPT, which does not record them
+            print0("resume: the checkpoint has no data position or RNG state; sampling starts afresh")
         iter_num, tokens_seen = state["iter_num"], state["tokens_seen"]
         best_val = state["best_val_loss"] if state["best_val_loss"] is not None else float("inf")
         wandb_id = state.get("wandb_run_id")
@@ -439,10 +443,12 @@ def main(cfg):
         torch.manual_seed(step_seed(cfg.seed, dist_info.rank, iter_num))  # dropout masks resume exactly
         batches = [to_device(sampler.next_batch(), device) for _ in range(accum)]
         loss, norm, stepped = train_step(runner, optimizer, scaler, batches, ctx, cfg.grad_clip, dist_info, device)
+        iter_num += 1  # a skipped step still consumed its batches: the schedule and data move on
+        tokens_seen += tokens_per_iter
         if not stepped and not (scaler.is_enabled() and torch.isfinite(loss)):
             bad_steps += 1
             skipped += 1
-            print0(f"iter {iter_num}: non-finite loss or gradient ({loss.item():.4g}, norm {norm.item():.4g}), "
+            print0(f"iter {iter_num - 1}: non-finite loss or gradient ({loss.item():.4g}, norm {norm.item():.4g}), "
                    f"step skipped ({bad_steps} in a row, {skipped} in all)")
             if bad_steps >= cfg.max_bad_steps:
                 if master:
@@ -454,8 +460,6 @@ def main(cfg):
             bad_steps = 0
             log_loss += loss
             log_steps += 1
-        iter_num += 1
-        tokens_seen += tokens_per_iter
 
         # --- log: mean loss over the interval (one host sync per interval)
         if iter_num % cfg.log_interval == 0 and log_steps > 0:

@@ -1,0 +1,34 @@
+"""Small builders shared by the end-to-end tests: a char dataset and a tiny training config."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT / "data" / "shakespeare_char" / "input.txt"
+
+
+def char_dataset(path, n_chars=200_000):
+    """The first n_chars of Tiny Shakespeare as a char dataset (train.bin, val.bin, meta.json) in path."""
+    sys.path.insert(0, str(ROOT / "data" / "shakespeare_char"))
+    try:
+        from prepare import prepare
+    finally:
+        sys.path.pop(0)
+    path.mkdir(parents=True, exist_ok=True)
+    prepare(path, SHAKESPEARE.read_text(encoding="utf-8")[:n_chars])
+    return path
+
+
+def tiny_train_config(data_dir, out_dir, **overrides):
+    from train import TrainConfig
+    cfg = dict(out_dir=str(out_dir), data_dir=str(data_dir), device="cpu", dtype="float32", compile=False,
+               n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0,
+               max_iters=20, eval_interval=10, eval_iters=4, log_interval=1, warmup_iters=5,
+               lr_decay_iters=20, learning_rate=3e-3, min_lr=3e-4)
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+def read_metrics(out_dir):
+    return [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,241 @@
+"""Checkpoints people can trust: round trip, exact resume, crash safety, validation, conversion."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint as ckpt_lib
+import train
+from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
+from model import GPT, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return char_dataset(tmp_path_factory.mktemp("data"), 100_000)
+
+
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    x = torch.randint(0, 65, (2, 16))
+    for _ in range(2):
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_round_trip_of_every_field(tmp_path):
+    model, opt = _model_and_optimizer()
+    state = {"iter_num": 7, "tokens_seen": 1234, "best_val_loss": 1.5, "config": {"lr": 1e-3},
+             "model_args": vars(model.config).copy(), "sampler": {"kind": "random", "rng": {"a": 2 ** 70}},
+             "rng": {"x": [1, 2]}, "scaler": {"scale": 1024.0}, "wandb_run_id": "abc", "data_meta": {"tokenizer": "char"}}
+    path = ckpt_lib.save_checkpoint(tmp_path, state, model, opt)
+    ckpt_dir, loaded = ckpt_lib.read_checkpoint(tmp_path)
+    assert ckpt_dir == path
+    for k, v in state.items():
+        assert loaded[k] == v, k
+    assert loaded["versions"]["torch"] == torch.__version__
+    fresh, _ = GPT(model.config), None
+    ckpt_lib.restore_model(fresh, ckpt_dir, loaded)
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight  # still tied
+    opt2 = fresh.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    ckpt_lib.restore_optimizer(fresh, opt2, ckpt_dir, loaded)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for i in s1["state"]:
+        for k in s1["state"][i]:
+            assert torch.equal(s1["state"][i][k], s2["state"][i][k])
+    assert not any(n.startswith(("_orig_mod.", "module.")) for n in ckpt_lib.model_tensors(torch.compile(model)))
+
+
+def test_prefixes_are_stripped_in_one_place():
+    sd = {"_orig_mod.transformer.wte.weight": 1, "module._orig_mod.lm_head.weight": 2, "module.x": 3}
+    assert ckpt_lib.clean_state_dict(sd) == {"transformer.wte.weight": 1, "lm_head.weight": 2, "x": 3}
+
+
+def test_best_is_kept_when_val_gets_worse_and_pruning_spares_it(tmp_path):
+    model, opt = _model_and_optimizer()
+    for it, best in [(10, True), (20, False), (30, False), (40, False)]:
+        ckpt_lib.save_checkpoint(tmp_path, {"iter_num": it}, model, opt, is_best=best, keep_last_n=2)
+    assert json.loads((tmp_path / "best.json").read_text())["checkpoint"] == "ckpt-0000010"
+    assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == "ckpt-0000040"
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-0000010", "ckpt-0000030", "ckpt-0000040"]
+    assert ckpt_lib.read_checkpoint(tmp_path, which="best")[1]["iter_num"] == 10
+
+
+def test_training_only_marks_improvements_as_best(data, tmp_path, monkeypatch):
+    import evaluate
+    losses = iter([3.0, 2.0, 2.5, 2.6])
+    monkeypatch.setattr(evaluate, "evaluate_loss", lambda *a, **k: {"loss": next(losses)})
+    out = tmp_path / "out"
+    train.main(tiny_train_config(data, out, max_iters=6, eval_interval=2, always_save_checkpoint=True))
+    assert json.loads((out / "best.json").read_text())["iter_num"] == 2
+    assert json.loads((out / "latest.json").read_text())["iter_num"] == 6
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "version"])
+def test_damaged_checkpoints_are_refused_naming_the_file(tmp_path, damage):
+    model, opt = _model_and_optimizer()
+    path = ckpt_lib.save_checkpoint(tmp_path, {"iter_num": 1, "model_args": vars(model.config).copy()}, model, opt)
+    f = path / "model.safetensors"
+    if damage == "flip":
+        b = bytearray(f.read_bytes())
+        b[-3] ^= 0xFF
+        f.write_bytes(bytes(b))
+        match = "model.safetensors: sha256 mismatch"
+    elif damage == "truncate":
+        f.write_bytes(f.read_bytes()[:-100])
+        match = "model.safetensors: .* bytes, expected"
+    elif damage == "delete":
+        (path / "optimizer.safetensors").unlink()
+        match = "optimizer.safetensors: missing"
+    else:
+        st = json.loads((path / "state.json").read_text())
+        st["format_version"] = 99
+        (path / "state.json").write_text(json.dumps(st))
+        match = "format version 99.*upgrade"
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        ckpt_lib.load_model(tmp_path)
+
+
+def test_no_checkpoint_and_nanogpt_hint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ckpt_lib.load_model(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="convert_nanogpt.py"):
+        ckpt_lib.load_model(tmp_path)
+
+
+def _losses(out):
+    return [(m["iter"], m.get("train_loss"), m.get("val_loss"), m["lr"]) for m in read_metrics(out)]
+
+
+@pytest.mark.parametrize("sampling", ["random", "sequential"])
+def test_exact_resume_with_dropout_and_accumulation(data, tmp_path, sampling):
+    common = dict(dropout=0.1, gradient_accumulation_steps=2, eval_interval=4, sampling=sampling)
+    straight = tmp_path / "straight"
+    train.main(tiny_train_config(data, straight, max_iters=12, **common))
+    split = tmp_path / "split"
+    train.main(tiny_train_config(data, split, max_iters=6, save_interval=3, **common))
+    # resume with a longer schedule: run-length knobs may change (printed)
+    train.main(tiny_train_config(data, split, max_iters=12, init_from="resume", **common))
+    # the same floats, bit for bit; the first half's closing evaluation at iteration 6 is an extra line
+    assert _losses(straight) == [m for m in _losses(split) if m[0] != 6 or m[1] is not None]
+    a, _ = ckpt_lib.load_model(straight)
+    b, _ = ckpt_lib.load_model(split)
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+
+
+def test_resume_refuses_a_different_model_shape(data, tmp_path):
+    out = tmp_path / "out"
+    train.main(tiny_train_config(data, out, max_iters=2, eval_interval=2))
+    with pytest.raises(ValueError, match=r"n_layer \(checkpoint 2, now 3\)"):
+        train.main(tiny_train_config(data, out, max_iters=4, n_layer=3, init_from="resume"))
+
+
+KILL_DURING_SECOND_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import checkpoint, train
+from helpers import tiny_train_config
+real = checkpoint.save_file
+count = {{"n": 0}}
+def save_file(tensors, path):
+    real(tensors, path)
+    if path.endswith("optimizer.safetensors"):
+        count["n"] += 1
+        if count["n"] == 2:  # the second checkpoint: model and optimizer written, state.json not yet
+            os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_file = save_file
+train.main(tiny_train_config({data!r}, {out!r}, max_iters=8, eval_interval=4))
+"""
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(data, tmp_path):
+    out = tmp_path / "out"
+    code = KILL_DURING_SECOND_SAVE.format(root=str(ROOT), tests=str(ROOT / "tests"), data=str(data), out=str(out))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert list(out.glob(".ckpt-0000008.tmp-*"))  # the half-written save is there, hidden
+    model, info = ckpt_lib.load_model(out)
+    assert info["iter_num"] == 4
+    train.main(tiny_train_config(data, out, max_iters=8, eval_interval=4, init_from="resume"))
+    assert ckpt_lib.read_checkpoint(out)[1]["iter_num"] == 8
+    assert not list(out.glob(".ckpt-*.tmp-*"))  # debris cleaned by the next save
+
+
+def test_sigterm_saves_and_exits_zero(data, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", f"--data_dir={data}", f"--out_dir={out}", "--device=cpu", "--dtype=float32",
+           "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--max_iters=100000",
+           "--eval_interval=100000", "--eval_iters=2", "--log_interval=1"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len(read_metrics(out)) > 5:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, stdout
+    assert "SIGTERM" in stdout and f"saved checkpoint to {out}" in stdout
+    _, state = ckpt_lib.read_checkpoint(out)
+    assert state["iter_num"] >= 5
+    assert state["iter_num"] == max(m["iter"] for m in read_metrics(out))  # the save is after the last step
+
+
+NANOGPT_KEYS = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "lm_head.weight"]
+
+
+def test_converted_nanogpt_checkpoint_gives_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=False, activation="gelu"))
+    sd = {"_orig_mod." + k: v.clone() for k, v in ref.state_dict().items()}  # compiled nanoGPT saves these
+    for i in range(2):
+        sd[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
+    assert all("_orig_mod." + k in sd for k in NANOGPT_KEYS)
+    opt = ref.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    x = torch.randint(0, 65, (2, 16))
+    ref(x, x)[1].backward()
+    opt.step()
+    sd = {"_orig_mod." + k: v.clone() for k, v in ref.state_dict().items()} | \
+         {k: v for k, v in sd.items() if k.endswith("attn.bias")}
+    old = {"model": sd, "optimizer": opt.state_dict(), "iter_num": 250, "best_val_loss": torch.tensor(1.47),
+           "model_args": dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, vocab_size=65, dropout=0.2),
+           "config": {"dataset": "shakespeare_char", "learning_rate": 1e-3, "beta2": 0.99, "device": "cuda"}}
+    torch.save(old, tmp_path / "ckpt.pt")
+    out = tmp_path / "converted"
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"tokenizer": "char", "vocab_size": 65, "itos": [chr(32 + i) for i in range(65)]}))
+    r = subprocess.run([sys.executable, "convert_nanogpt.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out_dir={out}",
+                        f"--dataset_meta={meta}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    model, info = ckpt_lib.load_model(out)
+    assert info["iter_num"] == 250 and info["best_val_loss"] == pytest.approx(1.47)
+    assert info["data_meta"]["tokenizer"] == "char"
+    ref.eval()
+    ignore = torch.full_like(x, -1)
+    assert torch.equal(model(x, ignore)[0], ref(x, ignore)[0])
+    _, state = ckpt_lib.read_checkpoint(out)
+    assert "optimizer.safetensors" in state["files"]
+
+
+def test_conversion_refuses_unsafe_pickles_without_consent(tmp_path):
+    import argparse  # an arbitrary Python object, as nanoGPT-era scripts stored: weights_only refuses it
+    torch.save({"model": {}, "model_args": {}, "extra": argparse.Namespace(a=1)}, tmp_path / "ckpt.pt")
+    r = subprocess.run([sys.executable, "convert_nanogpt.py", f"--ckpt={tmp_path / 'ckpt.pt'}",
+                        f"--out_dir={tmp_path / 'o'}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "--trust_pickle=True" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,117 @@
+"""The training loop: schedule, accumulation, a real run that learns, sampling from it, config errors."""
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
+from model import GPT, GPTConfig
+from runtime import Dist, make_scaler
+
+
+def test_lr_schedule():
+    cfg = tiny_train_config("d", "o", learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110)
+    assert train.get_lr(0, cfg) == pytest.approx(1e-3 / 11)  # never zero at step 0
+    assert train.get_lr(10, cfg) == pytest.approx(1e-3)  # peak right after warmup
+    assert train.get_lr(60, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4)  # cosine midpoint
+    assert train.get_lr(110, cfg) == pytest.approx(1e-4)
+    assert train.get_lr(500, cfg) == pytest.approx(1e-4)  # min_lr after the decay
+    cfg.decay_lr = False
+    assert train.get_lr(500, cfg) == pytest.approx(1e-3)
+
+
+def _step(model, batches):
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # new params = old - grad: compares gradients
+    import contextlib
+    loss, _, stepped = train.train_step(model, opt, make_scaler(torch.device("cpu"), torch.float32), batches,
+                                        contextlib.nullcontext(), 0.0, Dist(), torch.device("cpu"))
+    assert stepped
+    return loss
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_accumulation_equals_one_big_batch(masked):
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65))
+    x = torch.randint(0, 65, (8, 16))
+    y = torch.randint(0, 65, (8, 16))
+    if masked:  # uneven target counts per micro-batch, as in SFT
+        for i in range(8):
+            y[i, : 2 * i] = -1
+    one, four = copy.deepcopy(base), copy.deepcopy(base)
+    loss1 = _step(one, [(x, y)])
+    loss4 = _step(four, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)])
+    assert loss1.item() == pytest.approx(loss4.item(), abs=1e-5)  # logged loss: the mean over micro-steps
+    for a, b in zip(one.parameters(), four.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(next(one.parameters()), next(base.parameters()))
+
+
+def test_config_errors_are_reported_together(tmp_path):
+    cfg = tiny_train_config(tmp_path, tmp_path / "out", batch_size=0, sampling="shuffled", lora_targets="x")
+    with pytest.raises(ValueError) as e:
+        train.main(cfg)
+    for part in ("batch_size must be positive", "sampling must be", "lora_targets must be"):
+        assert part in str(e.value)
+
+
+@pytest.mark.slow
+def test_short_shakespeare_run_learns_and_samples(tmp_path):
+    data = char_dataset(tmp_path / "data", n_chars=1_115_394)
+    out = tmp_path / "out"
+    cfg = tiny_train_config(data, out, n_embd=64, block_size=64, batch_size=32, max_iters=300,
+                            eval_interval=300, eval_iters=20, log_interval=50, warmup_iters=20,
+                            lr_decay_iters=300, learning_rate=1e-2, min_lr=1e-3, beta2=0.99)
+    train.main(cfg)
+    vals = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m]
+    assert vals[0] == pytest.approx(math.log(65), abs=0.15)
+    assert vals[0] - vals[-1] >= 1.0, vals
+    r = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--device=cpu", "--num_samples=2",
+                        "--max_new_tokens=80", "--start=ROMEO:"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.split("\n", 1)[1]  # after the printed config
+    samples = text.split("---------------")
+    assert len(samples) == 3 and samples[0].startswith("ROMEO:") and len(samples[0]) > 80
+    itos = json.loads((data / "meta.json").read_text())["itos"]
+    assert set(samples[0]) <= set(itos)  # decoded with the dataset's characters
+
+
+def test_metrics_jsonl_fields(tmp_path):
+    data = char_dataset(tmp_path / "data", 50_000)
+    out = tmp_path / "out"
+    train.main(tiny_train_config(data, out, max_iters=4, eval_interval=2, log_interval=2))
+    rows = read_metrics(out)
+    logged = [r for r in rows if "train_loss" in r]
+    assert [r["iter"] for r in logged] == [2, 4]
+    assert {"iter", "tokens", "train_loss", "lr", "ms_per_iter", "tokens_per_sec", "mfu"} <= set(logged[0])
+    assert logged[1]["tokens"] == 4 * 8 * 32
+    assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4]
+
+
+def test_non_finite_loss_is_skipped_then_stops_with_a_checkpoint(tmp_path, monkeypatch):
+    data = char_dataset(tmp_path / "data", 50_000)
+    out = tmp_path / "out"
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] > 6:  # from the 7th training step on, the loss blows up
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
+        train.main(tiny_train_config(data, out, max_iters=50, eval_interval=100, max_bad_steps=3))
+    from checkpoint import load_model
+    model, info = load_model(out)
+    assert info["iter_num"] == 9  # 6 good steps, 3 skipped ones that do not touch the weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
