@@ -312,3 +312,84 @@ def test_exported_tokenizer_encodes_like_tiktoken(tmp_path):
         ids = enc.encode_ordinary(text)
         assert tok(text)["input_ids"] == ids, text[:40]
         assert tok.decode(ids) == text
+
+
+# ----------------------------------------------------------------------------- export_hf.py on train.py's checkpoints
+
+ROOT = hf.Path(__file__).resolve().parents[1]
+
+
+def _gpt2_dataset(d):
+    from dataloader import gpt2_encoding, write_raw_tokens
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
+    ids = gpt2_encoding().encode_ordinary(text)
+    n = int(0.9 * len(ids))
+    d.mkdir()
+    write_raw_tokens(d / "train.bin", ids[:n])
+    write_raw_tokens(d / "val.bin", ids[n:])
+    (d / "meta.json").write_text(json.dumps({"vocab_size": 50257, "tokenizer": "gpt2",
+                                             "train_tokens": n, "val_tokens": len(ids) - n}))
+    return d
+
+
+def _run(script, *args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def _train(tmp_path, out, *extra):
+    data = tmp_path / "data" if (tmp_path / "data").exists() else _gpt2_dataset(tmp_path / "data")
+    r = _run("train.py", f"--data_dir={data}", f"--out_dir={out}", "--n_layer=2", "--n_head=2", "--n_embd=32",
+             "--block_size=16", "--batch_size=4", "--max_iters=3", "--eval_interval=3", "--eval_iters=2",
+             "--warmup_iters=0", "--learning_rate=1e-2", "--device=cpu", "--dtype=float32", *extra)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def _check_export_matches_checkpoint(out, hf_out):
+    from checkpoint import load_model
+    ours, _ = load_model(str(out))
+    loaded, info = GPT2LMHeadModel.from_pretrained(str(hf_out), output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        diff = (loaded.eval()(idx).logits - _all_logits(ours, idx)).abs().max().item()
+    assert diff < 1e-5
+    return loaded
+
+
+@pytest.mark.slow
+def test_export_script_writes_a_checkpoint_transformers_loads(tmp_path):
+    from transformers import AutoTokenizer
+    out, hf_out = tmp_path / "out", tmp_path / "hf"
+    _train(tmp_path, out)
+    r = _run("export_hf.py", f"--out_dir={out}", f"--hf_dir={hf_out}")
+    assert r.returncode == 0, r.stderr
+    _check_export_matches_checkpoint(out, hf_out)
+    tok = AutoTokenizer.from_pretrained(str(hf_out))  # the dataset was GPT-2 BPE: tokenizer files come along
+    assert tok("Before we proceed")["input_ids"] == [8421, 356, 5120]
+    # an existing export is not overwritten unless asked (in-process: the same main(), no interpreter start-up)
+    import export_hf
+    before = (hf_out / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="--overwrite=True"):
+        export_hf.main(export_hf.ExportConfig(out_dir=str(out), hf_dir=str(hf_out)))
+    assert (hf_out / "model.safetensors").read_bytes() == before
+    export_hf.main(export_hf.ExportConfig(out_dir=str(out), hf_dir=str(hf_out), overwrite=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "hf", "out"]  # no temporary copies left
+    with pytest.raises(SystemExit, match="no-run"):
+        export_hf.main(export_hf.ExportConfig(out_dir=str(tmp_path / "no-run"), hf_dir=str(tmp_path / "hf2")))
+    assert not (tmp_path / "hf2").exists()
+
+
+@pytest.mark.slow
+def test_lora_fine_tune_of_an_hf_model_exports_merged(tmp_path):
+    base = tmp_path / "base-hf"
+    make_hf_gpt2(vocab_size=50257).save_pretrained(base)
+    out, hf_out = tmp_path / "out", tmp_path / "hf"
+    _train(tmp_path, out, f"--init_from={base}", "--lora_rank=2")
+    r = _run("export_hf.py", f"--out_dir={out}", f"--hf_dir={hf_out}")
+    assert r.returncode == 0, r.stderr
+    loaded = _check_export_matches_checkpoint(out, hf_out)
+    # the adapter really is in the exported weights: they moved away from the base
+    base_w = GPT2LMHeadModel.from_pretrained(str(base)).transformer.h[0].attn.c_attn.weight
+    assert not torch.allclose(loaded.transformer.h[0].attn.c_attn.weight, base_w)
