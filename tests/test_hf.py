@@ -90,6 +90,19 @@ def test_import_gives_transformers_logits_and_generations(tmp_path, fmt):
     assert torch.equal(greedy, expected)
 
 
+def test_hub_names_download_through_transformers(monkeypatch):
+    # the hub is unreachable here: stand in for it with a random model, to check what the download
+    # path does with a live GPT2LMHeadModel (prefixed names, the tied lm_head in its state dict)
+    ref = make_hf_gpt2()
+    asked = []
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", lambda name, **kw: asked.append(name) or ref)
+    model = GPT.from_pretrained("gpt2-large").eval()
+    assert asked == ["openai-community/gpt2-large"]
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (_all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
+
+
 def test_block_size_crop_and_dropout_override(hf_dir):
     full = GPT.from_pretrained(str(hf_dir)).eval()
     cropped = GPT.from_pretrained(str(hf_dir), {"block_size": 8, "dropout": 0.25})
