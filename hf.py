@@ -116,7 +116,7 @@ def read_hf_gpt2(name_or_path):
     """(HF config dict, state dict with HF names minus "transformer.", source description)."""
     name_or_path = str(name_or_path)
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if path.is_dir():  # a directory wins over a hub name: ./gpt2 saved earlier loads offline
         return _read_local(path)
     if name_or_path in HF_MODELS:
         return _download(name_or_path)

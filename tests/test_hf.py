@@ -7,6 +7,7 @@ No network: the "pretrained" GPT-2 is a small random transformers model saved to
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,7 +313,7 @@ def test_exported_tokenizer_encodes_like_tiktoken(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.eos_token_id == 50256 and tok.model_max_length == 16
     enc = gpt2_encoding()
-    shakespeare = (hf.Path(__file__).resolve().parents[1] / "data" / "shakespeare_char" / "input.txt")
+    shakespeare = (Path(__file__).resolve().parents[1] / "data" / "shakespeare_char" / "input.txt")
     texts = [
         "Hello world", " Hello world",
         "naïve café — 東京の天気は晴れ 🎉🚀 Ünïcödé",
@@ -329,7 +330,7 @@ def test_exported_tokenizer_encodes_like_tiktoken(tmp_path):
 
 # ----------------------------------------------------------------------------- export_hf.py on train.py's checkpoints
 
-ROOT = hf.Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _gpt2_dataset(d):
