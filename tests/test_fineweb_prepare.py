@@ -146,22 +146,26 @@ def test_stream_is_val_then_train_with_one_delimiter_per_document(tmp_path, corp
     assert TokenData(out, "val").n_tokens == 1000
 
 
-def test_jsonl_and_text_files(tmp_path):
+def test_jsonl_and_text_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "BATCH_CHARS", 50)  # a batch per document: the trailing empties come last, alone
     docs = make_docs(60, seed=1)
     d = tmp_path / "mixed"
     (d / "sub").mkdir(parents=True)
     write_jsonl(d / "a.jsonl", docs[:40])
     (d / "sub" / "b.txt").write_text("a whole text file is one document", encoding="utf-8")
     (d / "sub" / "c.txt").write_text("", encoding="utf-8")  # an empty file is an empty document
-    write_jsonl(d / "sub" / "d.jsonl", docs[40:])
-    meta = prep.main(cfg_for(tmp_path, d / "**" / "*.*", val_tokens=100, shard_size=500))
+    write_jsonl(d / "sub" / "d.jsonl", docs[40:] + ["", None])  # trailing empties, after the last token
     # sorted paths: a.jsonl, sub/b.txt, sub/c.txt, sub/d.jsonl
     ordered = docs[:40] + ["a whole text file is one document", ""] + docs[40:]
     stream = expected_stream(ordered)
+    # one training shard that ends exactly with the input: the trailing empties still count
+    meta = prep.main(cfg_for(tmp_path, d / "**" / "*.*", val_tokens=100, shard_size=stream.size - 100))
     val, _ = read_split(tmp_path / "out", "val")
-    train, _ = read_split(tmp_path / "out", "train")
-    assert np.array_equal(np.concatenate([val, train]), stream)
-    assert meta["empty_documents"] == 4  # '', None, whitespace and the empty file; blank lines are not documents
+    train, files = read_split(tmp_path / "out", "train")
+    assert len(files) == 1 and np.array_equal(np.concatenate([val, train]), stream)
+    # '', None, whitespace, the empty file and the 2 trailing ones; blank lines are not documents
+    assert meta["empty_documents"] == 6
+    assert meta["documents"] == sum(1 for x in ordered if x and x.strip())
 
 
 def test_endoftext_inside_a_document_is_ordinary_text(tmp_path):

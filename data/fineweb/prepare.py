@@ -202,14 +202,16 @@ def local_documents(files, column, skip=0):
             if str(kind) not in ("string", "large_string", "string_view"):
                 raise ValueError(f"{path}: column {column!r} holds {kind}, not text; "
                                  f"pass --text_column=<a text column>")
-            for rg in range(pf.num_row_groups):
-                n = pf.metadata.row_group(rg).num_rows
-                if skip >= n:
-                    skip -= n
-                    continue
-                texts = pf.read_row_group(rg, columns=[column]).column(0).to_pylist()
-                yield from texts[skip:]
-                skip = 0
+            first = 0  # whole row groups before the start are skipped from the footer's counts
+            while first < pf.num_row_groups and skip >= pf.metadata.row_group(first).num_rows:
+                skip -= pf.metadata.row_group(first).num_rows
+                first += 1
+            groups = list(range(first, pf.num_row_groups))
+            for batch in (pf.iter_batches(batch_size=1024, columns=[column], row_groups=groups) if groups else ()):
+                texts = batch.column(0).to_pylist()  # 1024 rows at a time, whatever the row group size
+                if skip:
+                    texts, skip = texts[skip:], max(0, skip - len(texts))
+                yield from texts
         elif path.endswith(JSONL):
             with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
                 for lineno, line in enumerate(f, 1):
@@ -457,8 +459,9 @@ class ShardWriter:
         if self.fill:
             self._flush({"doc": next_doc, "offset": 0, "docs": self.docs, "empty": self.empty,
                          "state": None, "state_doc": 0})
-        last = self.final or (self.progress["shards"][-1]["resume"] if self.progress["shards"]
-                              else dict(START, docs=self.docs, empty=self.empty))
+        if not self.done:  # the whole input was read: every document is counted
+            return {"documents": self.docs, "empty_documents": self.empty}
+        last = self.final or self.progress["shards"][-1]["resume"]  # the budget stopped it here
         return {"documents": last["docs"] + (1 if last["offset"] else 0), "empty_documents": last["empty"]}
 
 
