@@ -344,7 +344,10 @@ def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False):
             old = hf_dir.with_name(f".{hf_dir.name}.old-{os.getpid()}")
             os.replace(hf_dir, old)
             os.replace(tmp, hf_dir)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
         else:
             os.replace(tmp, hf_dir)
         _fsync_dir(hf_dir.parent)
@@ -437,8 +440,9 @@ def write_gpt2_tokenizer(out_dir, model_max_length=1024):
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                         encoding="utf-8")
     from transformers import GPT2Tokenizer
-    # transformers writes tokenizer.json (the fast tokenizer) and tokenizer_config.json from these
-    tok = GPT2Tokenizer(vocab=str(out_dir / "vocab.json"), merges=str(out_dir / "merges.txt"),
+    # transformers writes tokenizer.json (the fast tokenizer) and tokenizer_config.json from these;
+    # positional paths: transformers 4 names them vocab_file/merges_file, 5 vocab/merges
+    tok = GPT2Tokenizer(str(out_dir / "vocab.json"), str(out_dir / "merges.txt"),
                         model_max_length=model_max_length, add_prefix_space=False)
     tok.save_pretrained(str(out_dir))
     special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
