@@ -22,7 +22,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -80,12 +79,12 @@ def write_shard(path, tokens):
         raise ValueError(f"token id {int(tokens.max())} does not fit uint16 shards (vocab too large)")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    _atomic_write(path, [header.tobytes(), tokens.astype(TOKEN_DTYPE, copy=False).tobytes()])
+    _atomic_write(path, [header.tobytes(), memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE))])
 
 
 def write_raw_tokens(path, tokens):
     """Write nanoGPT's raw uint16 token file, atomically."""
-    _atomic_write(path, [np.asarray(tokens, dtype=TOKEN_DTYPE).tobytes()])
+    _atomic_write(path, [memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE))])
 
 
 def _atomic_write(path, chunks):
@@ -154,9 +153,10 @@ class TokenData:
             self.offsets.append(offset)
             self.lengths.append(n)
         expected = self.meta.get(f"{split}_tokens")
-        if raw.exists() and expected is not None and expected != self.lengths[0]:
-            raise ValueError(f"{raw}: {self.lengths[0]:,} tokens but meta.json records {expected:,}: "
-                             f"truncated or from another preparation, run prepare.py again")
+        if expected is not None and expected != sum(self.lengths):
+            where = raw if raw.exists() else f"{data_dir} ({len(files)} {split} shards)"
+            raise ValueError(f"{where}: {sum(self.lengths):,} tokens but meta.json records {expected:,}: "
+                             f"truncated, missing shards or from another preparation; run prepare.py again")
         self.vocab_size = self.meta.get("vocab_size")
         self.n_tokens = sum(self.lengths)
 
@@ -261,6 +261,7 @@ class SequentialSampler(_Sampler):
             raise ValueError(f"the dataset has {self.n_windows} windows but the checkpoint's sampler had "
                              f"{state['n_windows']}: the data or block_size changed since the checkpoint")
         self.cursor, self.seed = state["cursor"], state["seed"]
+        self._perm_epoch = None  # the order of an epoch depends on the restored seed
 
 
 def make_sampler(kind, data, batch_size, block_size, seed, rank=0, world_size=1, vocab_size=None):
@@ -285,6 +286,7 @@ def eval_batches(data, batch_size, block_size, max_batches=0, vocab_size=None):
 
 def to_device(arrays, device):
     """numpy batches -> int64 tensors on the device; pinned and non-blocking on CUDA."""
+    import torch  # here only: data preparation workers need numpy, not torch's start-up and memory
     out = []
     for a in arrays:
         t = torch.from_numpy(np.ascontiguousarray(a))

@@ -163,9 +163,6 @@ def test_sequential_resume_mid_epoch_continues_the_same_stream(shards):
         other.load_state_dict(state)  # block_size changed: the cursor would mean other windows
 
 
-@pytest.mark.xfail(strict=True, reason="dataloader.SequentialSampler.load_state_dict sets self.seed but keeps "
-                   "the permutation cached for the old seed (self._perm_epoch); fix: also set "
-                   "self._perm_epoch = None in load_state_dict")
 def test_sequential_load_state_after_drawing_uses_the_restored_seed(shards):
     data, _ = shards
     a = SequentialSampler(data, 3, BLOCK, seed=2)
