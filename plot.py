@@ -87,6 +87,9 @@ def plot_runs(run_dirs, out, x="tokens"):
     ax_loss.legend(fontsize=8)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("tokens seen" if x == "tokens" else "iteration")
+    if x == "tokens":
+        from matplotlib.ticker import EngFormatter
+        ax_lr.xaxis.set_major_formatter(EngFormatter(sep=""))  # 800k, 1.2M, 10G rather than 1e9 offsets
     ax_lr.grid(alpha=0.3)
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     _save_png(fig, out)
