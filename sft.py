@@ -340,8 +340,12 @@ def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=
     block_size = model.config.block_size
     max_prompt = max(block_size - max_new_tokens, block_size // 2)
     prompts, n_cropped = [], 0
-    for ex in examples:
+    for i, ex in enumerate(examples):
         ids = list(tokenizer.encode(prefix + ex["prompt"]))
+        if not ids:  # generation needs a first token: GPT-2 documents start after <|endoftext|>
+            if tokenizer.eot is None:
+                raise ValueError(f"example {i} has an empty prompt: give it a prompt to generate from")
+            ids = [tokenizer.eot]
         if len(ids) > max_prompt:
             ids, n_cropped = ids[-max_prompt:], n_cropped + 1
         prompts.append(ids)

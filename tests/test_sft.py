@@ -357,6 +357,8 @@ def test_long_prompts_keep_their_tail():
     assert r["n_cropped"] == 1 and r["accuracy"] == 1.0
     assert sorted(map(len, model.prompts)) == [3, 24]  # block_size 32 - 8 new tokens
     assert "1 prompt(s) cropped" in format_generation_report(r)
+    with pytest.raises(ValueError, match="example 0 has an empty prompt"):
+        evaluate_generation(model, tok, [{"prompt": "", "completion": " x"}], "cpu", None)
 
 
 def test_real_model_generation_batches_match_one_at_a_time():
