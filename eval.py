@@ -89,14 +89,15 @@ def load_any(spec, device):
     from dataloader import Tokenizer
     from model import GPT
     p = Path(spec)
+    if (p / "latest.json").is_file() or (p / "state.json").is_file():  # a run of ours, or one checkpoint
+        model, info = checkpoint.load_model(p, device=device)
+        return model, Tokenizer(info.get("data_meta") or {}), info
     if spec in GPT2_NAMES or (p / "config.json").is_file():
         model = GPT.from_pretrained(spec).to(device).eval()
         return model, Tokenizer({"tokenizer": "gpt2"}), {"config": {}, "data_meta": {"tokenizer": "gpt2"}}
-    if not p.exists():
-        raise ValueError(f"model {spec!r}: not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging Face "
-                         f"directory or an existing out_dir")
-    model, info = checkpoint.load_model(p, device=device)
-    return model, Tokenizer(info.get("data_meta") or {}), info
+    raise ValueError(f"model {spec!r}: not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging Face directory "
+                     f"(config.json) or an out_dir with a checkpoint (latest.json); "
+                     f"train one first or check the path")
 
 
 def val_data_dir(cfg, info, spec):
