@@ -41,7 +41,7 @@ class EvalConfig:
     limit: int = 0  # at most this many items per benchmark (the first ones); 0 = all
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "auto"  # auto = bfloat16 where native, float16 on older GPUs, else float32
-    seed: int = 1337  # the evaluations are deterministic; the seed only matters to sampling in generate
+    seed: int = 1337  # the evaluations are deterministic; 'generate' draws its k shots with it
     k_shot: int = 0  # 'generate': 0 = the fine-tuned model zero-shot; >0 = a k-shot prompt baseline
     shots_file: str = ""  # 'generate': JSONL the k examples are drawn from
     max_new_tokens: int = 16  # 'generate': tokens generated per answer
@@ -142,7 +142,7 @@ def eval_generate(cfg, model, tokenizer, device, ctx):
         examples = examples[:cfg.limit]
     shots = sft.load_examples(cfg.shots_file) if cfg.k_shot > 0 else None
     result = sft.evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=cfg.max_new_tokens,
-                                     k_shot=cfg.k_shot, shots=shots)
+                                     k_shot=cfg.k_shot, shots=shots, seed=cfg.seed)
     print(sft.format_generation_report(result))
     return result
 

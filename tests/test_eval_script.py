@@ -152,8 +152,8 @@ def test_generate_task_calls_sft(workdir, monkeypatch):
     calls = {}
 
     def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=16, k_shot=0, shots=None,
-                            template=None):
-        calls.update(n=len(examples), k_shot=k_shot, shots=shots, max_new_tokens=max_new_tokens)
+                            template=None, seed=0):
+        calls.update(n=len(examples), k_shot=k_shot, shots=shots, max_new_tokens=max_new_tokens, seed=seed)
         return {"exact_match": 0.5, "n": len(examples), "samples": []}
     fake = types.SimpleNamespace(load_examples=lambda path, template=None: [{"file": Path(path).name}] * 3,
                                  evaluate_generation=evaluate_generation,
@@ -161,10 +161,20 @@ def test_generate_task_calls_sft(workdir, monkeypatch):
     monkeypatch.setitem(sys.modules, "sft", fake)
     res = eval_script.main(cfg_for(workdir, tasks="generate", data_file="test.jsonl", k_shot=2,
                                    shots_file="train.jsonl", limit=2, max_new_tokens=5))
-    assert calls == {"n": 2, "k_shot": 2, "shots": [{"file": "train.jsonl"}] * 3, "max_new_tokens": 5}
+    assert calls == {"n": 2, "k_shot": 2, "shots": [{"file": "train.jsonl"}] * 3, "max_new_tokens": 5, "seed": 1337}
     assert res[str(workdir / "run")]["generate"]["exact_match"] == 0.5
 
     monkeypatch.setitem(sys.modules, "sft", None)  # as if sft.py were not there
     with pytest.raises(ValueError, match="needs sft.py"):
         eval_script.main(cfg_for(workdir, tasks="generate", data_file="test.jsonl"))
 
+
+
+def test_generate_task_with_the_real_sft(workdir):
+    pytest.importorskip("sft")
+    rows = [{"prompt": "the cat sat on the", "completion": " mat."}, {"prompt": "a dog ran to the", "completion": " log."}]
+    (workdir / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = eval_script.main(cfg_for(workdir, tasks="generate", data_file=str(workdir / "gen.jsonl"), max_new_tokens=5))
+    gen = res[str(workdir / "run")]["generate"]
+    assert gen["n"] == 2 and 0 <= gen["accuracy"] <= 1
+    assert json.loads((workdir / "results.json").read_text())["results"][str(workdir / "run")]["generate"] == gen
