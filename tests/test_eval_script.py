@@ -6,6 +6,7 @@ benchmark JSONL, the side-by-side table, the JSON report and the errors a user s
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import types
@@ -27,8 +28,9 @@ LAMBADA = [{"text": "the cat sat on the mat"}, {"text": "a dog ran to the log"}]
 
 
 def run(script, *args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread is fastest on a busy machine
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
