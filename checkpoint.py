@@ -57,11 +57,12 @@ def clean_state_dict(sd):
     return out
 
 
-def model_tensors(model, trainable_only=False):
+def model_tensors(model, trainable_only=False, full_sd=None):
     """Tensors to save: the whole state dict, or just the parameters being trained; a tied lm_head
-    is stored once (safetensors refuses shared storage)."""
+    is stored once (safetensors refuses shared storage). full_sd: the state dict gathered from a
+    sharded model (gather_sharded), used instead of model.state_dict()."""
     model = unwrap(model)
-    sd = model.state_dict()
+    sd = model.state_dict() if full_sd is None else clean_state_dict(full_sd)
     if trainable_only:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         sd = {k: v for k, v in sd.items() if k in names}
@@ -70,8 +71,11 @@ def model_tensors(model, trainable_only=False):
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def optimizer_tensors(model, optimizer):
-    """(tensors keyed '<param name>/<state key>', JSON part) of an optimizer's state, by parameter name."""
+def optimizer_tensors(model, optimizer, full_osd=None):
+    """(tensors keyed '<param name>/<state key>', JSON part) of an optimizer's state, by parameter name.
+    full_osd: a name-keyed optimizer state gathered from a sharded model (gather_sharded) instead."""
+    if full_osd is not None:
+        return _name_keyed_to_tensors(full_osd)
     names = {id(p): n for n, p in unwrap(model).named_parameters()}
     params = [p for g in optimizer.param_groups for p in g["params"]]
     sd = optimizer.state_dict()
@@ -87,6 +91,65 @@ def optimizer_tensors(model, optimizer):
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in og["params"]]}
               for g, og in zip(sd["param_groups"], optimizer.param_groups)]
     return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _name_keyed_to_tensors(osd):
+    """torch.distributed.checkpoint's full optimizer state ({"state": {name: {key: value}},
+    "param_groups": [{..., "params": [names]}]}) in the same (tensors, JSON part) as optimizer_tensors."""
+    tensors, scalars = {}, {}
+    for pname, entry in osd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{pname}/{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{pname}/{key}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])} for g in osd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def gather_sharded(model, optimizer=None):
+    """The full model and optimizer state of an FSDP-sharded model, on the CPU of rank 0, for
+    save_checkpoint(..., gathered=...): checkpoints of sharded runs are the same single directory as
+    any other, so they resume on any world size, sharded or not.
+
+    A collective: every rank must call it (the others get None back). The optimizer state comes
+    keyed by parameter name, as optimizer.safetensors stores it.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # one rank's RAM, not one GPU's
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return (msd, osd) if dist.get_rank() == 0 else None
+
+
+def restore_optimizer_sharded(model, optimizer, ckpt_dir, state):
+    """Load optimizer.safetensors into the optimizer of an FSDP-sharded model (any saved world size).
+
+    A collective: every rank calls it. Rank 0 reads the file and broadcasts, so a node holds one copy
+    of the full optimizer state in RAM rather than one per rank.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    osd = {}
+    if dist.get_rank() == 0:
+        tensors = _load_tensors(Path(ckpt_dir) / "optimizer.safetensors")
+        saved = state["optimizer"]
+        current = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]
+        saved_names = [n for g in saved["param_groups"] for n in g["params"]]
+        if sorted(current) != sorted(saved_names):
+            raise ValueError(f"{ckpt_dir}: the optimizer was saved for other parameters "
+                             f"(not saved: {sorted(set(current) - set(saved_names))[:5]}, "
+                             f"not in this model: {sorted(set(saved_names) - set(current))[:5]})")
+        by_name = {}
+        for key, value in list(tensors.items()) + list(saved["scalars"].items()):
+            pname, skey = key.rsplit("/", 1)
+            by_name.setdefault(pname, {})[skey] = value
+        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in saved["param_groups"]]
+        osd = {"state": by_name, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, osd,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def restore_optimizer(model, optimizer, ckpt_dir, state):
@@ -147,11 +210,14 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False, is_best=False, keep_last_n=3):
+def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False, is_best=False, keep_last_n=3,
+                    gathered=None):
     """Write ckpt-<iter> atomically, point latest (and best when is_best) at it, prune old ones.
 
-    state: the JSON-able rest (must hold iter_num). Returns the checkpoint's path.
+    state: the JSON-able rest (must hold iter_num). gathered: gather_sharded's result for an
+    FSDP-sharded model (then only rank 0 calls this). Returns the checkpoint's path.
     """
+    full_sd, full_osd = gathered if gathered is not None else (None, None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f".{PREFIX}*.tmp-*"):  # debris of a save that was killed
@@ -162,12 +228,12 @@ def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False,
     try:
         tmp.mkdir()
         files = {}
-        save_file(model_tensors(model, trainable_only), str(tmp / "model.safetensors"))
+        save_file(model_tensors(model, trainable_only, full_sd), str(tmp / "model.safetensors"))
         files["model.safetensors"] = _file_record(tmp / "model.safetensors")
         state = dict(state, format_version=FORMAT_VERSION, trainable_only=trainable_only,
                      versions=library_versions())
         if optimizer is not None:
-            tensors, rest = optimizer_tensors(model, optimizer)
+            tensors, rest = optimizer_tensors(model, optimizer, full_osd)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             files["optimizer.safetensors"] = _file_record(tmp / "optimizer.safetensors")
             state["optimizer"] = rest

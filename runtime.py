@@ -106,23 +106,97 @@ class Dist:
         return self.world_size > 1
 
 
-def init_distributed(device_name):
-    """Read torchrun's environment; start the process group (nccl on CUDA, gloo on CPU).
-    Returns (Dist, device). Outside torchrun: one process, device from pick_device."""
+# Rank 0 alone evaluates and writes checkpoints (with optimizer state, gpt2-xl's is ~20 GB) while the
+# other ranks wait at the next collective. NCCL's default of 10 minutes would kill a healthy run
+# there; a genuinely hung rank still fails, after this long.
+DIST_TIMEOUT_MIN = 60
+
+
+def init_distributed(device_name, backend="auto"):
+    """Read torchrun's environment; start the process group. backend 'auto' = nccl on CUDA, gloo on
+    CPU (and MPS). Returns (Dist, device). Outside torchrun: one process, device from pick_device."""
+    if backend not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist(), pick_device(device_name)
+    import datetime
     import torch.distributed as dist
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = pick_device(device_name)
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
+                             f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"backend='nccl' needs CUDA devices, but device is {device.type}: use backend='gloo' or 'auto'")
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=DIST_TIMEOUT_MIN),
+                            device_id=device if backend == "nccl" else None)
     return Dist(rank, local_rank, world_size), device
+
+
+def barrier(dist_info, device):
+    """Wait for every rank (a no-op in one process)."""
+    if not dist_info.enabled:
+        return
+    import torch.distributed as dist
+    if device.type == "cuda" and dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[device.index])  # names the GPU, or NCCL guesses and may hang
+    else:
+        dist.barrier()
+
+
+def close_distributed(dist_info):
+    if dist_info.enabled:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def shard_model(model):
+    """FSDP (fully_shard, PyTorch >= 2.6), in place: each transformer block is one unit and the root
+    holds the rest. Parameters, gradients and optimizer states are split across ranks; a block's
+    weights are gathered just for its forward and backward.
+
+    wte and lm_head stay in the root unit so the tied weight remains one parameter (a test checks
+    that the tie survives). Precision is left to autocast, exactly as without FSDP: the parameters,
+    the gradient reduce-scatter and the optimizer stay float32 while matmuls run in bf16, so the loss
+    matches DDP's. (MixedPrecisionPolicy(param_dtype=bf16) would halve the all-gather traffic but
+    also run LayerNorm, softmax and the loss in bf16.)
+    """
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:
+        raise ValueError(f"fsdp=True needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard); this is "
+                         f"{torch.__version__} ({e}). Upgrade PyTorch or use DDP (fsdp=False)") from e
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    if model.config.tie_weights:
+        assert model.lm_head.weight is model.transformer.wte.weight, "FSDP broke the wte/lm_head tie"
+    return model
+
+
+class NoInferenceMode(torch.nn.Module):
+    """Runs a sharded model's forward under no_grad even when the caller is in torch.inference_mode.
+
+    FSDP gathers a block's weights into buffers it allocates once and reuses; allocated inside
+    inference_mode they become inference tensors, and the next training step's gather into them
+    fails ("Inplace update to inference tensor outside InferenceMode"). evaluate_loss uses
+    inference_mode, so under FSDP train.py hands it this wrapper.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return self.model(*args, **kwargs)
 
 
 def all_reduce_sum(value, device, dist_info):
