@@ -1,9 +1,10 @@
 """
-Train or fine-tune a GPT: one process, or many under torchrun (DDP).
+Train or fine-tune a GPT: one process, or many under torchrun (DDP, or FSDP with --fsdp=True).
 
     python train.py config/train_shakespeare_char_cpu.py
     python train.py config/train_shakespeare_char.py --device=cpu --n_layer=4 --max_iters=100
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+    torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_cpu.py  # gloo, on a CPU
 
 The loop, in labelled phases: learning rate -> evaluate / checkpoint -> stop? -> micro-steps ->
 clip and step -> log. Checkpoints resume exactly (init_from='resume'); SIGTERM or Ctrl-C finishes
@@ -28,8 +29,9 @@ import checkpoint as ckpt_lib
 from configurator import configure
 from dataloader import TokenData, Tokenizer, eval_batches, load_meta, make_sampler, to_device
 from model import GPT, GPTConfig
-from runtime import (all_reduce_sum, autocast, init_distributed, make_scaler, peak_flops, pick_dtype,
-                     print0, rng_state, seed_everything, set_rng_state, setup_backends, step_seed)
+from runtime import (all_reduce_sum, autocast, barrier, close_distributed, init_distributed, make_scaler,
+                     peak_flops, pick_dtype, print0, rng_state, seed_everything, set_rng_state, setup_backends,
+                     shard_model, step_seed, NoInferenceMode)
 
 
 @dataclass
@@ -94,7 +96,8 @@ class TrainConfig:
     lr_decay_iters: int = 600000  # ~ max_iters (Chinchilla)
     min_lr: float = 6e-5  # ~ learning_rate / 10 (Chinchilla)
     # system
-    backend: str = "auto"  # DDP backend: auto = nccl on CUDA, gloo on CPU
+    backend: str = "auto"  # torchrun process group: auto = nccl on CUDA, gloo on CPU; or 'nccl' / 'gloo'
+    fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer states across ranks (FSDP) instead of DDP
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "auto"  # auto = bfloat16 where native, float16 (+GradScaler) on older GPUs, else float32
     compile: bool = False  # torch.compile the model (turned off, with the reason printed, where it cannot work)
@@ -141,20 +144,25 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, dev
     for micro, (x, y) in enumerate(batches):
         if ddp:  # sync gradients on the last micro-step only; set before the forward (PITFALLS 3)
             model.require_backward_grad_sync = micro == len(batches) - 1
+        # (FSDP reduce-scatters after every micro-step: skipping it would keep whole unsharded
+        # gradients between micro-steps, the memory FSDP is there to save)
         with ctx:
             _, loss = model(x, y, reduction="sum")
-        # DDP averages gradients over ranks: scale by world_size so the result is the global sum / n
+        # DDP and FSDP average gradients over ranks: scale by world_size so the result is the global sum / n
         loss = loss * (dist_info.world_size / n_targets)
         scaler.scale(loss).backward()
-        loss_sum += loss.detach() / dist_info.world_size
+        loss_sum += loss.detach() / dist_info.world_size  # this rank's share of the global mean
+    if dist_info.enabled:
+        # the global mean loss on every rank; a NaN/inf on any rank makes it non-finite on all of
+        # them, so every rank takes the same decision to skip below
+        import torch.distributed as dist
+        dist.all_reduce(loss_sum)
     scaler.unscale_(optimizer)  # clip real gradients, not scaled ones (PITFALLS 4); no-op without fp16
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    # all ranks must agree to skip: the gradients are already synced, the loss is per rank
-    ok = torch.isfinite(loss_sum).float()
-    if dist_info.enabled:
-        ok = torch.tensor(all_reduce_sum(ok.item(), device, dist_info) == dist_info.world_size)
-    stepped = bool(ok) and (scaler.is_enabled() or bool(torch.isfinite(norm)))
+    if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor, the same global norm on every rank
+        norm = norm.full_tensor()
+    stepped = bool(torch.isfinite(loss_sum)) and (scaler.is_enabled() or bool(torch.isfinite(norm)))
     if stepped:
         scaler.step(optimizer)  # with fp16 the scaler itself skips a step whose gradients overflowed
     scaler.update()
@@ -236,6 +244,14 @@ def check_config(cfg, dist_info):
         errors.append(f"optimizer must be 'adamw' or 'adamw8bit', got {cfg.optimizer!r}")
     if (cfg.lora_rank > 0 or cfg.train_1d_only) and cfg.init_from == "scratch":
         errors.append("LoRA / train_1d_only fine-tune a pretrained model: set init_from")
+    if cfg.backend not in ("auto", "nccl", "gloo"):
+        errors.append(f"backend must be 'auto', 'nccl' or 'gloo', got {cfg.backend!r}")
+    if cfg.fsdp and dist_info.enabled:
+        if cfg.optimizer != "adamw":
+            errors.append("fsdp=True works with optimizer='adamw' only (bitsandbytes' 8-bit AdamW does not take sharded parameters)")
+        if cfg.base_dtype != "float32":
+            errors.append("fsdp=True needs base_dtype='float32': FSDP shards a block's parameters together and "
+                          "wants one dtype (sharding already divides the base's memory by the ranks)")
     if errors:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 
@@ -252,8 +268,8 @@ class StopFlag:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-              f"(Ctrl-C again aborts without saving)", flush=True)
+        print0(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+               f"(Ctrl-C again aborts without saving)")
 
 
 def trim_metrics(path, last_iter):
@@ -276,16 +292,26 @@ def trim_metrics(path, last_iter):
 
 def main(cfg):
     check_config(cfg, _dist_probe())  # before any process group starts
-    dist_info, device = init_distributed(cfg.device)
+    dist_info, device = init_distributed(cfg.device, cfg.backend)
     setup_backends(device)
     dtype = pick_dtype(cfg.dtype, device)
+    fsdp = cfg.fsdp and dist_info.enabled
+    if cfg.fsdp and not fsdp:
+        print0("fsdp: off (one process: nothing to shard across; launch with torchrun --nproc_per_node=N)")
+    if fsdp and dtype == torch.float16:
+        raise ValueError("fsdp=True with float16 is not supported (the GradScaler would check only this rank's "
+                         "shard for overflow): use --dtype=bfloat16 (Ampere or newer) or float32, or fsdp=False")
     ctx = autocast(device, dtype)
     master = dist_info.is_master
     out_dir = Path(cfg.out_dir)
     accum = cfg.gradient_accumulation_steps // dist_info.world_size  # micro-steps per rank
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    print0(f"runtime: device={device}, dtype={str(dtype).replace('torch.', '')}, world_size={dist_info.world_size}, "
-           f"torch {torch.__version__}, numpy {np.__version__}")
+    parallel = ""
+    if dist_info.enabled:
+        import torch.distributed as dist
+        parallel = f" ({'FSDP' if fsdp else 'DDP'} over {dist.get_backend()})"
+    print0(f"runtime: device={device}, dtype={str(dtype).replace('torch.', '')}, world_size={dist_info.world_size}"
+           f"{parallel}, torch {torch.__version__}, numpy {np.__version__}")
     print0(f"tokens per iteration: {cfg.gradient_accumulation_steps} accum x {cfg.batch_size} batch x "
            f"{cfg.block_size} block = {tokens_per_iter:,} ({accum} micro-steps on each of {dist_info.world_size} rank(s))")
     if device.type == "cpu" and accum > 1:
@@ -339,14 +365,23 @@ def main(cfg):
            f"{tokens_planned / n_params:.1f} tokens per parameter (Chinchilla-optimal ~20)")
     _print_memory(model, cfg, device, dtype)
 
+    if state:  # whole weights on every rank, before FSDP splits them
+        ckpt_lib.restore_model(model, ckpt_dir, state)
+    if fsdp:  # in place, before the optimizer, which must see the sharded parameters
+        shard_model(model)
+        print0(f"fsdp: {cfg.n_layer if origin == 'scratch' else model.config.n_layer} blocks + root sharded "
+               f"over {dist_info.world_size} ranks (the memory estimate above is before sharding: weights, "
+               f"gradients and optimizer states divide by {dist_info.world_size})")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            device.type, eight_bit=cfg.optimizer == "adamw8bit")
     scaler = make_scaler(device, dtype)
     iter_num, tokens_seen, best_val = 0, 0, float("inf")
     wandb_id = None
     if state:
-        ckpt_lib.restore_model(model, ckpt_dir, state)
-        ckpt_lib.restore_optimizer(model, optimizer, ckpt_dir, state)
+        if fsdp:
+            ckpt_lib.restore_optimizer_sharded(model, optimizer, ckpt_dir, state)
+        else:
+            ckpt_lib.restore_optimizer(model, optimizer, ckpt_dir, state)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if state.get("sampler") and state.get("rng"):
@@ -369,7 +404,7 @@ def main(cfg):
         else:
             print0("compile: compiling the model (the first iterations are slow)")
             runner = torch.compile(model)
-    if dist_info.enabled:
+    if dist_info.enabled and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         runner = DDP(runner, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
 
@@ -385,6 +420,10 @@ def main(cfg):
     metrics = open(out_dir / "metrics.jsonl", "a") if master else None
 
     def save(is_best=False):
+        """Rank 0 writes. Under FSDP every rank must call this: gathering the shards is a collective."""
+        gathered = ckpt_lib.gather_sharded(model, optimizer) if fsdp else None
+        if not master:
+            return
         st = {"iter_num": iter_num, "tokens_seen": tokens_seen,
               "best_val_loss": best_val if math.isfinite(best_val) else None,
               "config": dataclasses.asdict(cfg) | {"init_from": origin}, "model_args": dataclasses.asdict(model.config),
@@ -392,7 +431,7 @@ def main(cfg):
               "wandb_run_id": wandb_id, "data_meta": data_meta,
               "base": (state.get("base") if state else None) or (str(Path(origin).resolve()) if Path(origin).exists() else origin)}
         path = ckpt_lib.save_checkpoint(out_dir, st, model, optimizer, trainable_only=partial,
-                                        is_best=is_best, keep_last_n=cfg.keep_last_n)
+                                        is_best=is_best, keep_last_n=cfg.keep_last_n, gathered=gathered)
         print0(f"saved checkpoint to {path}")
 
     def log(record):
@@ -412,30 +451,37 @@ def main(cfg):
             group["lr"] = lr
         last_step = iter_num >= cfg.max_iters
 
-        # --- evaluate and checkpoint, on rank 0 (skipped at the iteration a resume starts from: done before)
+        # --- evaluate and checkpoint (skipped at the iteration a resume starts from: done before).
+        # DDP: rank 0 alone; the other ranks wait at the barrier below. FSDP: every rank evaluates and
+        # takes part in the save, since each forward and the save gather the shards; rank 0 logs and writes.
         saved_now = False
-        if master and (iter_num % cfg.eval_interval == 0 or last_step or cfg.eval_only) and iter_num != resumed_at:
+        eval_now = (iter_num % cfg.eval_interval == 0 or last_step or cfg.eval_only) and iter_num != resumed_at
+        if eval_now and (master or fsdp):
             if val_batches is not None:
                 import evaluate
-                val = evaluate.evaluate_loss(model, (to_device(b, device) for b in val_batches()), device, ctx)["loss"]
+                val = evaluate.evaluate_loss(NoInferenceMode(model) if fsdp else model,
+                                             (to_device(b, device) for b in val_batches()), device, ctx)["loss"]
                 improved = val < best_val
                 best_val = min(best_val, val)
                 print0(f"iter {iter_num}: val loss {val:.4f}{' (best)' if improved else ''}")
-                log({"iter": iter_num, "tokens": tokens_seen, "val_loss": val, "lr": lr})
+                if master:
+                    log({"iter": iter_num, "tokens": tokens_seen, "val_loss": val, "lr": lr})
             else:
                 improved = False
             if iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
                 save(is_best=improved)
                 saved_now = True
-        if master and cfg.save_interval and iter_num % cfg.save_interval == 0 and iter_num > 0 \
+        if (master or fsdp) and cfg.save_interval and iter_num % cfg.save_interval == 0 and iter_num > 0 \
                 and not saved_now and iter_num != resumed_at:
             save()
             saved_now = True
+        if eval_now or saved_now:
+            barrier(dist_info, device)
 
         # --- stop: end of schedule, eval_only, or a signal (all ranks agree)
         signalled = all_reduce_sum(float(stop.signum is not None), device, dist_info) > 0
         if last_step or cfg.eval_only or signalled:
-            if signalled and master and not saved_now and iter_num != resumed_at:
+            if signalled and (master or fsdp) and not saved_now and iter_num != resumed_at:
                 save()
             break
 
@@ -451,8 +497,9 @@ def main(cfg):
             print0(f"iter {iter_num - 1}: non-finite loss or gradient ({loss.item():.4g}, norm {norm.item():.4g}), "
                    f"step skipped ({bad_steps} in a row, {skipped} in all)")
             if bad_steps >= cfg.max_bad_steps:
-                if master:
+                if master or fsdp:
                     save()
+                barrier(dist_info, device)
                 raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row at iteration {iter_num}. The last "
                                  f"good weights are saved in {out_dir}; lower learning_rate, use bfloat16 or "
                                  f"float32, or check the data")
@@ -461,9 +508,9 @@ def main(cfg):
             log_loss += loss
             log_steps += 1
 
-        # --- log: mean loss over the interval (one host sync per interval)
+        # --- log: mean loss over the interval (one host sync per interval; train_step's loss is already global)
         if iter_num % cfg.log_interval == 0 and log_steps > 0:
-            mean_loss = all_reduce_sum(log_loss.item(), device, dist_info) / dist_info.world_size / log_steps
+            mean_loss = log_loss.item() / log_steps
             dt = (time.perf_counter() - t_log) / cfg.log_interval
             t_log = time.perf_counter()
             if master:
@@ -479,9 +526,8 @@ def main(cfg):
 
     if metrics:
         metrics.close()
-    if dist_info.enabled:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+    barrier(dist_info, device)  # no rank leaves while rank 0 still writes the final checkpoint
+    close_distributed(dist_info)
     if stop.signum == signal.SIGINT:
         raise SystemExit(130)
     return {"iter_num": iter_num, "best_val_loss": best_val}
