@@ -140,6 +140,16 @@ def init_distributed(device_name, backend="auto"):
     return Dist(rank, local_rank, world_size), device
 
 
+def gather_objects(obj, dist_info):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (JSON-able objects; [obj] in one process)."""
+    if not dist_info.enabled:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * dist_info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(dist_info, device):
     """Wait for every rank (a no-op in one process)."""
     if not dist_info.enabled:

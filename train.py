@@ -29,9 +29,9 @@ import checkpoint as ckpt_lib
 from configurator import configure
 from dataloader import TokenData, Tokenizer, eval_batches, load_meta, make_sampler, to_device
 from model import GPT, GPTConfig
-from runtime import (all_reduce_sum, autocast, barrier, close_distributed, init_distributed, make_scaler,
-                     peak_flops, pick_dtype, print0, rng_state, seed_everything, set_rng_state, setup_backends,
-                     shard_model, step_seed, NoInferenceMode)
+from runtime import (NoInferenceMode, all_reduce_sum, autocast, barrier, close_distributed, gather_objects,
+                     init_distributed, make_scaler, peak_flops, pick_dtype, print0, rng_state, seed_everything,
+                     set_rng_state, setup_backends, shard_model, step_seed)
 
 
 @dataclass
@@ -385,7 +385,12 @@ def main(cfg):
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if state.get("sampler") and state.get("rng"):
-            sampler.load_state_dict(state["sampler"])
+            sampler_state = rank_sampler_state(state, dist_info.rank)
+            if sampler_state is not None:
+                sampler.load_state_dict(sampler_state)
+            else:
+                print(f"resume: rank {dist_info.rank} has no saved data position (the run had fewer ranks); "
+                      f"it starts its own random stream afresh", flush=True)
             set_rng_state(state["rng"])
         else:  # e.g. converted from nanoGPT, which does not record them
             print0("resume: the checkpoint has no data position or RNG state; sampling starts afresh")
@@ -420,14 +425,15 @@ def main(cfg):
     metrics = open(out_dir / "metrics.jsonl", "a") if master else None
 
     def save(is_best=False):
-        """Rank 0 writes. Under FSDP every rank must call this: gathering the shards is a collective."""
+        """Every rank calls this (gathering data positions and FSDP shards are collectives); rank 0 writes."""
         gathered = ckpt_lib.gather_sharded(model, optimizer) if fsdp else None
+        sampler_ranks = gather_objects(sampler.state_dict(), dist_info)
         if not master:
             return
         st = {"iter_num": iter_num, "tokens_seen": tokens_seen,
               "best_val_loss": best_val if math.isfinite(best_val) else None,
               "config": dataclasses.asdict(cfg) | {"init_from": origin}, "model_args": dataclasses.asdict(model.config),
-              "sampler": sampler.state_dict(), "rng": rng_state(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+              "sampler": sampler_ranks[0], "sampler_ranks": sampler_ranks, "rng": rng_state(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
               "wandb_run_id": wandb_id, "data_meta": data_meta,
               "base": (state.get("base") if state else None) or (str(Path(origin).resolve()) if Path(origin).exists() else origin)}
         path = ckpt_lib.save_checkpoint(out_dir, st, model, optimizer, trainable_only=partial,
@@ -452,15 +458,20 @@ def main(cfg):
         last_step = iter_num >= cfg.max_iters
 
         # --- evaluate and checkpoint (skipped at the iteration a resume starts from: done before).
-        # DDP: rank 0 alone; the other ranks wait at the barrier below. FSDP: every rank evaluates and
-        # takes part in the save, since each forward and the save gather the shards; rank 0 logs and writes.
+        # DDP: rank 0 evaluates while the others wait for its number. FSDP: every rank evaluates, since
+        # each forward gathers the shards. Every rank then takes the same save decision and calls
+        # save(), a collective; rank 0 alone logs and writes.
         saved_now = False
         eval_now = (iter_num % cfg.eval_interval == 0 or last_step or cfg.eval_only) and iter_num != resumed_at
-        if eval_now and (master or fsdp):
+        if eval_now:
             if val_batches is not None:
                 import evaluate
-                val = evaluate.evaluate_loss(NoInferenceMode(model) if fsdp else model,
-                                             (to_device(b, device) for b in val_batches()), device, ctx)["loss"]
+                val = 0.0
+                if master or fsdp:
+                    val = evaluate.evaluate_loss(NoInferenceMode(model) if fsdp else model,
+                                                 (to_device(b, device) for b in val_batches()), device, ctx)["loss"]
+                if not fsdp:
+                    val = all_reduce_sum(val if master else 0.0, device, dist_info)  # rank 0's number, everywhere
                 improved = val < best_val
                 best_val = min(best_val, val)
                 print0(f"iter {iter_num}: val loss {val:.4f}{' (best)' if improved else ''}")
@@ -471,7 +482,7 @@ def main(cfg):
             if iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
                 save(is_best=improved)
                 saved_now = True
-        if (master or fsdp) and cfg.save_interval and iter_num % cfg.save_interval == 0 and iter_num > 0 \
+        if cfg.save_interval and iter_num % cfg.save_interval == 0 and iter_num > 0 \
                 and not saved_now and iter_num != resumed_at:
             save()
             saved_now = True
@@ -481,7 +492,7 @@ def main(cfg):
         # --- stop: end of schedule, eval_only, or a signal (all ranks agree)
         signalled = all_reduce_sum(float(stop.signum is not None), device, dist_info) > 0
         if last_step or cfg.eval_only or signalled:
-            if signalled and (master or fsdp) and not saved_now and iter_num != resumed_at:
+            if signalled and not saved_now and iter_num != resumed_at:
                 save()
             break
 
@@ -497,8 +508,7 @@ def main(cfg):
             print0(f"iter {iter_num - 1}: non-finite loss or gradient ({loss.item():.4g}, norm {norm.item():.4g}), "
                    f"step skipped ({bad_steps} in a row, {skipped} in all)")
             if bad_steps >= cfg.max_bad_steps:
-                if master or fsdp:
-                    save()
+                save()
                 barrier(dist_info, device)
                 raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row at iteration {iter_num}. The last "
                                  f"good weights are saved in {out_dir}; lower learning_rate, use bfloat16 or "
@@ -531,6 +541,17 @@ def main(cfg):
     if stop.signum == signal.SIGINT:
         raise SystemExit(130)
     return {"iter_num": iter_num, "best_val_loss": best_val}
+
+
+def rank_sampler_state(state, rank):
+    """The data position this rank resumes from: its own when the checkpoint has one. Otherwise
+    (a run saved with fewer ranks, or from before positions were kept per rank) the sequential
+    sampler's global cursor, which every rank shares, or None for a random stream: a rank that
+    copied rank 0's stream would read exactly rank 0's windows."""
+    ranks = state.get("sampler_ranks") or [state["sampler"]]
+    if rank < len(ranks):
+        return ranks[rank]
+    return None if state["sampler"].get("kind") == "random" else state["sampler"]
 
 
 def _dist_probe():

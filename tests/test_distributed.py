@@ -184,6 +184,27 @@ def test_fsdp_matches_ddp_and_checkpoints_move_between_sharded_and_not(runs, dat
     assert_close(train_losses(one_then_fsdp, first=7), train_losses(runs["one10"], first=7))
 
 
+def test_each_rank_resumes_its_own_data_position():
+    state = {"sampler": {"kind": "random", "rng": 0}, "sampler_ranks": [{"kind": "random", "rng": 0},
+                                                                        {"kind": "random", "rng": 1}]}
+    assert train.rank_sampler_state(state, 1) == {"kind": "random", "rng": 1}
+    # more ranks than were saved: a random stream starts afresh rather than duplicate rank 0's
+    assert train.rank_sampler_state(state, 2) is None
+    seq = {"sampler": {"kind": "sequential", "cursor": 64}}  # one global cursor: every rank shares it
+    assert train.rank_sampler_state(seq, 3) == seq["sampler"]
+
+
+@pytest.mark.slow
+def test_two_ranks_with_random_windows_resume_exactly(data, tmp_path):
+    """Each rank draws its own random windows; a resume must give each its own stream back."""
+    common = dict(COMMON, sampling="random", dropout=0.1, eval_interval=2)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    torchrun(tiny_train_config(data, straight, max_iters=4, **common))
+    torchrun(tiny_train_config(data, split, max_iters=2, **common))
+    torchrun(tiny_train_config(data, split, max_iters=4, init_from="resume", **common))
+    assert_close(train_losses(split, first=3), train_losses(straight, first=3))
+
+
 NAN_ON_RANK_1 = """
 import os, sys
 sys.path.insert(0, {root!r})
