@@ -300,7 +300,7 @@ def run_row(cfg, shape_model, device, dtype, use_compile, batch_size, peak, budg
     dtype_name = str(dtype).replace("torch.", "")
     row = new_row(dtype_name, use_compile, batch_size, mcfg.block_size)
     row["peak_flops"] = peak
-    mem = PeakMemory(device)
+    mem, started = PeakMemory(device), False
     try:
         est = memory.estimate_training_memory(shape_model, batch_size, mcfg.block_size,
                                               compute_dtype_bytes=4 if dtype == torch.float32 else 2,
@@ -308,11 +308,12 @@ def run_row(cfg, shape_model, device, dtype, use_compile, batch_size, peak, budg
         row["estimated_memory_bytes"] = est["total"]
         if budget_bytes and est["total"] > budget_bytes:  # don't even try: it could swap or kill the machine
             raise OverBudget(f"estimated {est['total'] / 2**30:.2f} GB > max_memory_gb {budget_bytes / 2**30:.2f}")
+        started = True
         _measure(row, cfg, mcfg, device, dtype, use_compile, batch_size, mem, budget_bytes)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError and compile failures are RuntimeErrors
         row["status"] = "oom" if is_oom(e) else "error"
         row["note"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-    if row["peak_memory_bytes"] is None:
+    if started and row["peak_memory_bytes"] is None:  # how far a failed row got
         row["peak_memory_bytes"] = mem.peak()
         row["peak_rss_bytes"] = mem.peak_rss()
     if use_compile:
@@ -346,7 +347,7 @@ def _measure(row, cfg, mcfg, device, dtype, use_compile, batch_size, mem, budget
         loss, _, _ = train_step(runner, optimizer, scaler, [(x, y)], ctx, cfg.grad_clip, dist_info, device)
         synchronize(device)
         dt = time.perf_counter() - t0
-        if i == 0 and budget_bytes and (mem.peak() or 0) > budget_bytes:  # optimizer states exist from here on
+        if budget_bytes and (mem.peak() or 0) > budget_bytes:  # every step: the second one can peak higher
             raise OverBudget(f"measured {mem.peak() / 2**30:.2f} GB > max_memory_gb {budget_bytes / 2**30:.2f}")
         if i == cfg.warmup - 1:
             row["warmup_s"] = time.perf_counter() - t_start

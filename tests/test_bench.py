@@ -144,8 +144,21 @@ def test_memory_budget_rejects_rows_without_running_them(tmp_path, fixed_peak, m
     assert report["max_batch"] == {"float32/compile=False": 0}
     (row,) = report["rows"]
     assert row["status"] == "oom" and "estimated" in row["note"] and "max_memory_gb" in row["note"]
+    assert row["peak_memory_bytes"] is None  # never ran: no measurement to show
     with pytest.raises(SystemExit, match="no configuration ran"):
         bench.main(cfg)
+
+
+def test_measured_peak_over_budget_on_a_later_step_is_oom(tmp_path, fixed_peak, monkeypatch):
+    reads = []
+
+    def peak(self):
+        reads.append(1)
+        return 0 if len(reads) == 1 else 2 * 2**30  # the first step fits, the second one does not
+    monkeypatch.setattr(bench.PeakMemory, "peak", peak)
+    row = bench.run(tiny(tmp_path, batch_sizes="1", max_memory_gb=1.0, warmup=1, steps=2))["rows"][0]
+    assert row["status"] == "oom" and "measured 2.00 GB > max_memory_gb 1.00" in row["note"], row["note"]
+    assert row["tokens_per_sec"] is None
 
 
 def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, fixed_peak, monkeypatch):
