@@ -104,11 +104,12 @@ class TrainConfig:
 
 
 def get_lr(it, cfg):
-    """Linear warmup (non-zero at step 0), then cosine decay from learning_rate to min_lr."""
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    """Linear warmup (non-zero at step 0), then cosine decay from learning_rate to min_lr.
+    decay_lr=False is a constant learning_rate with no warmup, as in nanoGPT."""
     if not cfg.decay_lr:
         return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= cfg.lr_decay_iters:
         return cfg.min_lr
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)

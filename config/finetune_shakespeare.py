@@ -21,4 +21,3 @@ block_size = 1024  # GPT-2's full context
 learning_rate = 3e-5  # small and constant: nudge the pretrained weights, don't retrain them
 max_iters = 20
 decay_lr = False
-warmup_iters = 0  # train.py warms up even without decay; 20 iterations leave no room for it

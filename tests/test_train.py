@@ -22,8 +22,8 @@ def test_lr_schedule():
     assert train.get_lr(60, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4)  # cosine midpoint
     assert train.get_lr(110, cfg) == pytest.approx(1e-4)
     assert train.get_lr(500, cfg) == pytest.approx(1e-4)  # min_lr after the decay
-    cfg.decay_lr = False
-    assert train.get_lr(500, cfg) == pytest.approx(1e-3)
+    cfg.decay_lr = False  # constant, no warmup (nanoGPT's meaning)
+    assert train.get_lr(0, cfg) == train.get_lr(500, cfg) == pytest.approx(1e-3)
 
 
 def _step(model, batches):
