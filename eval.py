@@ -130,17 +130,18 @@ def eval_val(cfg, model, tokenizer, info, spec, device, ctx):
     return dict(r, data_dir=str(data_dir))
 
 
-def eval_generate(cfg, model, tokenizer, device, ctx):
+def eval_generate(cfg, model, tokenizer, device, ctx, train_config=None):
     try:
         import sft
     except ModuleNotFoundError as e:
         if e.name != "sft":
             raise
         raise ValueError("the 'generate' task needs sft.py (supervised fine-tuning), which is missing") from e
-    examples = sft.load_examples(cfg.data_file)
+    template = (train_config or {}).get("sft_template") or None  # the prompt format the model was tuned on
+    examples = sft.load_examples(cfg.data_file, template)
     if cfg.limit > 0:
         examples = examples[:cfg.limit]
-    shots = sft.load_examples(cfg.shots_file) if cfg.k_shot > 0 else None
+    shots = sft.load_examples(cfg.shots_file, template) if cfg.k_shot > 0 else None
     result = sft.evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=cfg.max_new_tokens,
                                      k_shot=cfg.k_shot, shots=shots, seed=cfg.seed)
     print(sft.format_generation_report(result))
@@ -248,7 +249,7 @@ def main(cfg):
                 res[task] = run_benchmark(model, tokenizer, items[task], device, ctx, progress=cfg.progress,
                                           desc=f"{spec} {task}")
             else:
-                res[task] = eval_generate(cfg, model, tokenizer, device, ctx)
+                res[task] = eval_generate(cfg, model, tokenizer, device, ctx, info.get("config"))
         results[spec] = res
         del model
     print(format_table(results, tasks))

@@ -27,7 +27,8 @@ import torch
 
 import checkpoint as ckpt_lib
 from configurator import configure
-from dataloader import TokenData, Tokenizer, eval_batches, load_meta, make_sampler, to_device
+from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
+                        to_device)
 from model import GPT, GPTConfig
 from runtime import (NoInferenceMode, all_reduce_sum, autocast, barrier, close_distributed, gather_objects,
                      init_distributed, make_scaler, peak_flops, pick_dtype, print0, rng_state, seed_everything,
@@ -186,7 +187,7 @@ def load_data(cfg, dist_info, vocab_size_hint=None, meta_hint=None):
         val_tok = None
         if cfg.sft_val_file:
             val_tok, _ = sft.tokenize_examples(sft.load_examples(cfg.sft_val_file, template), tokenizer, cfg.block_size)
-        val = (lambda: sft.sft_eval_batches(val_tok, cfg.batch_size, cfg.block_size)) if val_tok else None
+        val = (lambda: sft.sft_eval_batches(val_tok, cfg.batch_size, cfg.block_size, cfg.eval_iters)) if val_tok else None
         return sampler, val, meta_hint or {"tokenizer": "gpt2", "vocab_size": tokenizer.vocab_size}
     data_dir = Path(cfg.data_dir or Path("data") / cfg.dataset)
     train = TokenData(data_dir, "train")
@@ -241,6 +242,9 @@ def check_config(cfg, dist_info):
         errors.append(f"lora_targets must be 'attn' or 'all', got {cfg.lora_targets!r}")
     if cfg.base_dtype not in ("float32", "bfloat16"):
         errors.append(f"base_dtype must be 'float32' or 'bfloat16', got {cfg.base_dtype!r}")
+    if cfg.train_1d_only and cfg.base_dtype != "float32":
+        errors.append("train_1d_only trains the biases inside the base's layers, which must then stay float32: "
+                      "use base_dtype='float32'")
     if cfg.optimizer not in ("adamw", "adamw8bit"):
         errors.append(f"optimizer must be 'adamw' or 'adamw8bit', got {cfg.optimizer!r}")
     if (cfg.lora_rank > 0 or cfg.train_1d_only) and cfg.init_from == "scratch":
@@ -351,9 +355,7 @@ def main(cfg):
     else:
         model_args = None
     model, partial = build_model(cfg, origin, model_args, base=state.get("base") if state else None)
-    if hasattr(sampler, "vocab_size") and sampler.vocab_size is not None and sampler.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the dataset's vocab ({sampler.vocab_size}) exceeds the model's ({model.config.vocab_size})")
-    if hasattr(sampler, "data"):
+    if isinstance(sampler, (RandomSampler, SequentialSampler)):  # token files: their ids must fit the model
         sampler.data.check_vocab(model.config.vocab_size)
         sampler.vocab_size = model.config.vocab_size
     model.to(device)
