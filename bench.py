@@ -41,7 +41,6 @@ gradient accumulation (the same step repeated: tokens/s does not change), DDP.
 import contextlib
 import dataclasses
 import gc
-import json
 import os
 import platform
 import resource
@@ -56,6 +55,7 @@ import torch
 import configurator
 import memory
 from checkpoint import build_base, library_versions
+from dataloader import write_json
 from model import GPT, GPTConfig
 from runtime import Dist, autocast, make_scaler, peak_flops, pick_device, pick_dtype, seed_everything, setup_backends
 from train import TrainConfig, compile_reason, train_step
@@ -461,18 +461,6 @@ def format_row(r):
 
 def header():
     return "  ".join(c.rjust(w) if w else c for c, w in zip(COLUMNS, WIDTHS))
-
-
-def write_json(path, obj):
-    """Atomically: a killed benchmark never leaves a half-written file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- main

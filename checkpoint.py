@@ -29,6 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dataloader import write_json
+
 FORMAT_VERSION = 1
 PREFIX = "ckpt-"
 
@@ -199,17 +201,6 @@ def _file_record(path):
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
-def _write_json(path, obj):
-    """Atomic JSON: temp file, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False, is_best=False, keep_last_n=3,
                     gathered=None):
     """Write ckpt-<iter> atomically, point latest (and best when is_best) at it, prune old ones.
@@ -238,16 +229,16 @@ def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False,
             files["optimizer.safetensors"] = _file_record(tmp / "optimizer.safetensors")
             state["optimizer"] = rest
         state["files"] = files
-        _write_json(tmp / "state.json", state)
+        write_json(tmp / "state.json", state)
         _fsync_dir(tmp)
         if final.exists():  # the same iteration saved again (e.g. a resumed run): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(out_dir)
         pointer = {"checkpoint": name, "iter_num": state["iter_num"]}
-        _write_json(out_dir / "latest.json", pointer)
+        write_json(out_dir / "latest.json", pointer)
         if is_best:
-            _write_json(out_dir / "best.json", pointer | {"val_loss": state.get("best_val_loss")})
+            write_json(out_dir / "best.json", pointer | {"val_loss": state.get("best_val_loss")})
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"saving checkpoint {final} failed: {e}. The previous checkpoint (latest.json) "

@@ -79,23 +79,35 @@ def write_shard(path, tokens):
         raise ValueError(f"token id {int(tokens.max())} does not fit uint16 shards (vocab too large)")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    _atomic_write(path, [header.tobytes(), memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE))])
+    atomic_write(path, [header.tobytes(), memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE))])
 
 
 def write_raw_tokens(path, tokens):
     """Write nanoGPT's raw uint16 token file, atomically."""
-    _atomic_write(path, [memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE))])
+    atomic_write(path, [memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE))])
 
 
-def _atomic_write(path, chunks):
+def atomic_write(path, chunks):
+    """Write byte chunks to path through a temporary file, fsync and rename: readers and crashes see
+    the old file or the whole new one, never half of it. The one place every writer of the project uses."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    """Atomic JSON file (see atomic_write)."""
+    atomic_write(path, [json.dumps(obj, indent=1).encode()])
 
 
 def read_header(path):

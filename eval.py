@@ -13,13 +13,13 @@ writes every number to out_file. Accuracies carry a 95% Wilson score interval.
 """
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from configurator import configure
+from dataloader import write_json
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 BENCHMARK_TASKS = ("hellaswag", "piqa", "winogrande", "lambada")
@@ -198,20 +198,6 @@ def format_table(results, tasks):
     if any(pct for t in tasks for _, pct in TABLE_ROWS.get(t, [])):
         table.append("accuracy in % (95% Wilson score interval)")
     return "\n".join(table)
-
-
-def write_json(path, obj):
-    """Atomically: a crash leaves the previous file or none, never half of one."""
-    path = Path(path)
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- main

@@ -11,7 +11,6 @@ training: a half-written last line is skipped. Needs matplotlib (pip install -e 
 
 import argparse
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,12 +99,11 @@ def _save_png(fig, out):
     out = Path(out)
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    import io
+    from dataloader import atomic_write
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write(out, [buf.getvalue()])
 
 
 def parse_args(argv=None):

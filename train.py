@@ -27,7 +27,7 @@ import torch
 
 import checkpoint as ckpt_lib
 from configurator import configure
-from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
+from dataloader import (RandomSampler, atomic_write, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
                         to_device)
 from model import GPT, GPTConfig
 from runtime import (NoInferenceMode, all_reduce_sum, autocast, barrier, close_distributed, gather_objects,
@@ -288,9 +288,7 @@ def trim_metrics(path, last_iter):
                 keep.append(line)
         except (json.JSONDecodeError, KeyError):
             pass  # a half-written last line of a killed run
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
+    atomic_write(path, ["".join(l + "\n" for l in keep).encode()])
 
 
 # ----------------------------------------------------------------------------- main

@@ -1,7 +1,6 @@
 """Checkpoints people can trust: round trip, exact resume, crash safety, validation, conversion."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from dataloader import RandomSampler, TokenData, Tokenizer, eval_batches, write_raw_tokens
 from helpers import SHAKESPEARE, char_dataset

@@ -38,7 +38,7 @@ def test_two_runs_overlaid_with_legend_and_lr_panel(tmp_path):
     out = tmp_path / "loss.png"
     fig = plot.plot_runs([a, b], out, x="tokens")
     assert out.read_bytes()[:8] == PNG_SIGNATURE
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp*"))
     ax_loss, ax_lr = fig.axes
     labels = [l.get_label() for l in ax_loss.get_lines()]
     assert labels == ["run-a train", "run-a val", "run-b train", "run-b val"]

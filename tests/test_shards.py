@@ -50,7 +50,7 @@ def test_shard_header_round_trip(tmp_path):
     head = np.fromfile(path, dtype=np.int32, count=3)
     assert head.tolist() == [SHARD_MAGIC, 1, tokens.size]
     assert path.stat().st_size == HEADER_BYTES + 2 * tokens.size
-    assert not list(tmp_path.glob("*.tmp"))  # written atomically: no temp file left
+    assert not list(tmp_path.glob("*.tmp*"))  # written atomically: no temp file left
     data = TokenData(tmp_path, "train")
     assert np.array_equal(data.read(0, 0, tokens.size), tokens)
     assert np.array_equal(data.read(0, 2, 3), tokens[2:5])

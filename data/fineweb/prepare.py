@@ -47,7 +47,7 @@ import numpy as np
 
 try:
     from configurator import configure
-    from dataloader import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, gpt2_encoding, read_header, write_shard
+    from dataloader import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, gpt2_encoding, read_header, write_json, write_shard
 except ImportError as e:  # run as a script, the project's modules come from the installed package
     raise SystemExit(f"{e}: install the project first (pip install -e . in the repo root)") from e
 
@@ -379,16 +379,6 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def write_json_atomic(path, obj):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Fills a preallocated buffer from the token stream and writes a shard whenever it is full or a
     split ends (validation after val_tokens, training at the budget). After every shard the progress
@@ -444,7 +434,7 @@ class ShardWriter:
         write_shard(self.stage / name, tokens)
         self.progress["shards"].append({"file": name, "split": split, "tokens": int(tokens.size),
                                         "sha256": shard_sha256(tokens), "resume": resume})
-        write_json_atomic(self.stage / PROGRESS, self.progress)
+        write_json(self.stage / PROGRESS, self.progress)
         self.written[split] += self.fill
         self.count[split] += 1
         self.fill = 0
@@ -524,7 +514,7 @@ def load_progress(stage, out_dir, settings):
     for name in token_files(out_dir):  # ours (checked by the caller), moved by an interrupted finish
         if name not in keep:
             (out_dir / name).unlink()
-    write_json_atomic(path, progress)
+    write_json(path, progress)
     return progress
 
 
@@ -543,7 +533,7 @@ def finalize(stage, out_dir, progress, summary):
         "shards": [{k: r[k] for k in ("file", "split", "tokens", "sha256")} for r in progress["shards"]],
         "settings": s,
     }
-    write_json_atomic(out_dir / META, meta)
+    write_json(out_dir / META, meta)
     shutil.rmtree(stage)
     return meta
 
@@ -595,7 +585,7 @@ def main(cfg):
         if not progress["complete"]:
             summary = _run(cfg, settings, stage, budget, progress)
             progress.update(complete=True, summary=summary)
-            write_json_atomic(stage / PROGRESS, progress)
+            write_json(stage / PROGRESS, progress)
     except _InputUnusable:
         shutil.rmtree(stage)  # nothing worth resuming: leave no trace, not even a .partial
         if created and out_dir.exists() and not any(out_dir.iterdir()):
