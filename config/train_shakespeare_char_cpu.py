@@ -13,6 +13,11 @@
 #   validation split (111,540 tokens) so the figure is comparable run to run.
 # Arithmetic: 32 batch x 128 block = 4,096 tokens/iter; 640 iters -> 2,621,440 tokens = 2.6 epochs;
 # 1.82M parameters -> 1.4 tokens/parameter.
+# Measured (python benchmarks/time_to_quality.py --threads=1, machine shared with other jobs, load 5-8):
+# final val loss 1.7777 (train 1.62) in 612 s at 2,500-7,700 tokens/s. Validation runs ~0.15 above
+# training on this split at this stage, so val 1.60 needs train ~1.45, i.e. more tokens than 120 s of
+# this CPU trains. On a quiet machine, if the run takes longer than ~110 s, lower max_iters (and
+# lr_decay_iters) in proportion.
 out_dir = "out-shakespeare-char-cpu"
 eval_interval = 100000  # only at iteration 0 and the last
 eval_iters = 0  # the whole validation split
