@@ -11,13 +11,12 @@
 # - a high learning rate with a short warmup and a cosine decay over the whole run: few iterations.
 # - no evaluation during the run: the one at iteration 0 and the final one, each over the whole fixed
 #   validation split (111,540 tokens) so the figure is comparable run to run.
-# Arithmetic: 32 batch x 128 block = 4,096 tokens/iter; 640 iters -> 2,621,440 tokens = 2.6 epochs;
-# 1.82M parameters -> 1.4 tokens/parameter.
-# Measured (python benchmarks/time_to_quality.py --threads=1, machine shared with other jobs, load 5-8):
-# final val loss 1.7777 (train 1.62) in 612 s at 2,500-7,700 tokens/s. Validation runs ~0.15 above
-# training on this split at this stage, so val 1.60 needs train ~1.45, i.e. more tokens than 120 s of
-# this CPU trains. On a quiet machine, if the run takes longer than ~110 s, lower max_iters (and
-# lr_decay_iters) in proportion.
+# Arithmetic: 32 batch x 128 block = 4,096 tokens/iter; 480 iters -> 1,966,080 tokens = 2.0 epochs;
+# 1.82M parameters -> 1.1 tokens/parameter. At the measured 19,600 tokens/s (quiet machine, 2 threads)
+# that is 100 s of training, plus ~5 s of start-up and the two evaluations.
+# Measured with 640 iterations (2.6M tokens), quiet machine: val 1.7804 (train 1.62) in 139.0 s, so
+# 480 iterations fit the 120 s with a margin. Validation runs ~0.15 above training on this split at
+# this stage: val 1.60 needs train ~1.45, more tokens than 120 s of this CPU can train at this size.
 out_dir = "out-shakespeare-char-cpu"
 eval_interval = 100000  # only at iteration 0 and the last
 eval_iters = 0  # the whole validation split
@@ -35,11 +34,11 @@ n_embd = 192
 dropout = 0.0
 
 learning_rate = 2e-3
-max_iters = 640
-lr_decay_iters = 640  # = max_iters
+max_iters = 480
+lr_decay_iters = 480  # = max_iters
 min_lr = 2e-4  # = learning_rate / 10
 beta2 = 0.99  # few tokens per iteration
-warmup_iters = 40
+warmup_iters = 30
 
 device = "cpu"
 dtype = "auto"
