@@ -21,7 +21,7 @@ import torch
 
 import common
 import evaluate
-from dataloader import TokenData, eval_batches
+from dataloader import TokenData, eval_batches, to_device
 from model import GPT, GPTConfig
 from runtime import autocast, pick_device, pick_dtype
 
@@ -44,14 +44,15 @@ class EvalThroughputConfig:
     target: float = 2.0  # the promised speed-up
 
 
-def float32_eager_loss(model, batches):
+def float32_eager_loss(model, batches, device):
     """The baseline: nanoGPT's estimate_loss on a CPU (float32, eager, no_grad), token-weighted like
     evaluate_loss so that the two losses are the same quantity."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for x, y in batches:
-            _, loss = model(torch.from_numpy(x), torch.from_numpy(y), reduction="sum")
+            x, y = to_device((x, y), device)
+            _, loss = model(x, y, reduction="sum")
             total += loss.item()
             count += int((y != -1).sum())
     return total / count
@@ -85,7 +86,7 @@ def main(cfg):
         losses[fast_name] = evaluate.evaluate_loss(model, iter(batches), device, autocast(device, dtype))["loss"]
 
     def base():
-        losses["float32 eager"] = float32_eager_loss(model, batches)
+        losses["float32 eager"] = float32_eager_loss(model, batches, device)
 
     times = common.interleaved({fast_name: fast, "float32 eager": base}, cfg.repeats)
     rates = {name: n_tokens / common.median(t) for name, t in times.items()}

@@ -32,6 +32,7 @@ import torch
 import common
 import train
 from configurator import parse_config
+from dataloader import to_device
 from runtime import Dist, autocast, make_scaler, pick_device, pick_dtype, seed_everything, step_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def main(cfg):
     logged = []  # (step, {name: mean loss over the interval})
     for it in range(cfg.steps):
         lr = train.get_lr(it, tcfg)
-        x, y = (torch.from_numpy(a).to(device) for a in sampler.next_batch())
+        x, y = to_device(sampler.next_batch(), device)
         order = list(sides) if it % 2 == 0 else list(sides)[::-1]  # neither side always runs first
         for name in order:
             runner, model, optimizer, scaler, ctx = sides[name]
