@@ -345,14 +345,15 @@ def main(cfg):
         meta_hint = ({"tokenizer": "gpt2", "vocab_size": 50257} if not (p / "latest.json").exists()
                      else ckpt_lib.load_model(p)[1].get("data_meta"))
     sampler, val_batches, data_meta = load_data(cfg, dist_info, None, meta_hint)
-    if origin == "scratch":
+    build_from, model_args = origin, None
+    if state and not state.get("trainable_only"):  # the checkpoint holds every weight: no base to fetch
+        build_from, model_args = "scratch", dict(state["model_args"], dropout=cfg.dropout)
+    elif origin == "scratch":
         vocab = cfg.vocab_size or data_meta.get("vocab_size") or 50304
         model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, qkv_bias=cfg.qkv_bias,
                           tie_weights=cfg.tie_weights, activation=cfg.activation)
-    else:
-        model_args = None
-    model, partial = build_model(cfg, origin, model_args, base=state.get("base") if state else None)
+    model, partial = build_model(cfg, build_from, model_args, base=state.get("base") if state else None)
     if isinstance(sampler, (RandomSampler, SequentialSampler)):  # token files: their ids must fit the model
         sampler.data.check_vocab(model.config.vocab_size)
         sampler.vocab_size = model.config.vocab_size
@@ -370,7 +371,7 @@ def main(cfg):
         ckpt_lib.restore_model(model, ckpt_dir, state)
     if fsdp:  # in place, before the optimizer, which must see the sharded parameters
         shard_model(model)
-        print0(f"fsdp: {cfg.n_layer if origin == 'scratch' else model.config.n_layer} blocks + root sharded "
+        print0(f"fsdp: {model.config.n_layer} blocks + root sharded "
                f"over {dist_info.world_size} ranks (the memory estimate above is before sharding: weights, "
                f"gradients and optimizer states divide by {dist_info.world_size})")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),

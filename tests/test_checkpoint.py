@@ -238,3 +238,17 @@ def test_conversion_refuses_unsafe_pickles_without_consent(tmp_path):
                         f"--out_dir={tmp_path / 'o'}"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "--trust_pickle=True" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_resuming_a_full_fine_tune_does_not_need_the_base_again(data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import shutil
+    hf_dir = tmp_path / "hf-base"
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                                                         vocab_size=65)).save_pretrained(hf_dir)
+    out = tmp_path / "out"
+    train.main(tiny_train_config(data, out, init_from=str(hf_dir), max_iters=2, eval_interval=2))
+    shutil.rmtree(hf_dir)  # gone, like a hub model on a machine that is offline now
+    train.main(tiny_train_config(data, out, init_from="resume", max_iters=4, eval_interval=2))
+    assert ckpt_lib.read_checkpoint(out)[1]["iter_num"] == 4
