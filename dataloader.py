@@ -37,7 +37,7 @@ def gpt2_encoding():
     try:
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:  # tiktoken raises requests/OS errors of several kinds when it cannot download
-        raise RuntimeError(
+        raise FileNotFoundError(
             "could not load the GPT-2 BPE ranks (tiktoken 'r50k_base'): " + str(e).splitlines()[0] + "\n"
             "Offline, put the ranks file in tiktoken's cache:  mkdir -p $TIKTOKEN_CACHE_DIR && cp "
             "r50k_base.tiktoken $TIKTOKEN_CACHE_DIR/0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4") from e

@@ -86,3 +86,17 @@ def test_memmap_reads_do_not_keep_the_file_mapped(tmp_path):
         sampler.next_batch()
     maps = open("/proc/self/maps").read() if __import__("os").path.exists("/proc/self/maps") else ""
     assert str(tmp_path / "train.bin") not in maps  # each read maps, copies, unmaps (PITFALLS 9)
+
+
+def test_missing_bpe_ranks_offline_give_a_clear_error(tmp_path, monkeypatch):
+    import tiktoken.load
+    import dataloader
+
+    def offline(url):
+        raise OSError("network unreachable")
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty: nothing cached
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget encodings loaded by earlier tests
+    with pytest.raises(FileNotFoundError, match="TIKTOKEN_CACHE_DIR"):
+        dataloader.gpt2_encoding()
