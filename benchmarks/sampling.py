@@ -14,10 +14,11 @@ both sides do the same work for the last ~250 tokens. With block 1024 the prompt
 fit, and the cache does what it promises. The weights are random unless out_dir names a trained run
 (checkpoint.load_model); the speed does not depend on them.
 
-Measured on a 2-core AVX512-BF16/AMX Xeon shared with other jobs, --threads=1 --repeats=1, 1 prompt
-token + 500 greedy tokens, identical tokens on both sides in every case:
-  float32           block 256: 13.0 vs 7.5 tokens/s = 1.74x    block 1024: 313.5 vs 19.6 = 15.96x
-  bfloat16 autocast block 256: 15.4 vs 10.8 tokens/s = 1.43x   block 1024: 48.5 vs 14.5 = 3.35x
+Measured on a 2-core AVX512-BF16/AMX Xeon, --repeats=1, 1 prompt token + 500 greedy tokens,
+identical tokens on both sides in every case:
+  quiet, float32              block 256: 64.5 vs 43.5 tokens/s = 1.48x  block 1024: 487.2 vs 33.4 = 14.58x
+  shared, 1 thread, float32   block 256: 13.0 vs 7.5 tokens/s = 1.74x   block 1024: 313.5 vs 19.6 = 15.96x
+  shared, 1 thread, bf16 autocast  block 256: 15.4 vs 10.8 = 1.43x      block 1024: 48.5 vs 14.5 = 3.35x
 Under torch.inference_mode autocast keeps no cast cache, so every new token re-casts all the weights
 to bfloat16 (aten::copy_ was 56% of cached decoding); hence float32 is the default here.
 """
