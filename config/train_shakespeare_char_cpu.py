@@ -7,7 +7,7 @@
 #   wide the matmuls are big enough for AMX to pay: 4 x 192, block 128, batch 32 trained at 1,826 tok/s
 #   in bf16 vs 1,335 in float32 (1 thread, machine under load; interleaved medians). At 128 wide bf16
 #   lost (2,446 vs 2,799), so narrower models should train in float32.
-# - no dropout: 2.6M tokens is ~2.6 epochs of 1,003,854 train tokens, too few to overfit.
+# - no dropout: 2.0M tokens is ~2 epochs of 1,003,854 train tokens, too few to overfit.
 # - a high learning rate with a short warmup and a cosine decay over the whole run: few iterations.
 # - no evaluation during the run: the one at iteration 0 and the final one, each over the whole fixed
 #   validation split (111,540 tokens) so the figure is comparable run to run.
