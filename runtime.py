@@ -54,13 +54,17 @@ def cpu_has_bf16():
     return bool((probe and probe()) or (amx and amx()))
 
 
-def pick_dtype(name, device):
+def pick_dtype(name, device, decoding=False):
     """'auto': bfloat16 where the device computes it natively, else float16 on CUDA (with a GradScaler),
-    else float32. An explicit choice the device cannot run is an error, not a silent fallback."""
+    else float32. An explicit choice the device cannot run is an error, not a silent fallback.
+
+    decoding: one token at a time on a CPU is bound by reading the weights, and autocast re-casts
+    every weight for every token: 'auto' is float32 there (measured 6x faster than bf16 autocast
+    on an AMX Xeon, benchmarks/sampling.py)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # T4/V100: fp16
-        if device.type == "cpu" and cpu_has_bf16():
+        if device.type == "cpu" and cpu_has_bf16() and not decoding:
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:

@@ -47,7 +47,7 @@ def load(cfg, device):
 
 def main(cfg):
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device, decoding=True)
     model, tok = load(cfg, device)
     prompt = cfg.start
     if prompt.startswith("FILE:"):
