@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import train
 from dataloader import TokenData, gpt2_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,8 @@ def test_finetune_and_eval_configs_parse_and_match_their_arithmetic():
     tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
     assert tokens_per_iter == 32_768 and round(301_966 / tokens_per_iter, 1) == 9.2
     assert round(cfg.max_iters * tokens_per_iter / 301_966, 1) == 2.2
-    assert not cfg.decay_lr and cfg.warmup_iters == 0 and not cfg.always_save_checkpoint
+    assert not cfg.decay_lr and not cfg.always_save_checkpoint
+    assert {train.get_lr(it, cfg) for it in range(cfg.max_iters)} == {3e-5}  # constant from the first step
     eval_mod = pytest.importorskip("eval")
     for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
         path = ROOT / "config" / f"eval_{name.replace('-', '_')}.py"
