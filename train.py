@@ -539,6 +539,13 @@ def main(cfg):
     if metrics:
         metrics.close()
     barrier(dist_info, device)  # no rank leaves while rank 0 still writes the final checkpoint
+    if dist_info.enabled:
+        # FSDP and DDP keep gloo work objects (holding tensors) alive in their hooks; freed after the
+        # process group is gone they abort the interpreter at exit ("terminate called without an
+        # active exception"), so they go first
+        del runner, model, optimizer, sampler
+        import gc
+        gc.collect()
     close_distributed(dist_info)
     if stop.signum == signal.SIGINT:
         raise SystemExit(130)
