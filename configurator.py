@@ -117,3 +117,13 @@ def configure(cfg_cls, argv=None):
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, print once
         print("config: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
     return cfg
+
+
+def run(main, cfg_cls):
+    """A script's entry point: configure, then main(cfg); a wrong input (ValueError, a missing file)
+    ends with one line 'error: ...' and exit status 1 instead of a traceback."""
+    cfg = configure(cfg_cls)
+    try:
+        return main(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt_lib
-from configurator import configure
+from configurator import run
 from model import GPT, GPTConfig
 
 
@@ -98,7 +98,4 @@ def dataset_meta(cfg, ncfg, gcfg):
 
 
 if __name__ == "__main__":
-    try:
-        convert(configure(ConvertConfig))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    run(convert, ConvertConfig)

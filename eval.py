@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from configurator import configure
+from configurator import run
 from dataloader import write_json
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -247,8 +247,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    _cfg = configure(EvalConfig)
-    try:
-        main(_cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    run(main, EvalConfig)

@@ -15,7 +15,7 @@ checkpoint's data_meta). The directory appears complete or not at all.
 from dataclasses import dataclass
 from pathlib import Path
 
-from configurator import configure
+from configurator import run
 
 
 @dataclass
@@ -49,4 +49,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(configure(ExportConfig))
+    run(main, ExportConfig)

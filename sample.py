@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from configurator import configure
+from configurator import run
 from dataloader import Tokenizer
 from runtime import autocast, pick_device, pick_dtype
 
@@ -71,7 +71,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    try:
-        main(configure(SampleConfig))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    run(main, SampleConfig)

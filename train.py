@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import checkpoint as ckpt_lib
-from configurator import configure
+from configurator import run
 from dataloader import (RandomSampler, atomic_write, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
                         to_device)
 from model import GPT, GPTConfig
@@ -583,7 +583,4 @@ def _print_memory(model, cfg, device, dtype):
 
 
 if __name__ == "__main__":
-    try:
-        main(configure(TrainConfig))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    run(main, TrainConfig)

@@ -79,5 +79,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    from configurator import configure
-    main(configure(PrepareConfig))
+    from configurator import run
+    run(main, PrepareConfig)
