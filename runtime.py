@@ -71,7 +71,9 @@ def pick_dtype(name, device, decoding=False):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
     dtype = DTYPES[name]
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bfloat16 (pre-Ampere, e.g. T4/V100): use --dtype=float16 or auto")
+        # configs written for Ampere+ should still run on a T4/V100: fall back, visibly
+        print0("dtype: this GPU has no bfloat16 (pre-Ampere, e.g. T4/V100): using float16 with a GradScaler")
+        return torch.float16
     return dtype
 
 
