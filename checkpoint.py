@@ -18,7 +18,6 @@ A save writes a hidden temporary directory, fsyncs it and renames it into place,
 latest pointer: a crash, kill -9 or full disk mid-save leaves the previous checkpoint loadable.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dataloader import write_json
+from dataloader import file_sha256, fsync_dir, write_json
 
 FORMAT_VERSION = 1
 PREFIX = "ckpt-"
@@ -76,28 +75,7 @@ def model_tensors(model, trainable_only=False, full_sd=None):
 def optimizer_tensors(model, optimizer, full_osd=None):
     """(tensors keyed '<param name>/<state key>', JSON part) of an optimizer's state, by parameter name.
     full_osd: a name-keyed optimizer state gathered from a sharded model (gather_sharded) instead."""
-    if full_osd is not None:
-        return _name_keyed_to_tensors(full_osd)
-    names = {id(p): n for n, p in unwrap(model).named_parameters()}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    sd = optimizer.state_dict()
-    ids = [i for g in sd["param_groups"] for i in g["params"]]
-    assert len(ids) == len(params), "optimizer state and parameter groups disagree"
-    tensors, scalars = {}, {}
-    for i, p in zip(ids, params):
-        for key, value in sd["state"].get(i, {}).items():
-            if torch.is_tensor(value):
-                tensors[f"{names[id(p)]}/{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{names[id(p)]}/{key}"] = value
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in og["params"]]}
-              for g, og in zip(sd["param_groups"], optimizer.param_groups)]
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def _name_keyed_to_tensors(osd):
-    """torch.distributed.checkpoint's full optimizer state ({"state": {name: {key: value}},
-    "param_groups": [{..., "params": [names]}]}) in the same (tensors, JSON part) as optimizer_tensors."""
+    osd = full_osd if full_osd is not None else _name_keyed(model, optimizer)
     tensors, scalars = {}, {}
     for pname, entry in osd["state"].items():
         for key, value in entry.items():
@@ -107,6 +85,38 @@ def _name_keyed_to_tensors(osd):
                 scalars[f"{pname}/{key}"] = value
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])} for g in osd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _name_keyed(model, optimizer):
+    """optimizer.state_dict() with parameter names instead of indices, the form
+    torch.distributed.checkpoint gives for sharded models: {"state": {name: {...}}, "param_groups": [...]}."""
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sd = optimizer.state_dict()
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    assert len(ids) == len(params), "optimizer state and parameter groups disagree"
+    state = {names[id(p)]: sd["state"][i] for i, p in zip(ids, params) if i in sd["state"]}
+    groups = [g | {"params": [names[id(p)] for p in og["params"]]}
+              for g, og in zip(sd["param_groups"], optimizer.param_groups)]
+    return {"state": state, "param_groups": groups}
+
+
+def _saved_by_name(ckpt_dir, state, current):
+    """optimizer.safetensors + state.json's scalars as {param name: {key: value}} and the saved
+    param groups (betas as tuples), after checking they cover exactly the parameter names `current`."""
+    tensors = _load_tensors(Path(ckpt_dir) / "optimizer.safetensors")
+    saved = state["optimizer"]
+    saved_names = [n for g in saved["param_groups"] for n in g["params"]]
+    if sorted(current) != sorted(saved_names):
+        raise ValueError(f"{ckpt_dir}: the optimizer was saved for other parameters "
+                         f"(not saved: {sorted(set(current) - set(saved_names))[:5]}, "
+                         f"not in this model: {sorted(set(saved_names) - set(current))[:5]})")
+    by_name = {}
+    for key, value in list(tensors.items()) + list(saved["scalars"].items()):
+        pname, skey = key.rsplit("/", 1)
+        by_name.setdefault(pname, {})[skey] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in saved["param_groups"]]
+    return by_name, groups
 
 
 def gather_sharded(model, optimizer=None):
@@ -136,19 +146,8 @@ def restore_optimizer_sharded(model, optimizer, ckpt_dir, state):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     osd = {}
     if dist.get_rank() == 0:
-        tensors = _load_tensors(Path(ckpt_dir) / "optimizer.safetensors")
-        saved = state["optimizer"]
         current = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]
-        saved_names = [n for g in saved["param_groups"] for n in g["params"]]
-        if sorted(current) != sorted(saved_names):
-            raise ValueError(f"{ckpt_dir}: the optimizer was saved for other parameters "
-                             f"(not saved: {sorted(set(current) - set(saved_names))[:5]}, "
-                             f"not in this model: {sorted(set(saved_names) - set(current))[:5]})")
-        by_name = {}
-        for key, value in list(tensors.items()) + list(saved["scalars"].items()):
-            pname, skey = key.rsplit("/", 1)
-            by_name.setdefault(pname, {})[skey] = value
-        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in saved["param_groups"]]
+        by_name, groups = _saved_by_name(ckpt_dir, state, current)
         osd = {"state": by_name, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, osd,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -156,49 +155,24 @@ def restore_optimizer_sharded(model, optimizer, ckpt_dir, state):
 
 def restore_optimizer(model, optimizer, ckpt_dir, state):
     """Load optimizer.safetensors into an optimizer built over the same parameters (any world size)."""
-    tensors = _load_tensors(Path(ckpt_dir) / "optimizer.safetensors")
-    saved = state["optimizer"]
     names = {id(p): n for n, p in unwrap(model).named_parameters()}
-    sd = optimizer.state_dict()
-    by_name = {}
-    for key, value in list(tensors.items()) + list(saved["scalars"].items()):
-        pname, skey = key.rsplit("/", 1)
-        by_name.setdefault(pname, {})[skey] = value
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    ids = [i for g in sd["param_groups"] for i in g["params"]]
     current = [names[id(p)] for p in params]
-    saved_names = [n for g in saved["param_groups"] for n in g["params"]]
-    if sorted(current) != sorted(saved_names):
-        missing = sorted(set(current) - set(saved_names))[:5]
-        extra = sorted(set(saved_names) - set(current))[:5]
-        raise ValueError(f"{ckpt_dir}: the optimizer was saved for other parameters "
-                         f"(not saved: {missing}, not in this model: {extra})")
+    by_name, groups = _saved_by_name(ckpt_dir, state, current)
+    sd = optimizer.state_dict()
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
     sd["state"] = {i: by_name[n] for i, n in zip(ids, current) if n in by_name}
-    for g, sg in zip(sd["param_groups"], saved["param_groups"]):
-        for k, v in sg.items():
-            if k != "params":
-                g[k] = tuple(v) if k == "betas" else v
+    for g, sg in zip(sd["param_groups"], groups):
+        g.update({k: v for k, v in sg.items() if k != "params"})
     optimizer.load_state_dict(sd)
 
 
 # ----------------------------------------------------------------------------- saving
 
-def _fsync_dir(path):
-    if os.name == "posix":
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _file_record(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
         os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False, is_best=False, keep_last_n=3,
@@ -230,11 +204,11 @@ def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False,
             state["optimizer"] = rest
         state["files"] = files
         write_json(tmp / "state.json", state)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same iteration saved again (e.g. a resumed run): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
         pointer = {"checkpoint": name, "iter_num": state["iter_num"]}
         write_json(out_dir / "latest.json", pointer)
         if is_best:
@@ -312,11 +286,7 @@ def read_checkpoint(path, which="latest", verify=True):
         if size != rec["bytes"]:
             raise ValueError(f"{f}: {size:,} bytes, expected {rec['bytes']:,}: truncated or corrupted")
         if verify:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-            if h.hexdigest() != rec["sha256"]:
+            if file_sha256(f) != rec["sha256"]:
                 raise ValueError(f"{f}: sha256 mismatch: the file is corrupted")
     return ckpt, state
 

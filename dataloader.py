@@ -17,6 +17,7 @@ at random offsets makes the process's RSS grow towards the whole file (PITFALLS 
 Samplers keep their position in a small JSON-able state so a resumed run continues exactly.
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -77,9 +78,14 @@ def write_shard(path, tokens):
     tokens = np.asarray(tokens)
     if tokens.size and int(tokens.max()) > np.iinfo(TOKEN_DTYPE).max:
         raise ValueError(f"token id {int(tokens.max())} does not fit uint16 shards (vocab too large)")
+    atomic_write(path, [shard_header(tokens.size).tobytes(), memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE))])
+
+
+def shard_header(n_tokens):
+    """The 256-int32 header of an llm.c shard holding n_tokens."""
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    atomic_write(path, [header.tobytes(), memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE))])
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, n_tokens
+    return header
 
 
 def write_raw_tokens(path, tokens):
@@ -103,6 +109,27 @@ def atomic_write(path, chunks):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path):
+    """sha256 of a file, read in 16 MB blocks (checkpoint files and shards are GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path):
+    """Make a rename inside path durable. Windows cannot open directories; its renames are durable enough."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path, obj):

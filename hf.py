@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from dataloader import fsync_dir
+
 # the four checkpoints OpenAI released, by the short names everyone uses -> their hub repository
 HF_MODELS = {
     "gpt2": "openai-community/gpt2",  # 124M: n_layer=12, n_head=12, n_embd=768
@@ -148,7 +150,8 @@ def _download(name):
 
 def _read_local(path):
     """config.json and the weights save_pretrained writes: model.safetensors, pytorch_model.bin, or
-    either one sharded with an index.json."""
+    either one sharded with an index.json. pytorch_model.bin is a pickle (Hugging Face's legacy
+    format): it is read with torch.load(weights_only=True), which refuses anything but tensors."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory "
@@ -339,7 +342,7 @@ def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False):
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if hf_dir.exists():
             old = hf_dir.with_name(f".{hf_dir.name}.old-{os.getpid()}")
             os.replace(hf_dir, old)
@@ -350,22 +353,11 @@ def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False):
                 old.unlink()
         else:
             os.replace(tmp, hf_dir)
-        _fsync_dir(hf_dir.parent)
+        fsync_dir(hf_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
         raise
     return hf_dir
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open directories; its renames are durable enough
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- the GPT-2 tokenizer files

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class ThroughputConfig:
     config_file: str = "config/train_shakespeare_char.py"  # the recipe whose training step is timed
-    train_args: str = ""  # more TrainConfig overrides for both sides, e.g. "--n_layer=2 --data_dir=/tmp/d"
+    train_args: str = ""  # more TrainConfig overrides for both sides, e.g. "--n_layer=2 --data_dir=data/my_dataset"
     batch_size: int = 0  # sequences per step; 0 = the config file's (64 for the baby GPT)
     steps: int = 100  # optimizer steps per side, warm-up included
     warmup_steps: int = 2  # first steps left out of the timing (compilation, allocator warm-up)

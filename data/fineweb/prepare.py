@@ -47,7 +47,7 @@ import numpy as np
 
 try:
     from configurator import configure
-    from dataloader import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, gpt2_encoding, read_header, write_json, write_shard
+    from dataloader import file_sha256, gpt2_encoding, read_header, shard_header, write_json, write_shard
 except ImportError as e:  # run as a script, the project's modules come from the installed package
     raise SystemExit(f"{e}: install the project first (pip install -e . in the repo root)") from e
 
@@ -364,18 +364,8 @@ def tokenize(batches, pool, in_flight):
 
 def shard_sha256(tokens):
     """sha256 of the shard file write_shard makes from these tokens, hashed from memory (no copy)."""
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    h = hashlib.sha256(header.tobytes())
+    h = hashlib.sha256(shard_header(tokens.size).tobytes())
     h.update(memoryview(np.ascontiguousarray(tokens, dtype=np.uint16)))
-    return h.hexdigest()
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

@@ -2,7 +2,7 @@
 Tiny Shakespeare in GPT-2 BPE: train.bin / val.bin (uint16) and meta.json, for fine-tuning GPT-2.
 
     python data/shakespeare/prepare.py                      # writes data/shakespeare/
-    python data/shakespeare/prepare.py --out_dir=/tmp/shk   # anywhere else
+    python data/shakespeare/prepare.py --out_dir=data/shakespeare_copy   # anywhere else
 
 The text is the copy that ships in data/shakespeare_char/input.txt (a data/shakespeare/input.txt of
 your own takes precedence); when neither exists it is downloaded from the char-rnn repository.
