@@ -57,7 +57,7 @@ import memory
 from checkpoint import build_base, library_versions
 from dataloader import write_json
 from model import GPT, GPTConfig
-from runtime import Dist, autocast, make_scaler, peak_flops, pick_device, pick_dtype, seed_everything, setup_backends
+from runtime import Dist, autocast, cpu_model, make_scaler, peak_flops, pick_device, pick_dtype, seed_everything, setup_backends
 from train import TrainConfig, compile_reason, train_step
 
 
@@ -416,14 +416,7 @@ def find_max_batch(try_batch, max_batch):
 # ----------------------------------------------------------------------------- reporting
 
 def machine_info(device):
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "device": str(device), "gpu": None,
             # other processes on the cores skew CPU numbers badly (a busy core stalls torch's thread pool)
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}

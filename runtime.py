@@ -14,7 +14,9 @@ and never calls a CUDA query on a machine without CUDA.
 import base64
 import contextlib
 import os
+import platform
 import random
+import sys
 import time
 from dataclasses import dataclass
 
@@ -93,6 +95,23 @@ def setup_backends(device):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores: ~8x on Ampere
         torch.backends.cudnn.allow_tf32 = True
+
+
+def cpu_model():
+    """The CPU's marketing name (Linux /proc/cpuinfo, macOS sysctl), else platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -174,7 +174,7 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, dev
 
 # ----------------------------------------------------------------------------- setup helpers
 
-def load_data(cfg, dist_info, vocab_size_hint=None, meta_hint=None):
+def load_data(cfg, dist_info, meta_hint=None):
     """(train sampler, function yielding val batches, dataset meta) for token files or SFT JSONL."""
     if cfg.sft_train_file:
         import sft
@@ -193,9 +193,7 @@ def load_data(cfg, dist_info, vocab_size_hint=None, meta_hint=None):
     train = TokenData(data_dir, "train")
     valdata = TokenData(data_dir, "val")
     meta = train.meta
-    vocab = vocab_size_hint or meta.get("vocab_size") or 50304
-    if vocab_size_hint:
-        train.check_vocab(vocab_size_hint)
+    vocab = meta.get("vocab_size") or 50304
     sampler = make_sampler(cfg.sampling, train, cfg.batch_size, cfg.block_size, cfg.seed,
                            dist_info.rank, dist_info.world_size, vocab)
     val = lambda: eval_batches(valdata, cfg.batch_size, cfg.block_size, cfg.eval_iters, vocab)
@@ -343,8 +341,8 @@ def main(cfg):
     if origin not in ("scratch", "resume") and not meta_hint:
         p = Path(origin)
         meta_hint = ({"tokenizer": "gpt2", "vocab_size": 50257} if not (p / "latest.json").exists()
-                     else ckpt_lib.load_model(p)[1].get("data_meta"))
-    sampler, val_batches, data_meta = load_data(cfg, dist_info, None, meta_hint)
+                     else ckpt_lib.read_checkpoint(p, verify=False)[1].get("data_meta"))  # build_base loads it
+    sampler, val_batches, data_meta = load_data(cfg, dist_info, meta_hint)
     build_from, model_args = origin, None
     if state and not state.get("trainable_only"):  # the checkpoint holds every weight: no base to fetch
         build_from, model_args = "scratch", dict(state["model_args"], dropout=cfg.dropout)

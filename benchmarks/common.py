@@ -16,28 +16,11 @@ import sys
 import time
 
 
-def cpu_model():
-    """The CPU's marketing name (Linux /proc/cpuinfo, macOS sysctl), else platform's guess."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        import subprocess
-        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    return platform.processor() or platform.machine()
-
-
 def machine_lines():
     """Lines describing the hardware and software, so a figure can be traced to where it was made."""
     import numpy as np
     import torch
-    from runtime import cpu_has_bf16
+    from runtime import cpu_has_bf16, cpu_model
     cores = os.cpu_count()
     try:
         usable = len(os.sched_getaffinity(0))
