@@ -255,6 +255,23 @@ class RandomSampler(_Sampler):
         self.rng.bit_generator.state = state["rng"]
 
 
+class EpochOrder:
+    """Position g of an endless stream of epochs -> the index of an item among n: each epoch is a
+    seeded permutation of all n, a new one per epoch. Shared by every sampler that visits each item
+    once per epoch (token windows here, SFT examples in sft.py)."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = None, None
+
+    def __call__(self, g):
+        epoch, i = divmod(g, self.n)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return int(self._perm[i])
+
+
 class SequentialSampler(_Sampler):
     """Every non-overlapping window once per epoch, in a seeded order that changes each epoch.
 
@@ -270,14 +287,10 @@ class SequentialSampler(_Sampler):
         self.first = np.concatenate([[0], np.cumsum(per_file)]).astype(np.int64)  # window index of each file
         self.n_windows = int(self.first[-1])
         self.cursor = 0
-        self._perm_epoch, self._perm = None, None
+        self.order = EpochOrder(self.n_windows, seed)
 
     def _window(self, g):
-        epoch, i = divmod(g, self.n_windows)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows).astype(np.int64)
-            self._perm_epoch = epoch
-        w = int(self._perm[i])
+        w = self.order(g)
         f = int(np.searchsorted(self.first, w, side="right") - 1)
         return f, (w - int(self.first[f])) * self.block_size
 
@@ -300,7 +313,7 @@ class SequentialSampler(_Sampler):
             raise ValueError(f"the dataset has {self.n_windows} windows but the checkpoint's sampler had "
                              f"{state['n_windows']}: the data or block_size changed since the checkpoint")
         self.cursor, self.seed = state["cursor"], state["seed"]
-        self._perm_epoch = None  # the order of an epoch depends on the restored seed
+        self.order = EpochOrder(self.n_windows, self.seed)  # the order of an epoch depends on the restored seed
 
 
 def make_sampler(kind, data, batch_size, block_size, seed, rank=0, world_size=1, vocab_size=None):

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataloader import EpochOrder
+
 # Stanford Alpaca's prompt format (Taori et al. 2023), with and without the optional input
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -200,15 +202,7 @@ class SFTSampler:
         self.seed, self.rank, self.world_size, self.packing = seed, rank, world_size, packing
         self.n_examples = len(tokenized)
         self.cursor = 0
-        self._perm_epoch, self._perm = None, None
-
-    def _index(self, g):
-        """The example at position g of the endless stream of epochs."""
-        epoch, i = divmod(g, self.n_examples)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_examples)
-            self._perm_epoch = epoch
-        return int(self._perm[i])
+        self._index = EpochOrder(self.n_examples, seed)  # position in the stream of epochs -> example
 
     def next_batch(self):
         B, W = self.batch_size, self.world_size
@@ -256,7 +250,7 @@ class SFTSampler:
             raise ValueError(f"the SFT data has {self.n_examples} examples but the checkpoint's sampler had "
                              f"{state['n_examples']}: sft_train_file or block_size changed since the checkpoint")
         self.cursor, self.seed = state["cursor"], state["seed"]
-        self._perm_epoch = None
+        self._index = EpochOrder(self.n_examples, self.seed)
 
 
 def sft_eval_batches(tokenized, batch_size, block_size, max_batches=0):
