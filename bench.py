@@ -71,13 +71,14 @@ class BenchConfig:
     block_size: int = 256  # tokens per sequence
     vocab_size: int = 65  # 65 = Shakespeare's characters; 50304 for GPT-2's BPE padded to a multiple of 64
     dropout: float = 0.0
+    fast_dropout: bool = True  # as train.py: model.fast_dropout's CPU masks and attention; False = torch's kernels
     bias: bool = True
     qkv_bias: Optional[bool] = None  # None = same as bias
     tie_weights: bool = True
     activation: str = "gelu_tanh"
     activation_checkpointing: bool = False  # less memory, more compute per step
     # the training step
-    optimizer: str = "adamw"  # 'adamw' or 'adamw8bit' (bitsandbytes, CUDA)
+    optimizer: str = "adamw"  # 'adamw', 'adamw8bit' (bitsandbytes, CUDA) or 'muon' (blocks' matrices; AdamW for the rest)
     grad_clip: float = 1.0  # as train.py: clipping costs a pass over the gradients
     # the sweep
     batch_sizes: str = "1,2,4,8"  # comma-separated, or 'auto' = the largest that fits (doubling, then bisection)
@@ -167,8 +168,8 @@ def check_config(cfg):
     if cfg.warmup < 0 or cfg.max_memory_gb < 0 or cfg.threads < 0:
         errors.append(f"warmup ({cfg.warmup}), max_memory_gb ({cfg.max_memory_gb}) and threads ({cfg.threads}) "
                       f"must be >= 0")
-    if cfg.optimizer not in ("adamw", "adamw8bit"):
-        errors.append(f"optimizer must be 'adamw' or 'adamw8bit', got {cfg.optimizer!r}")
+    if cfg.optimizer not in ("adamw", "adamw8bit", "muon"):
+        errors.append(f"optimizer must be 'adamw', 'adamw8bit' or 'muon', got {cfg.optimizer!r}")
     if cfg.init_from != "scratch" and cfg.init_from not in GPT2_SHAPES and not Path(cfg.init_from).exists():
         errors.append(f"init_from={cfg.init_from!r}: expected 'scratch', one of {', '.join(GPT2_SHAPES)}, "
                       f"or an existing Hugging Face directory / out_dir")
@@ -328,9 +329,10 @@ def _measure(row, cfg, mcfg, device, dtype, use_compile, batch_size, mem, budget
     seed_everything(cfg.seed)  # the same weights and batch for every row
     model = GPT(mcfg)
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.use_fast_dropout(cfg.fast_dropout)
     model.to(device)
-    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type,
-                                           eight_bit=cfg.optimizer == "adamw8bit")
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type, eight_bit=cfg.optimizer == "adamw8bit",
+                                           muon_lr=0.02 if cfg.optimizer == "muon" else 0.0)
     scaler, ctx = make_scaler(device, dtype), autocast(device, dtype)
     runner = torch.compile(model) if use_compile else model
     g = torch.Generator(device=device).manual_seed(cfg.seed)

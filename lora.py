@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from model import Dropout
+
 LORA_TARGETS = {
     "attn": ("attn.c_attn", "attn.c_proj"),
     "all": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
@@ -56,7 +58,7 @@ class LoRALinear(nn.Linear):
         adapter_dtype = self.weight.dtype if self.weight.dtype in (torch.float32, torch.float64) else torch.float32
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=adapter_dtype))
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = Dropout(dropout)  # model's: fast masks on a CPU
         self.reset_adapter()
 
     def reset_adapter(self):

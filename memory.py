@@ -14,7 +14,8 @@ What is counted (bytes, per device, for one micro-batch; gradient accumulation a
 - weights: every parameter at its stored size (a tied wte/lm_head once).
 - gradients and optimizer states: for the trainable parameters only (LoRA trains few). AdamW keeps two
   states per parameter at the parameter's size; bitsandbytes' 8-bit AdamW one byte each, plus one
-  fp32 scale per block of 256, and plain fp32 states for tensors under 4,096 elements.
+  fp32 scale per block of 256, and plain fp32 states for tensors under 4,096 elements. Muon
+  (optimizer='muon') keeps one momentum buffer per block matrix, AdamW's two for the rest.
 - activations: what autograd saves for backward. Per GPT-2 block, following Korthikanti et al. 2022,
   "Reducing Activation Recomputation in Large Transformer Models" (section 4.1), whose count for
   16-bit activations is s*b*h*(34 + 5*a*s/h) bytes (s block_size, b batch, h n_embd, a heads).
@@ -29,7 +30,9 @@ What is counted (bytes, per device, for one micro-batch; gradient accumulation a
   memory-efficient, and torch's CPU flash kernel without dropout) recompute it in backward and keep
   a*s*b fp32 log-sum-exps instead. flash_attention=False restores the paper's s^2 terms (softmax
   output, and with dropout its mask and output). Dropout adds two 1-byte masks per block (s*b*h
-  each), as on CUDA. With activation checkpointing only each block's input (r*sbh) is kept, and one
+  each), as on CUDA. On a CPU with dropout, model.py writes attention out (fast_dropout): that is
+  the flash_attention=False count, except that the softmax output stays fp32 under autocast (4 bytes,
+  not c). With activation checkpointing only each block's input (r*sbh) is kept, and one
   block's activations exist again while it is recomputed in backward.
 - weight copies: autocast casts each matmul weight to the compute dtype and keeps the copy for
   backward: c bytes per matmul weight (all blocks, or one block under checkpointing, plus lm_head).
@@ -62,10 +65,10 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
     trainable_params: how many parameters train (default: those with requires_grad).
     param_dtype_bytes: bytes per stored weight (default: each parameter's own dtype).
     compute_dtype_bytes: 2 under bf16/fp16 autocast, 4 in fp32.
-    optimizer: "adamw" or "adamw8bit". dropout: default the model's config.
+    optimizer: "adamw", "adamw8bit" or "muon". dropout: default the model's config.
     """
-    if optimizer not in ("adamw", "adamw8bit"):
-        raise ValueError(f"optimizer={optimizer!r}: expected 'adamw' or 'adamw8bit'")
+    if optimizer not in ("adamw", "adamw8bit", "muon"):
+        raise ValueError(f"optimizer={optimizer!r}: expected 'adamw', 'adamw8bit' or 'muon'")
     if compute_dtype_bytes not in (2, 4):
         raise ValueError(f"compute_dtype_bytes={compute_dtype_bytes}: expected 2 (bf16/fp16) or 4 (fp32)")
     if not isinstance(model, torch.nn.Module):
@@ -93,6 +96,9 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
         weights=sum(p.numel() * size(p) for p in params),
         n_params=sum(p.numel() for p in params), n_trainable=n_trainable, trainable_bytes=train_bytes,
         n_small_trainable=small,
+        # what Muon would take (GPT.configure_optimizers): the blocks' trainable weight matrices
+        muon_bytes=sum(p.numel() * size(p) for n, p in model.named_parameters()
+                       if p.requires_grad and p.dim() == 2 and n.startswith("transformer.h.")),
         # autocast copies a weight only when it is stored wider than the compute dtype
         copied_block_weights=sum(w.numel() for w in block_weights if size(w) > compute_dtype_bytes),
         copied_lm_head=lm_head.numel() if size(lm_head) > compute_dtype_bytes else 0,
@@ -136,6 +142,8 @@ def estimate_from_settings(st):
     n = st["n_trainable"]
     if st["optimizer"] == "adamw":
         optimizer = 2 * st["trainable_bytes"]
+    elif st["optimizer"] == "muon":
+        optimizer = 2 * st["trainable_bytes"] - st["muon_bytes"]
     else:
         big = n - st["n_small_trainable"]
         optimizer = 2 * big + 2 * 4 * -(-big // BNB_BLOCK) + 2 * 4 * st["n_small_trainable"]

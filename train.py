@@ -70,6 +70,7 @@ class TrainConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0  # 0 for pretraining; 0.1+ for fine-tuning or small data
+    fast_dropout: bool = True  # on a CPU, model.fast_dropout's masks and attention (1.9x faster bf16 step); False = torch's
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
     qkv_bias: Optional[bool] = None  # None = same as bias
     tie_weights: bool = True  # lm_head shares wte, as GPT-2
@@ -84,8 +85,13 @@ class TrainConfig:
     train_1d_only: bool = False  # train only biases and LayerNorm gains
     base_dtype: str = "float32"  # storage of the frozen base under LoRA: 'float32' or 'bfloat16'
     # optimizer
-    optimizer: str = "adamw"  # 'adamw' or 'adamw8bit' (bitsandbytes, CUDA)
+    # 'adamw', 'adamw8bit' (bitsandbytes, CUDA) or 'muon': torch.optim.Muon for the blocks' matrices at
+    # muon_lr, AdamW at learning_rate for embeddings, lm_head, biases and gains (both on the schedule)
+    optimizer: str = "adamw"
     learning_rate: float = 6e-4
+    muon_lr: float = 0.02  # optimizer='muon' only: the peak learning rate of the matrices
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0  # decoupled, per step: lr * muon_weight_decay
     max_iters: int = 600000
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -222,7 +228,22 @@ def build_model(cfg, origin, model_args, base=None):
             import lora
             lora.freeze_base_dtype(model, {"bfloat16": torch.bfloat16}[cfg.base_dtype])
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.use_fast_dropout(cfg.fast_dropout)
     return model, partial
+
+
+def set_lr(optimizer, lr):
+    """Every group at lr times its lr_scale (Muon's matrices: muon_lr on the same schedule)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints from before lr_scale: 1
+
+
+def make_optimizer(model, cfg, device, fused=None):
+    """The run's optimizer over the model's trainable parameters (GPT.configure_optimizers)."""
+    return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type,
+                                      fused=fused, eight_bit=cfg.optimizer == "adamw8bit",
+                                      muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else 0.0,
+                                      muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
 
 
 def check_config(cfg, dist_info):
@@ -243,15 +264,18 @@ def check_config(cfg, dist_info):
     if cfg.train_1d_only and cfg.base_dtype != "float32":
         errors.append("train_1d_only trains the biases inside the base's layers, which must then stay float32: "
                       "use base_dtype='float32'")
-    if cfg.optimizer not in ("adamw", "adamw8bit"):
-        errors.append(f"optimizer must be 'adamw' or 'adamw8bit', got {cfg.optimizer!r}")
+    if cfg.optimizer not in ("adamw", "adamw8bit", "muon"):
+        errors.append(f"optimizer must be 'adamw', 'adamw8bit' or 'muon', got {cfg.optimizer!r}")
+    if cfg.optimizer == "muon" and cfg.muon_lr <= 0:
+        errors.append(f"muon_lr must be positive with optimizer='muon', got {cfg.muon_lr}")
     if (cfg.lora_rank > 0 or cfg.train_1d_only) and cfg.init_from == "scratch":
         errors.append("LoRA / train_1d_only fine-tune a pretrained model: set init_from")
     if cfg.backend not in ("auto", "nccl", "gloo"):
         errors.append(f"backend must be 'auto', 'nccl' or 'gloo', got {cfg.backend!r}")
     if cfg.fsdp and dist_info.enabled:
         if cfg.optimizer != "adamw":
-            errors.append("fsdp=True works with optimizer='adamw' only (bitsandbytes' 8-bit AdamW does not take sharded parameters)")
+            errors.append("fsdp=True works with optimizer='adamw' only (bitsandbytes' 8-bit AdamW does not take sharded "
+                          "parameters, and Muon orthogonalises whole matrices)")
         if cfg.base_dtype != "float32":
             errors.append("fsdp=True needs base_dtype='float32': FSDP shards a block's parameters together and "
                           "wants one dtype (sharding already divides the base's memory by the ranks)")
@@ -326,9 +350,9 @@ def main(cfg):
         changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
                    if k != "init_from" and saved.get(k) != v}
         shape = {k: c for k, c in changed.items() if k in GPTConfig.SHAPE_FIELDS or k in
-                 ("lora_rank", "lora_targets", "train_1d_only", "sft_train_file", "dataset", "data_dir")}
+                 ("lora_rank", "lora_targets", "train_1d_only", "sft_train_file", "dataset", "data_dir", "optimizer")}
         if shape:
-            raise ValueError(f"cannot resume {ckpt_dir} with a different model or data: " + ", ".join(
+            raise ValueError(f"cannot resume {ckpt_dir} with a different model, data or optimizer: " + ", ".join(
                 f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in shape.items()) + "; keep them as they were")
         for k, (a, b) in changed.items():
             print0(f"resume: {k} changed from {a!r} to {b!r}")
@@ -372,8 +396,7 @@ def main(cfg):
         print0(f"fsdp: {model.config.n_layer} blocks + root sharded "
                f"over {dist_info.world_size} ranks (the memory estimate above is before sharding: weights, "
                f"gradients and optimizer states divide by {dist_info.world_size})")
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           device.type, eight_bit=cfg.optimizer == "adamw8bit")
+    optimizer = make_optimizer(model, cfg, device)
     scaler = make_scaler(device, dtype)
     iter_num, tokens_seen, best_val = 0, 0, float("inf")
     wandb_id = None
@@ -453,8 +476,7 @@ def main(cfg):
     while True:
         # --- learning rate
         lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         last_step = iter_num >= cfg.max_iters
 
         # --- evaluate and checkpoint (skipped at the iteration a resume starts from: done before).

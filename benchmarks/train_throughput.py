@@ -8,7 +8,7 @@ plain float32 eager (nanoGPT's CPU path), on the same model, data and dropout ma
     python benchmarks/train_throughput.py --compile=True --steps=20 --batch_size=8
 
 Both sides are built and stepped by train.py's own code (train.load_data, train.build_model,
-model.configure_optimizers, runtime.autocast, train.train_step, train.get_lr), from one training
+train.make_optimizer, runtime.autocast, train.train_step, train.get_lr), from one training
 config file, so this measures what `python train.py <config_file>` does. They run in lockstep in one
 process: the same batch, learning rate and dropout seed for both at each step, the order of the two
 alternating, so a machine whose load drifts slows both alike. The first `warmup_steps` are not
@@ -23,6 +23,7 @@ goes (bf16, profiler): dropout's bernoulli_ 22% (attention dropout also keeps SD
 kernel), attention bmm 15%, matmuls 18%, autocast weight casts 11%, GELU 9%.
 """
 
+import dataclasses
 import shlex
 import time
 from dataclasses import dataclass
@@ -53,19 +54,19 @@ class ThroughputConfig:
     # compiled vs 1.85 s eager with dropout 0.2; 1.19 vs 1.09 s without dropout) after 34-72 s of compiling
     compile: bool = False
     fused: bool = True  # the fast side's AdamW uses the fused kernel (the baseline uses the foreach one)
+    fast_dropout: bool = True  # the fast side's CPU dropout is model.fast_dropout (the baseline uses torch's)
     threads: int = 0  # torch CPU threads for both sides; 0 = torch's default (one per core)
     device: str = "cpu"
     loss_tolerance: float = 0.02  # largest allowed |fast - float32| logged loss
     target: float = 2.0  # the promised speed-up
 
 
-def make_side(tcfg, device, dtype, compile_model, fused, model_args):
+def make_side(tcfg, device, dtype, compile_model, fused, fast_dropout, model_args):
     """(runner, model, optimizer, scaler, autocast context) built the way train.main builds them."""
     seed_everything(tcfg.seed)  # identical initial weights on both sides
-    model, _ = train.build_model(tcfg, "scratch", model_args)
+    model, _ = train.build_model(dataclasses.replace(tcfg, fast_dropout=fast_dropout), "scratch", model_args)
     model.to(device)
-    optimizer = model.configure_optimizers(tcfg.weight_decay, tcfg.learning_rate, (tcfg.beta1, tcfg.beta2),
-                                           device.type, fused=fused)
+    optimizer = train.make_optimizer(model, tcfg, device, fused=fused)
     runner = model
     if compile_model:
         reason = train.compile_reason(device)
@@ -99,9 +100,9 @@ def main(cfg):
                       activation=tcfg.activation)
     tokens_per_step = tcfg.batch_size * tcfg.block_size
     fast_name = f"{str(fast_dtype).replace('torch.', '')}{' compiled' if cfg.compile else ' eager'}" \
-                f"{' fused' if cfg.fused else ''}"
-    sides = {"float32 eager": make_side(tcfg, device, torch.float32, False, False, model_args),
-             fast_name: make_side(tcfg, device, fast_dtype, cfg.compile, cfg.fused, model_args)}
+                f"{' fused' if cfg.fused else ''}{' fast-dropout' if cfg.fast_dropout and tcfg.dropout else ''}"
+    sides = {"float32 eager": make_side(tcfg, device, torch.float32, False, False, False, model_args),
+             fast_name: make_side(tcfg, device, fast_dtype, cfg.compile, cfg.fused, cfg.fast_dropout, model_args)}
     n_params = sides[fast_name][1].get_num_params()
     print(f"model: {tcfg.n_layer} layers x {tcfg.n_head} heads x {tcfg.n_embd} wide, {n_params:,} parameters, "
           f"dropout {tcfg.dropout}; {tcfg.batch_size} batch x {tcfg.block_size} block = {tokens_per_step:,} tokens/step; "
@@ -116,8 +117,7 @@ def main(cfg):
         order = list(sides) if it % 2 == 0 else list(sides)[::-1]  # neither side always runs first
         for name in order:
             runner, model, optimizer, scaler, ctx = sides[name]
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            train.set_lr(optimizer, lr)
             torch.manual_seed(step_seed(tcfg.seed, 0, it))  # the same dropout seed as train.py's step `it`
             t0 = time.perf_counter()
             loss, _, _ = train.train_step(runner, optimizer, scaler, [(x, y)], ctx, tcfg.grad_clip, dist, device)

@@ -120,9 +120,10 @@ def _losses(out):
     return [(m["iter"], m.get("train_loss"), m.get("val_loss"), m["lr"]) for m in read_metrics(out)]
 
 
-@pytest.mark.parametrize("sampling", ["random", "sequential"])
-def test_exact_resume_with_dropout_and_accumulation(data, tmp_path, sampling):
-    common = dict(dropout=0.1, gradient_accumulation_steps=2, eval_interval=4, sampling=sampling)
+@pytest.mark.parametrize("sampling,optimizer", [("random", "adamw"), ("sequential", "adamw"), ("random", "muon")])
+def test_exact_resume_with_dropout_and_accumulation(data, tmp_path, sampling, optimizer):
+    # muon: two optimizers (Muon's momentum buffers, AdamW's moments) saved and restored as one
+    common = dict(dropout=0.1, gradient_accumulation_steps=2, eval_interval=4, sampling=sampling, optimizer=optimizer)
     straight = tmp_path / "straight"
     train.main(tiny_train_config(data, straight, max_iters=12, **common))
     split = tmp_path / "split"
@@ -137,11 +138,14 @@ def test_exact_resume_with_dropout_and_accumulation(data, tmp_path, sampling):
         assert torch.equal(x, y)
 
 
-def test_resume_refuses_a_different_model_shape(data, tmp_path):
+def test_resume_refuses_a_different_model_shape_or_optimizer(data, tmp_path):
     out = tmp_path / "out"
     train.main(tiny_train_config(data, out, max_iters=2, eval_interval=2))
     with pytest.raises(ValueError, match=r"n_layer \(checkpoint 2, now 3\)"):
         train.main(tiny_train_config(data, out, max_iters=4, n_layer=3, init_from="resume"))
+    # AdamW's moments cannot seed Muon's momentum: refused, not silently mixed
+    with pytest.raises(ValueError, match=r"optimizer \(checkpoint 'adamw', now 'muon'\)"):
+        train.main(tiny_train_config(data, out, max_iters=4, optimizer="muon", init_from="resume"))
 
 
 KILL_DURING_SECOND_SAVE = """

@@ -23,13 +23,15 @@ def _unique_param_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def test_weights_grads_and_adam_states_are_the_exact_bytes_allocated():
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_weights_grads_and_optimizer_states_are_the_exact_bytes_allocated(optimizer):
     model = _model()
-    est = memory.estimate_training_memory(model, B, T)
+    est = memory.estimate_training_memory(model, B, T, optimizer=optimizer)
     p_bytes = _unique_param_bytes(model)
-    assert est["weights"] + est["gradients"] + est["optimizer"] == 4 * p_bytes  # 1 + 1 + 2 copies
-    # and what torch really holds after one AdamW step
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    if optimizer == "adamw":
+        assert est["weights"] + est["gradients"] + est["optimizer"] == 4 * p_bytes  # 1 + 1 + 2 copies
+    # and what torch really holds after one step
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02 if optimizer == "muon" else 0.0)
     x = torch.randint(0, 100, (B, T))
     model(x, x)[1].backward()
     opt.step()

@@ -1,11 +1,12 @@
 """The model's behaviours that would silently spoil training or sampling if they broke."""
 
+import copy
 import math
 
 import pytest
 import torch
 
-from model import GPT, GPTConfig, sample_next
+from model import GPT, GPTConfig, fast_dropout, sample_next
 
 
 def tiny(**kw):
@@ -113,6 +114,49 @@ def test_weight_decay_only_on_matrices():
     assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
 
 
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = tiny()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+    adamw, muon = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if p.dim() == 2 and ".h." in n}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert {"transformer.wte.weight", "transformer.wpe.weight"} <= in_adamw and not in_adamw & in_muon  # wte = lm_head
+    assert len(in_adamw) + len(in_muon) == len(list(model.parameters()))
+    assert [g["lr_scale"] for g in opt.param_groups] == [1.0, 1.0, 20.0]  # muon_lr / learning_rate
+
+
+def _step(model, opt, seed):
+    torch.manual_seed(seed)
+    idx = torch.randint(0, 65, (2, 16))
+    model(idx, idx)[1].backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_chained_optimizer_state_round_trip():
+    # two steps, save, two more; against a copy that loads the saved state: the same weights bit for bit
+    model = tiny()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+    for s in range(2):
+        _step(model, opt, s)
+    twin = tiny()
+    twin.load_state_dict(model.state_dict())
+    twin_opt = twin.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a file: no tensors shared
+    assert twin_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    for s in range(2, 4):
+        _step(model, opt, s)
+        _step(twin, twin_opt, s)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    plain = tiny().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    with pytest.raises(ValueError, match="parameter groups"):
+        twin_opt.load_state_dict(plain.state_dict())
+
+
 def test_crop_block_size():
     model = tiny()
     model.crop_block_size(8)
@@ -143,3 +187,60 @@ def test_activation_checkpointing_gives_the_same_gradients():
     loss.backward()
     for a, p in zip(ref, model.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_fast_dropout_drops_p_and_keeps_the_expectation(p):
+    torch.manual_seed(0)
+    x = torch.ones(1_000_000)
+    y = fast_dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.002  # 1e6 draws: the standard error is below 0.0005
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))
+    assert abs(y.mean().item() - 1.0) < 0.005
+    # the same seed gives the same mask (exact resume), another seed another one
+    torch.manual_seed(0)
+    assert torch.equal(fast_dropout(x, p), y)
+    assert not torch.equal(fast_dropout(x, p), y)
+
+
+def test_fast_dropout_edge_probabilities():
+    x = torch.randn(4, 7, dtype=torch.bfloat16)  # an element count that is not a multiple of 4
+    assert fast_dropout(x, 0.0) is x
+    assert torch.equal(fast_dropout(x, 1.0), torch.zeros_like(x))
+    assert fast_dropout(x, 0.3).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        fast_dropout(x, 1.5)
+
+
+def test_fast_dropout_attention_equals_sdpa_when_nothing_is_dropped():
+    # p below 1/65536 rounds to "drop nothing", so the written-out CPU attention must give SDPA's
+    # outputs and gradients: it is causal, scaled and softmaxed the same way
+    fast, plain = tiny(dropout=1e-9), tiny(dropout=1e-9)
+    plain.use_fast_dropout(False)
+    idx = torch.randint(0, 65, (2, 16))
+    grads = []
+    for model in (fast, plain):
+        model.train()
+        logits, loss = model(idx, idx)
+        loss.backward()
+        grads.append((logits, [p.grad for p in model.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_fast_dropout_attention_is_causal_and_dropout_is_off_in_eval():
+    model = tiny(dropout=0.5)
+    model.train()
+    idx = torch.randint(0, 65, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 65
+    ignore = torch.full_like(idx, -1)
+    torch.manual_seed(3)
+    a, _ = model(idx, ignore)
+    torch.manual_seed(3)
+    b, _ = model(changed, ignore)
+    assert torch.equal(a[:, :10], b[:, :10])  # same masks, and the future cannot leak into the past
+    model.eval()
+    assert torch.equal(model(idx, ignore)[0], model(idx, ignore)[0])

@@ -54,10 +54,11 @@ def test_accumulation_equals_one_big_batch(masked):
 
 
 def test_config_errors_are_reported_together(tmp_path):
-    cfg = tiny_train_config(tmp_path, tmp_path / "out", batch_size=0, sampling="shuffled", lora_targets="x")
+    cfg = tiny_train_config(tmp_path, tmp_path / "out", batch_size=0, sampling="shuffled", lora_targets="x",
+                            optimizer="muon", muon_lr=0.0)
     with pytest.raises(ValueError) as e:
         train.main(cfg)
-    for part in ("batch_size must be positive", "sampling must be", "lora_targets must be"):
+    for part in ("batch_size must be positive", "sampling must be", "lora_targets must be", "muon_lr must be positive"):
         assert part in str(e.value)
 
 
@@ -115,3 +116,16 @@ def test_non_finite_loss_is_skipped_then_stops_with_a_checkpoint(tmp_path, monke
     model, info = load_model(out)
     assert info["iter_num"] == 9  # 6 good steps, 3 skipped ones that do not touch the weights
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_muon_matrices_follow_the_schedule_at_muon_lr():
+    cfg = train.TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, optimizer="muon",
+                            learning_rate=4e-3, muon_lr=0.02, warmup_iters=10, lr_decay_iters=100, min_lr=4e-4)
+    model, _ = train.build_model(cfg, "scratch", dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65))
+    opt = train.make_optimizer(model, cfg, torch.device("cpu"))
+    for it in (0, 50, 100):
+        lr = train.get_lr(it, cfg)
+        train.set_lr(opt, lr)
+        adamw, muon = opt.optimizers
+        assert all(g["lr"] == lr for g in adamw.param_groups)
+        assert muon.param_groups[0]["lr"] == pytest.approx(lr * 5)  # 0.02 / 4e-3
