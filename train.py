@@ -143,10 +143,12 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, dev
     number of target tokens, so uneven masks (SFT) weigh every token alike however the batch is
     split (PITFALLS 1-2). Returns (mean loss tensor, grad norm tensor, stepped: bool).
     """
-    n_local = sum(int((y != -1).sum()) for _, y in batches)
-    n_targets = all_reduce_sum(n_local, device, dist_info)
-    if n_targets == 0:
-        raise ValueError("an optimizer step has no target tokens: every example is masked out")
+    # target counts stay on the device: the step's one host sync is the finite check at the end
+    n_targets = torch.stack([(y != -1).sum() for _, y in batches]).sum()  # int64: exact at any size
+    if dist_info.enabled:
+        import torch.distributed as dist
+        dist.all_reduce(n_targets)
+    scale = dist_info.world_size / n_targets.to(torch.float32)
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     loss_sum = torch.zeros((), device=device)
     for micro, (x, y) in enumerate(batches):
@@ -157,20 +159,24 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, dev
         with ctx:
             _, loss = model(x, y, reduction="sum")
         # DDP and FSDP average gradients over ranks: scale by world_size so the result is the global sum / n
-        loss = loss * (dist_info.world_size / n_targets)
+        loss = loss * scale
         scaler.scale(loss).backward()
         loss_sum += loss.detach() / dist_info.world_size  # this rank's share of the global mean
     if dist_info.enabled:
         # the global mean loss on every rank; a NaN/inf on any rank makes it non-finite on all of
         # them, so every rank takes the same decision to skip below
-        import torch.distributed as dist
         dist.all_reduce(loss_sum)
     scaler.unscale_(optimizer)  # clip real gradients, not scaled ones (PITFALLS 4); no-op without fp16
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor, the same global norm on every rank
         norm = norm.full_tensor()
-    stepped = bool(torch.isfinite(loss_sum)) and (scaler.is_enabled() or bool(torch.isfinite(norm)))
+    no_targets, finite_loss, finite_norm = torch.stack(
+        [n_targets == 0, torch.isfinite(loss_sum), torch.isfinite(norm.to(loss_sum.device))]).tolist()
+    if no_targets:
+        optimizer.zero_grad(set_to_none=True)
+        raise ValueError("an optimizer step has no target tokens: every example is masked out")
+    stepped = finite_loss and (scaler.is_enabled() or finite_norm)
     if stepped:
         scaler.step(optimizer)  # with fp16 the scaler itself skips a step whose gradients overflowed
     scaler.update()
