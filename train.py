@@ -274,6 +274,8 @@ def check_config(cfg, dist_info):
         errors.append(f"optimizer must be 'adamw', 'adamw8bit' or 'muon', got {cfg.optimizer!r}")
     if cfg.optimizer == "muon" and cfg.muon_lr <= 0:
         errors.append(f"muon_lr must be positive with optimizer='muon', got {cfg.muon_lr}")
+    if cfg.optimizer == "muon" and cfg.train_1d_only:
+        errors.append("optimizer='muon' trains weight matrices, and train_1d_only has none: use optimizer='adamw'")
     if (cfg.lora_rank > 0 or cfg.train_1d_only) and cfg.init_from == "scratch":
         errors.append("LoRA / train_1d_only fine-tune a pretrained model: set init_from")
     if cfg.backend not in ("auto", "nccl", "gloo"):

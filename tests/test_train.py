@@ -55,10 +55,11 @@ def test_accumulation_equals_one_big_batch(masked):
 
 def test_config_errors_are_reported_together(tmp_path):
     cfg = tiny_train_config(tmp_path, tmp_path / "out", batch_size=0, sampling="shuffled", lora_targets="x",
-                            optimizer="muon", muon_lr=0.0)
+                            optimizer="muon", muon_lr=0.0, train_1d_only=True)
     with pytest.raises(ValueError) as e:
         train.main(cfg)
-    for part in ("batch_size must be positive", "sampling must be", "lora_targets must be", "muon_lr must be positive"):
+    for part in ("batch_size must be positive", "sampling must be", "lora_targets must be", "muon_lr must be positive",
+                 "train_1d_only has none"):
         assert part in str(e.value)
 
 
