@@ -96,9 +96,7 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
         weights=sum(p.numel() * size(p) for p in params),
         n_params=sum(p.numel() for p in params), n_trainable=n_trainable, trainable_bytes=train_bytes,
         n_small_trainable=small,
-        # what Muon would take (GPT.configure_optimizers): the blocks' trainable weight matrices
-        muon_bytes=sum(p.numel() * size(p) for n, p in model.named_parameters()
-                       if p.requires_grad and p.dim() == 2 and n.startswith("transformer.h.")),
+        muon_bytes=sum(p.numel() * size(p) for p in model.muon_matrices()),  # what Muon would take
         # autocast copies a weight only when it is stored wider than the compute dtype
         copied_block_weights=sum(w.numel() for w in block_weights if size(w) > compute_dtype_bytes),
         copied_lm_head=lm_head.numel() if size(lm_head) > compute_dtype_bytes else 0,

@@ -296,11 +296,11 @@ class GPT(nn.Module):
         biases and gains; the two step as one ChainedOptimizer. Every group carries "lr_scale", its
         learning rate relative to learning_rate, so a schedule sets group["lr"] = lr * group["lr_scale"].
         """
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        muon = [p for n, p in params if muon_lr > 0 and p.dim() == 2 and n.startswith("transformer.h.")]
+        params = [p for p in self.parameters() if p.requires_grad]
+        muon = self.muon_matrices() if muon_lr > 0 else []
         muon_ids = {id(p) for p in muon}
-        decay = [p for n, p in params if p.dim() >= 2 and id(p) not in muon_ids]
-        no_decay = [p for n, p in params if p.dim() < 2]
+        decay = [p for p in params if p.dim() >= 2 and id(p) not in muon_ids]
+        no_decay = [p for p in params if p.dim() < 2]
         assert len(muon) + len(decay) + len(no_decay) == len(params), "every trainable parameter must be in one group"
         groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
@@ -325,6 +325,12 @@ class GPT(nn.Module):
         return ChainedOptimizer(adamw, torch.optim.Muon(
             [{"params": muon, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
             momentum=muon_momentum, weight_decay=muon_weight_decay))
+
+    def muon_matrices(self):
+        """The trainable weight matrices inside the blocks: what optimizer='muon' gives to Muon
+        (embeddings and lm_head are lookups/readouts, not hidden transforms, and stay with AdamW)."""
+        return [p for n, p in self.named_parameters()
+                if p.requires_grad and p.dim() == 2 and n.startswith("transformer.h.")]
 
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward): 6N + 12*L*T*C (PaLM paper, appendix B).
