@@ -31,17 +31,30 @@ HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit; a larger vocab needs another format
 
 
+# GPT-2's BPE ranks, shipped in the checkout (OpenAI's published vocabulary, MIT; see assets/README.md):
+# byte-identical to tiktoken's r50k_base, whose own download is checked against the same sha256
+GPT2_RANKS = Path(__file__).resolve().parent / "assets" / "r50k_base.tiktoken"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+_GPT2 = None
+
+
 def gpt2_encoding():
-    """tiktoken's GPT-2 BPE. r50k_base holds the same ranks and special token as 'gpt2' (50257 ids,
-    <|endoftext|> = 50256) from one file, which tiktoken reads from TIKTOKEN_CACHE_DIR when offline."""
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("r50k_base")
-    except Exception as e:  # tiktoken raises requests/OS errors of several kinds when it cannot download
-        raise FileNotFoundError(
-            "could not load the GPT-2 BPE ranks (tiktoken 'r50k_base'): " + str(e).splitlines()[0] + "\n"
-            "Offline, put the ranks file in tiktoken's cache:  mkdir -p $TIKTOKEN_CACHE_DIR && cp "
-            "r50k_base.tiktoken $TIKTOKEN_CACHE_DIR/0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4") from e
+    """tiktoken's GPT-2 BPE (50,257 ids, <|endoftext|> = 50256), built from the ranks file in assets/.
+
+    The same ranks tiktoken.get_encoding("gpt2") downloads, read from the checkout instead: no
+    network, no cache directory to set up, and the same ids everywhere. tiktoken checks the hash."""
+    global _GPT2
+    if _GPT2 is None:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+        from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation regex
+        if not GPT2_RANKS.is_file():
+            raise FileNotFoundError(f"{GPT2_RANKS}: GPT-2's BPE ranks are missing from the checkout; "
+                                    f"restore them with git checkout -- assets/")
+        ranks = load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=GPT2_RANKS_SHA256)
+        _GPT2 = tiktoken.Encoding(name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                  special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+    return _GPT2
 
 
 class Tokenizer:

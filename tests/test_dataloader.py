@@ -88,15 +88,33 @@ def test_memmap_reads_do_not_keep_the_file_mapped(tmp_path):
     assert str(tmp_path / "train.bin") not in maps  # each read maps, copies, unmaps (PITFALLS 9)
 
 
-def test_missing_bpe_ranks_offline_give_a_clear_error(tmp_path, monkeypatch):
+def test_gpt2_bpe_works_offline_from_the_checkout(monkeypatch):
+    """GPT-2 BPE needs no download and no cache directory: every network read fails here."""
     import tiktoken.load
     import dataloader
 
     def offline(url):
-        raise OSError("network unreachable")
+        if "://" in url:
+            raise OSError("network unreachable")
+        with open(url, "rb") as f:
+            return f.read()
 
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty: nothing cached
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     monkeypatch.setattr(tiktoken.load, "read_file", offline)
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget encodings loaded by earlier tests
-    with pytest.raises(FileNotFoundError, match="TIKTOKEN_CACHE_DIR"):
+    monkeypatch.setattr(dataloader, "_GPT2", None)  # build it afresh under the patch
+    enc = dataloader.gpt2_encoding()
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.eot_token == 50256 and enc.n_vocab == 50257
+
+
+def test_damaged_bpe_ranks_are_refused(tmp_path, monkeypatch):
+    import dataloader
+    bad = tmp_path / "r50k_base.tiktoken"
+    bad.write_bytes(dataloader.GPT2_RANKS.read_bytes()[:-100])
+    monkeypatch.setattr(dataloader, "GPT2_RANKS", bad)
+    monkeypatch.setattr(dataloader, "_GPT2", None)
+    with pytest.raises(ValueError, match="[Hh]ash mismatch"):
+        dataloader.gpt2_encoding()
+    monkeypatch.setattr(dataloader, "GPT2_RANKS", tmp_path / "missing.tiktoken")
+    with pytest.raises(FileNotFoundError, match="git checkout -- assets/"):
         dataloader.gpt2_encoding()
