@@ -57,8 +57,9 @@ import memory
 from checkpoint import build_base, library_versions
 from dataloader import write_json
 from model import GPT, GPTConfig
-from runtime import Dist, autocast, cpu_model, make_scaler, peak_flops, pick_device, pick_dtype, seed_everything, setup_backends
-from train import TrainConfig, compile_reason, train_step
+from runtime import (Dist, autocast, compile_reason, cpu_model, make_scaler, peak_flops, pick_device, pick_dtype,
+                     seed_everything, setup_backends)
+from train import TrainConfig, train_step
 
 
 @dataclass
@@ -346,7 +347,7 @@ def _measure(row, cfg, mcfg, device, dtype, use_compile, batch_size, mem, budget
     for i in range(cfg.warmup + cfg.steps):
         synchronize(device)
         t0 = time.perf_counter()
-        loss, _, _ = train_step(runner, optimizer, scaler, [(x, y)], ctx, cfg.grad_clip, dist_info, device)
+        loss = train_step(runner, optimizer, scaler, [(x, y)], ctx, cfg.grad_clip, dist_info, device).loss
         synchronize(device)
         dt = time.perf_counter() - t0
         if budget_bytes and (mem.peak() or 0) > budget_bytes:  # every step: the second one can peak higher

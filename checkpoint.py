@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dataloader import file_sha256, fsync_dir, write_json
+from fileio import file_sha256, fsync_dir, read_json_lines, write_json, write_json_lines
 
 FORMAT_VERSION = 1
 PREFIX = "ckpt-"
@@ -169,18 +169,21 @@ def restore_optimizer(model, optimizer, ckpt_dir, state):
 
 # ----------------------------------------------------------------------------- saving
 
-def _file_record(path):
+def _file_record(path, hash_files=True):
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path) if hash_files else None}
 
 
 def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False, is_best=False, keep_last_n=3,
-                    gathered=None):
+                    gathered=None, hash_files=True):
     """Write ckpt-<iter> atomically, point latest (and best when is_best) at it, prune old ones.
 
     state: the JSON-able rest (must hold iter_num). gathered: gather_sharded's result for an
-    FSDP-sharded model (then only rank 0 calls this). Returns the checkpoint's path.
+    FSDP-sharded model (then only rank 0 calls this). hash_files=False records sizes only, no
+    sha256: reading every file back costs seconds per GB, which a save on the way out of a
+    SIGTERM'd run may not have (torchrun kills its workers 30 s after forwarding the signal).
+    Returns the checkpoint's path.
     """
     full_sd, full_osd = gathered if gathered is not None else (None, None)
     out_dir = Path(out_dir)
@@ -194,13 +197,13 @@ def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False,
         tmp.mkdir()
         files = {}
         save_file(model_tensors(model, trainable_only, full_sd), str(tmp / "model.safetensors"))
-        files["model.safetensors"] = _file_record(tmp / "model.safetensors")
+        files["model.safetensors"] = _file_record(tmp / "model.safetensors", hash_files)
         state = dict(state, format_version=FORMAT_VERSION, trainable_only=trainable_only,
                      versions=library_versions())
         if optimizer is not None:
             tensors, rest = optimizer_tensors(model, optimizer, full_osd)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
-            files["optimizer.safetensors"] = _file_record(tmp / "optimizer.safetensors")
+            files["optimizer.safetensors"] = _file_record(tmp / "optimizer.safetensors", hash_files)
             state["optimizer"] = rest
         state["files"] = files
         write_json(tmp / "state.json", state)
@@ -213,7 +216,9 @@ def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False,
         write_json(out_dir / "latest.json", pointer)
         if is_best:
             write_json(out_dir / "best.json", pointer | {"val_loss": state.get("best_val_loss")})
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
+        # a full disk surfaces as OSError from our own writes, but as SafetensorError ("IoError ...
+        # StorageFull") from inside safetensors' writer
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"saving checkpoint {final} failed: {e}. The previous checkpoint (latest.json) "
                            f"is untouched; free disk space or pick another out_dir") from e
@@ -251,10 +256,13 @@ def _read_pointer(path):
 
 
 def resolve(path, which="latest"):
-    """A checkpoint directory from a run's out_dir (its latest or best) or a checkpoint directory itself."""
+    """A checkpoint directory from a run's out_dir (its latest or best; best falls back to latest in a
+    run that never evaluated) or a checkpoint directory itself."""
     path = Path(path)
     if (path / "state.json").exists():
         return path
+    if which == "best" and not (path / "best.json").exists():
+        which = "latest"
     name = _read_pointer(path / f"{which}.json")
     if name is None:
         hint = ""
@@ -265,8 +273,18 @@ def resolve(path, which="latest"):
 
 
 def read_checkpoint(path, which="latest", verify=True):
-    """(checkpoint dir, state dict) after checking the format version and every file's size and hash."""
+    """(checkpoint dir, state dict) after checking the format version and every file's size and hash.
+    When the checkpoint a pointer names is damaged, the error lists the intact ones beside it."""
     ckpt = resolve(path, which)
+    try:
+        return ckpt, _validated_state(ckpt, verify)
+    except (ValueError, FileNotFoundError) as e:
+        if ckpt == Path(path) or not ckpt.exists():
+            raise  # a directory named directly, or pruned while we read it (load_model retries)
+        raise type(e)(f"{e}{_intact_hint(Path(path), ckpt)}") from e
+
+
+def _validated_state(ckpt, verify):
     state_file = ckpt / "state.json"
     if not state_file.exists():
         raise FileNotFoundError(f"{state_file}: missing; the checkpoint is incomplete")
@@ -285,15 +303,35 @@ def read_checkpoint(path, which="latest", verify=True):
         size = f.stat().st_size
         if size != rec["bytes"]:
             raise ValueError(f"{f}: {size:,} bytes, expected {rec['bytes']:,}: truncated or corrupted")
-        if verify:
+        if verify and rec.get("sha256") is not None:  # None: saved in a hurry (SIGTERM), sizes only
             if file_sha256(f) != rec["sha256"]:
                 raise ValueError(f"{f}: sha256 mismatch: the file is corrupted")
-    return ckpt, state
+    return state
+
+
+def _intact_hint(out_dir, damaged):
+    """Where to go from a damaged checkpoint: the others in out_dir whose files have their recorded
+    sizes (hashes are checked when one is loaded), newest first."""
+    intact = []
+    for ckpt in sorted((p for p in out_dir.glob(f"{PREFIX}*") if p.is_dir() and p != damaged), reverse=True):
+        try:
+            state = _validated_state(ckpt, verify=False)
+        except (ValueError, FileNotFoundError):
+            continue
+        intact.append(f"{ckpt.name} (iteration {state.get('iter_num')})")
+    if not intact:
+        return f"\nno other checkpoint in {out_dir} is intact"
+    first = intact[0].split()[0]
+    return (f"\nintact beside it: {', '.join(intact)}. Resume from one with --init_from=resume "
+            f"--resume_from={first} (train.py), or read it with --out_dir={out_dir / first} (sample.py, eval.py, "
+            f"export_hf.py)")
 
 
 def _load_tensors(path):
     try:
         return load_file(str(path))
+    except FileNotFoundError:
+        raise  # gone, not damaged: a live run pruned it (load_model reads the pointer again)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read safetensors ({e})") from e
 
@@ -324,12 +362,69 @@ def restore_model(model, ckpt_dir, state):
                          f"unexpected {unexpected[:5]}")
 
 
-def build_base(init_from, model_args=None):
+# ----------------------------------------------------------------------------- what a run starts from
+
+def holds_checkpoint(path):
+    """True for one of our runs (an out_dir with latest.json) or one checkpoint directory (state.json)."""
+    p = Path(path)
+    return (p / "latest.json").is_file() or (p / "state.json").is_file()
+
+
+def holds_run(out_dir):
+    """True when out_dir already holds a run: checkpoints or metrics that a new run would mix with."""
+    p = Path(out_dir)
+    return holds_checkpoint(p) or (p / "metrics.jsonl").is_file() or any(p.glob(f"{PREFIX}*"))
+
+
+def delete_run(out_dir):
+    """Remove a run's checkpoints, pointers and metrics from out_dir (nothing else); says what went."""
+    p = Path(out_dir)
+    ckpts = [c for c in p.glob(f"{PREFIX}*") if c.is_dir()] + list(p.glob(f".{PREFIX}*.tmp-*"))
+    files = [f for f in (p / "latest.json", p / "best.json", p / "metrics.jsonl") if f.is_file()]
+    for c in ckpts:
+        shutil.rmtree(c)
+    for f in files:
+        f.unlink()
+    return ", ".join(([f"{len(ckpts)} checkpoint(s)"] if ckpts else []) + [f.name for f in files])
+
+
+def source_context(init_from):
+    """The context length of a model to start from, read from its metadata without loading weights:
+    one of our runs, a Hugging Face directory, or a GPT-2 name (None when it cannot be told)."""
+    from hf import HF_MODELS, GPT2_CONTEXT
+    p = Path(init_from)
+    if holds_checkpoint(p):
+        return read_checkpoint(p, verify=False)[1]["model_args"]["block_size"]
+    if (p / "config.json").is_file():
+        try:
+            hf = json.loads((p / "config.json").read_text())
+            return hf.get("n_positions", hf.get("n_ctx"))
+        except (json.JSONDecodeError, AttributeError):
+            return None  # the loader explains what is wrong with the file
+    return GPT2_CONTEXT if init_from in HF_MODELS else None
+
+
+def source_data_meta(init_from):
+    """How a model to start from reads text: one of our runs' own data meta (characters or GPT-2 BPE),
+    or GPT-2 BPE for OpenAI's and Hugging Face GPT-2 models."""
+    if holds_checkpoint(init_from):
+        return read_checkpoint(init_from, verify=False)[1].get("data_meta")
+    return {"tokenizer": "gpt2", "vocab_size": 50257}
+
+
+def base_reference(init_from):
+    """How a fine-tune's checkpoints name the base they build on: an absolute path for local models
+    (so a resume works from another working directory), the name for hub models; None from scratch."""
+    if init_from == "scratch":
+        return None
+    return str(Path(init_from).resolve()) if Path(init_from).exists() else init_from
+
+
+def build_base(init_from):
     """The model a fine-tune starts from: OpenAI GPT-2 by name, a Hugging Face directory, or one of our runs."""
     from model import GPT
-    p = Path(init_from)
-    if p.exists() and ((p / "state.json").exists() or (p / "latest.json").exists()):
-        model, _ = load_model(p, merge_lora=True)
+    if holds_checkpoint(init_from):
+        model, _ = load_model(init_from, merge_lora=True)
         return model
     return GPT.from_pretrained(init_from)
 
@@ -349,7 +444,20 @@ def apply_finetune(model, cfg):
 
 
 def load_model(path, device="cpu", merge_lora=True, which="latest"):
-    """A GPT in eval mode from a run's out_dir or a checkpoint directory, LoRA merged; plus its info."""
+    """A GPT in eval mode from a run's out_dir or a checkpoint directory, LoRA merged; plus its info.
+
+    which: 'latest' or 'best' (the latest when the run never evaluated). A run that is still
+    training may prune the checkpoint its pointer named while we read it: then the pointer is read
+    again, once, and the newer checkpoint loads instead."""
+    try:
+        return _load_model(path, device, merge_lora, which)
+    except FileNotFoundError:
+        if (Path(path) / "state.json").exists():
+            raise  # a checkpoint directory named directly: there is nothing newer to find
+        return _load_model(path, device, merge_lora, which)
+
+
+def _load_model(path, device, merge_lora, which):
     from model import GPT, GPTConfig
     ckpt, state = read_checkpoint(path, which)
     args = state["model_args"]
@@ -371,3 +479,21 @@ def load_model(path, device="cpu", merge_lora=True, which="latest"):
     info = {k: state.get(k) for k in ("config", "model_args", "iter_num", "tokens_seen", "best_val_loss", "data_meta")}
     info["checkpoint"] = str(ckpt)
     return model, info
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+def read_metrics(out_dir):
+    """The records of a run's metrics.jsonl (readable while the run is still writing it)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path}: no metrics file; is {out_dir} a run's out_dir? (train.py writes out_dir/metrics.jsonl)")
+    return read_json_lines(path)
+
+
+def trim_metrics(path, last_iter):
+    """On resume, drop metric lines past the checkpoint (a crash may have logged beyond it)."""
+    if not Path(path).exists():
+        return
+    keep = [r for r in read_json_lines(path) if r.get("iter", 0) <= last_iter]
+    write_json_lines(path, keep)

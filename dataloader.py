@@ -17,12 +17,12 @@ at random offsets makes the process's RSS grow towards the whole file (PITFALLS 
 Samplers keep their position in a small JSON-able state so a resumed run continues exactly.
 """
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from fileio import atomic_write, file_sha256, fsync_dir, write_json  # noqa: F401  (the last three: TEMP re-export)
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -106,50 +106,6 @@ def write_raw_tokens(path, tokens):
     atomic_write(path, [memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE))])
 
 
-def atomic_write(path, chunks):
-    """Write byte chunks to path through a temporary file, fsync and rename: readers and crashes see
-    the old file or the whole new one, never half of it. The one place every writer of the project uses."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def file_sha256(path):
-    """sha256 of a file, read in 16 MB blocks (checkpoint files and shards are GBs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(path):
-    """Make a rename inside path durable. Windows cannot open directories; its renames are durable enough."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path, obj):
-    """Atomic JSON file (see atomic_write)."""
-    atomic_write(path, [json.dumps(obj, indent=1).encode()])
-
-
 def read_header(path):
     """(offset in bytes, token count) of a token file; raises ValueError naming the file on any damage."""
     path = Path(path)
@@ -171,6 +127,19 @@ def read_header(path):
     if size % 2:
         raise ValueError(f"{path}: odd size {size:,} bytes for uint16 tokens: truncated, prepare it again")
     return 0, size // 2
+
+
+CHECKOUT = Path(__file__).resolve().parent
+
+
+def resolve_data_dir(data_dir, dataset):
+    """The prepared dataset a run reads: data_dir, else data/<dataset>. A relative path is looked up in
+    the working directory first, then in the checkout (where the data/*/prepare.py scripts write), so
+    the commands work from any directory."""
+    path = Path(data_dir or Path("data") / dataset)
+    if path.is_absolute() or path.exists() or not (CHECKOUT / path).exists():
+        return path
+    return CHECKOUT / path
 
 
 def load_meta(data_dir):

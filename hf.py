@@ -34,6 +34,7 @@ HF_MODELS = {
     "gpt2-large": "openai-community/gpt2-large",  # 774M: n_layer=36, n_head=20, n_embd=1280
     "gpt2-xl": "openai-community/gpt2-xl",  # 1558M: n_layer=48, n_head=25, n_embd=1600
 }
+GPT2_CONTEXT = 1024  # n_positions of all four
 
 # our name inside block i -> HF's name inside block i (both under "h.{i}."); listed, not pattern-matched
 LAYER_KEYS = {

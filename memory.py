@@ -39,6 +39,12 @@ What is counted (bytes, per device, for one micro-batch; gradient accumulation a
 - logits: the lm_head output (b*s*V*c), the fp32 log-softmax cross-entropy keeps (b*s*V*4), and in
   backward the fp32 gradient of the logits (b*s*V*4). With GPT-2's 50,257-token vocabulary this is
   often the largest activation of all.
+- several ranks (world_size > 1): DDP replicates everything above on every GPU; with
+  gradient_as_bucket_view (train.py sets it) its communication buckets are the gradients
+  themselves, so it adds no copy. FSDP divides weights, gradients and optimizer states by the ranks,
+  then gathers what is being computed: the root unit's weights (wte, wpe, ln_f, an untied lm_head;
+  fully_shard keeps the root gathered through forward and backward), two blocks' weights (the one
+  computing and the one prefetched) and one block's unsharded gradients before its reduce-scatter.
 Not counted: the CUDA context and allocator fragmentation (~0.5-1 GB), hence the 10% margin in the
 verdict, and evaluation, which needs far less. tests/test_memory.py checks the formula against what
 autograd really saves on the CPU.
@@ -56,7 +62,7 @@ FIT_MARGIN = 0.9  # use at most 90% of the device: CUDA context, fragmentation, 
 
 def estimate_training_memory(model, batch_size, block_size, trainable_params=None, param_dtype_bytes=None,
                              compute_dtype_bytes=4, optimizer="adamw", activation_checkpointing=False,
-                             flash_attention=True, dropout=None):
+                             flash_attention=True, dropout=None, world_size=1, fsdp=False):
     """Bytes of one training step on one device: a dict with "weights", "gradients", "optimizer",
     "activations", "weight_copies", "logits", "total" (all ints) and "settings" (the inputs, used
     by memory_report to price its advice).
@@ -66,6 +72,7 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
     param_dtype_bytes: bytes per stored weight (default: each parameter's own dtype).
     compute_dtype_bytes: 2 under bf16/fp16 autocast, 4 in fp32.
     optimizer: "adamw", "adamw8bit" or "muon". dropout: default the model's config.
+    world_size, fsdp: the ranks of a torchrun job and whether FSDP shards over them (else DDP).
     """
     if optimizer not in ("adamw", "adamw8bit", "muon"):
         raise ValueError(f"optimizer={optimizer!r}: expected 'adamw', 'adamw8bit' or 'muon'")
@@ -89,6 +96,7 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
     lm_head = model.lm_head.weight
     block_weights = [m.weight for m in linears if m.weight is not lm_head]
     wte = model.transformer.wte.weight
+    block_bytes = sum(p.numel() * size(p) for p in model.transformer.h[0].parameters()) if cfg.n_layer else 0
     settings = dict(
         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
         mlp_width=model.transformer.h[0].mlp.c_fc.weight.shape[0] if cfg.n_layer else 4 * cfg.n_embd,
@@ -103,6 +111,8 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
         compute_bytes=compute_dtype_bytes, residual_bytes=max(size(wte), compute_dtype_bytes),
         optimizer=optimizer, activation_checkpointing=activation_checkpointing,
         flash_attention=flash_attention, dropout=cfg.dropout if dropout is None else dropout,
+        world_size=world_size, fsdp=bool(fsdp and world_size > 1),
+        block_bytes=block_bytes, root_bytes=sum(p.numel() * size(p) for p in params) - cfg.n_layer * block_bytes,
     )
     return estimate_from_settings(settings)
 
@@ -145,10 +155,17 @@ def estimate_from_settings(st):
     else:
         big = n - st["n_small_trainable"]
         optimizer = 2 * big + 2 * 4 * -(-big // BNB_BLOCK) + 2 * 4 * st["n_small_trainable"]
+    weights, gradients, gathered = st["weights"], st["trainable_bytes"], 0
+    if st.get("fsdp"):
+        W = st["world_size"]
+        weights, gradients, optimizer = -(-weights // W), -(-gradients // W), -(-optimizer // W)
+        # gathered root + the computing and the prefetched block's weights, one block's unsharded gradients
+        gathered = st["root_bytes"] + 2 * st["block_bytes"] + st["block_bytes"] * (st["n_trainable"] > 0)
     est = dict(
-        weights=st["weights"],
-        gradients=st["trainable_bytes"],
+        weights=weights,
+        gradients=gradients,
         optimizer=optimizer,
+        fsdp_gathered=gathered,
         activations=activations,
         weight_copies=copies,
         logits=b * s * V * (c + 4 + 4),  # lm_head output, fp32 log-probs, fp32 gradient
@@ -195,19 +212,26 @@ def _gb(n):
 def memory_report(est, available):
     """A short table of the estimate; when it will not fit, what each knob would bring the total to."""
     st = est["settings"]
-    rows = [("weights", est["weights"]), ("gradients", est["gradients"]),
-            (f"optimizer ({st['optimizer']})", est["optimizer"]),
+    sharded = f" /{st['world_size']} (FSDP)" if st.get("fsdp") else ""
+    rows = [("weights" + sharded, est["weights"]), ("gradients" + sharded, est["gradients"]),
+            (f"optimizer ({st['optimizer']})" + sharded, est["optimizer"]),
+            ("FSDP gathered (root, 2 blocks)", est.get("fsdp_gathered", 0)),
             ("activations" + (" (checkpointed)" if st["activation_checkpointing"] else ""), est["activations"]),
             ("autocast weight copies", est["weight_copies"]), ("logits + grad", est["logits"])]
+    per_rank = ""
+    if st.get("world_size", 1) > 1:
+        how = "FSDP" if st["fsdp"] else "DDP: a full replica each, whose buckets are the gradients themselves"
+        per_rank = f", per GPU of {st['world_size']} ({how})"
     lines = [f"memory estimate for training: {st['n_params'] / 1e6:,.1f}M parameters "
-             f"({st['n_trainable'] / 1e6:,.2f}M trained), micro-batch {st['batch_size']} x {st['block_size']} tokens"]
-    lines += [f"  {name:<28}{_gb(n)}" for name, n in rows if n or name.startswith(("weights", "activations"))]
-    lines.append(f"  {'total':<28}{_gb(est['total'])}")
+             f"({st['n_trainable'] / 1e6:,.2f}M trained), micro-batch {st['batch_size']} x {st['block_size']} tokens"
+             f"{per_rank}"]
+    lines += [f"  {name:<34}{_gb(n)}" for name, n in rows if n or name.startswith(("weights", "activations"))]
+    lines.append(f"  {'total':<34}{_gb(est['total'])}")
     verdict = fits(est, available)
     if verdict is None:
         lines.append("  available: unknown")
         return "\n".join(lines)
-    lines.append(f"  {'available':<28}{_gb(available)}  -> "
+    lines.append(f"  {'available':<34}{_gb(available)}  -> "
                  + ("fits" if verdict else f"does NOT fit (keep under {FIT_MARGIN:.0%} of the device)"))
     if not verdict:
         lines.append("  to fit, try (estimated total after each change alone):")

@@ -267,6 +267,15 @@ class GPT(nn.Module):
                                ignore_index=-1, reduction=reduction)
         return logits, loss
 
+    def set_dropout(self, p):
+        """Every dropout of the model at p (fine-tuning pretrained weights with this run's dropout)."""
+        self.config.dropout = p
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, CausalSelfAttention):
+                m.dropout = p
+
     def use_fast_dropout(self, enabled):
         """CPU dropout through fast_dropout (default) or, with False, torch's own kernels everywhere."""
         for m in self.modules():
@@ -336,12 +345,18 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward): 6N + 12*L*T*C (PaLM paper, appendix B).
 
         N counts the weights used in matmuls: every Linear, including lm_head, but not the wte/wpe
-        lookups (a tied lm_head is a matmul too, so it counts once through lm_head).
+        lookups (a tied lm_head is a matmul too, so it counts once through lm_head). A frozen weight
+        (a LoRA base, train_1d_only) costs 4 per token instead of 6: its forward and the gradient of
+        its input, but no gradient of its own. LoRA's lora_A / lora_B are trained matmul weights.
         """
         cfg = self.config
         T = seq_len or cfg.block_size
-        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * n_matmul + 12 * cfg.n_layer * T * cfg.n_embd
+        cost = lambda w: (6 if w.requires_grad else 4) * w.numel()
+        n = 0
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                n += cost(m.weight) + sum(cost(getattr(m, a)) for a in ("lora_A", "lora_B") if hasattr(m, a))
+        return n + 12 * cfg.n_layer * T * cfg.n_embd
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops, seq_len=None):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak for its dtype.

@@ -10,7 +10,6 @@ training: a half-written last line is skipped. Needs matplotlib (pip install -e 
 """
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,28 +19,6 @@ class PlotConfig:
     run_dirs: list = field(default_factory=list)  # out_dirs holding metrics.jsonl
     out: str = "loss.png"  # the PNG written
     x: str = "tokens"  # x axis: 'tokens' (comparable across batch sizes) or 'iter'
-
-
-def read_metrics(path):
-    """The records of a metrics.jsonl, streamed. An unparsable line without its newline is the line
-    train.py is writing right now and is skipped; an unparsable complete line is damage: an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no metrics file; is this a run's out_dir? (train.py writes out_dir/metrics.jsonl)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                if not line.endswith("\n"):
-                    break  # the last line, still being written
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e}); delete or repair that line") from e
-            if isinstance(rec, dict):
-                records.append(rec)
-    return records
 
 
 def _series(records, x, y):
@@ -65,7 +42,8 @@ def plot_runs(run_dirs, out, x="tokens"):
         from matplotlib.figure import Figure  # a bare Figure draws with Agg: no display, no pyplot state
     except ImportError as e:
         raise SystemExit("plot.py needs matplotlib: pip install -e .[plot]") from e
-    runs = [(name, read_metrics(Path(d) / "metrics.jsonl")) for name, d in zip(run_names(run_dirs), run_dirs)]
+    from checkpoint import read_metrics
+    runs = [(name, read_metrics(d)) for name, d in zip(run_names(run_dirs), run_dirs)]
     fig = Figure(figsize=(9, 7), layout="constrained")
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     for i, (name, recs) in enumerate(runs):
@@ -100,7 +78,7 @@ def _save_png(fig, out):
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
     import io
-    from dataloader import atomic_write
+    from fileio import atomic_write
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     atomic_write(out, [buf.getvalue()])

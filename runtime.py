@@ -97,6 +97,19 @@ def setup_backends(device):
         torch.backends.cudnn.allow_tf32 = True
 
 
+def compile_reason(device):
+    """None when torch.compile can run here, else why not."""
+    if device.type == "mps":
+        return "torch.compile does not support MPS"
+    if sys.platform == "win32":
+        return "torch.compile's default backend needs Triton/a C++ toolchain that Windows installs lack"
+    if device.type == "cpu":
+        import shutil
+        if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            return "no C++ compiler found for torch.compile's CPU backend"
+    return None
+
+
 def cpu_model():
     """The CPU's marketing name (Linux /proc/cpuinfo, macOS sysctl), else platform's guess."""
     try:
@@ -173,6 +186,16 @@ def gather_objects(obj, dist_info):
     out = [None] * dist_info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj, dist_info):
+    """Rank 0's obj on every rank (JSON-able objects; obj itself in one process). Every rank calls it."""
+    if not dist_info.enabled:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(dist_info, device):

@@ -4,35 +4,38 @@ Train or fine-tune a GPT: one process, or many under torchrun (DDP, or FSDP with
     python train.py config/train_shakespeare_char_cpu.py
     python train.py config/train_shakespeare_char.py --device=cpu --n_layer=4 --max_iters=100
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
-    torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_cpu.py  # gloo, on a CPU
+    python train.py --help                   # every key, its default and what it does
 
-The loop, in labelled phases: learning rate -> evaluate / checkpoint -> stop? -> micro-steps ->
-clip and step -> log. Checkpoints resume exactly (init_from='resume'); SIGTERM or Ctrl-C finishes
-the current step, saves and exits.
+main() reads top to bottom in phases: runtime -> the checkpoint to resume -> data and model ->
+optimizer and restored state -> the loop. The loop: learning rate -> evaluate / checkpoint -> stop?
+-> micro-steps, clip and step -> log. Checkpoints resume exactly (init_from='resume'); SIGTERM or
+Ctrl-C finishes the current step, saves and exits.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 import checkpoint as ckpt_lib
-from configurator import run
-from dataloader import (RandomSampler, atomic_write, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
-                        to_device)
+import configurator
+from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
+                        resolve_data_dir, to_device)
 from model import GPT, GPTConfig
-from runtime import (NoInferenceMode, all_reduce_sum, autocast, barrier, close_distributed, gather_objects,
-                     init_distributed, make_scaler, peak_flops, pick_dtype, print0, rng_state, seed_everything,
-                     set_rng_state, setup_backends, shard_model, step_seed)
+from runtime import (Dist, NoInferenceMode, autocast, barrier, broadcast_object, close_distributed, compile_reason,
+                     gather_objects, init_distributed, make_scaler, peak_flops, pick_dtype, print0, rng_state,
+                     seed_everything, set_rng_state, setup_backends, shard_model, step_seed)
+
+OPTIMIZERS = ("adamw", "adamw8bit", "muon")
 
 
 @dataclass
@@ -43,10 +46,12 @@ class TrainConfig:
     log_interval: int = 1  # print and append to metrics.jsonl every this many iterations
     eval_iters: int = 200  # batches of the fixed validation set per evaluation; 0 = the whole split
     eval_only: bool = False  # evaluate once and exit
-    always_save_checkpoint: bool = True  # save at each evaluation; False = only when val improved
+    always_save_checkpoint: bool = True  # save at each evaluation; False = only when val improved (and at the end)
     save_interval: int = 0  # also save every this many iterations, independent of evaluation; 0 = off
     keep_last_n: int = 3  # checkpoints kept besides latest and best
-    init_from: str = "scratch"  # 'scratch' | 'resume' | 'gpt2[-medium|-large|-xl]' | HF dir | one of our out_dirs
+    init_from: str = "scratch"  # 'scratch' | 'resume' | 'gpt2[-medium|-large|-xl]' | HF dir | one of our runs
+    resume_from: str = ""  # with init_from='resume': a checkpoint (ckpt-NNNNNNN in out_dir, or a path) instead of latest
+    overwrite: bool = False  # a new run into an out_dir holding one deletes its checkpoints and metrics
     seed: int = 1337
     max_bad_steps: int = 10  # stop (with a checkpoint) after this many non-finite steps in a row
     # wandb (optional, imported only when on)
@@ -75,7 +80,7 @@ class TrainConfig:
     qkv_bias: Optional[bool] = None  # None = same as bias
     tie_weights: bool = True  # lm_head shares wte, as GPT-2
     vocab_size: int = 0  # 0 = the dataset's (meta.json), else 50304 (GPT-2's padded to a multiple of 64)
-    activation: str = "gelu_tanh"
+    activation: str = "gelu_tanh"  # GPT-2's tanh GELU; 'gelu' = the exact erf GELU (nanoGPT)
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     # fine-tuning a part of the model
     lora_rank: int = 0  # 0 disables LoRA
@@ -98,7 +103,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     # learning rate schedule: linear warmup, then cosine decay to min_lr
-    decay_lr: bool = True  # False = constant learning_rate (after warmup)
+    decay_lr: bool = True  # False = constant learning_rate from the first step, no warmup (as nanoGPT)
     warmup_iters: int = 2000
     lr_decay_iters: int = 600000  # ~ max_iters (Chinchilla)
     min_lr: float = 6e-5  # ~ learning_rate / 10 (Chinchilla)
@@ -109,6 +114,14 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bfloat16 where native, float16 (+GradScaler) on older GPUs, else float32
     compile: bool = False  # torch.compile the model (turned off, with the reason printed, where it cannot work)
 
+
+# what a resume may not change: the weights' shapes, the data, the optimizer's kind
+RESUME_FIXED = GPTConfig.SHAPE_FIELDS + ("lora_rank", "lora_targets", "train_1d_only", "sft_train_file", "dataset",
+                                         "data_dir", "optimizer")
+CPU_RECIPE = "config/train_shakespeare_char_cpu.py"
+
+
+# ----------------------------------------------------------------------------- pure functions
 
 def get_lr(it, cfg):
     """Linear warmup (non-zero at step 0), then cosine decay from learning_rate to min_lr.
@@ -123,31 +136,115 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def compile_reason(device):
-    """None when torch.compile can run here, else why not."""
-    if device.type == "mps":
-        return "torch.compile does not support MPS"
-    if sys.platform == "win32":
-        return "torch.compile's default backend needs Triton/a C++ toolchain that Windows installs lack"
-    if device.type == "cpu":
-        import shutil
-        if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
-            return "no C++ compiler found for torch.compile's CPU backend"
-    return None
+def check_config(cfg, dist_info):
+    """All problems of a config at once, as a ValueError, before any work (and before torchrun's
+    process group starts, so that a wrong value is one line, not a hang)."""
+    errors = []
+    if cfg.gradient_accumulation_steps % dist_info.world_size:
+        errors.append(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
+                      f"{dist_info.world_size} ranks; use a multiple of {dist_info.world_size} (it is the total "
+                      f"over all ranks, so the tokens per step stay what the config says)")
+    for k in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval"):
+        if getattr(cfg, k) <= 0:
+            errors.append(f"{k} must be positive, got {getattr(cfg, k)}")
+    if cfg.init_from == "scratch" and cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
+        errors.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head gets n_embd / n_head "
+                      f"dimensions; e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
+    choices = {"sampling": ("random", "sequential"), "lora_targets": ("attn", "all"),
+               "base_dtype": ("float32", "bfloat16"), "optimizer": OPTIMIZERS, "backend": ("auto", "nccl", "gloo"),
+               "activation": ("gelu_tanh", "gelu")}
+    for k, allowed in choices.items():
+        if getattr(cfg, k) not in allowed:
+            errors.append(f"{k} must be {' or '.join(map(repr, allowed))}, got {getattr(cfg, k)!r}")
+    if cfg.train_1d_only and cfg.base_dtype != "float32":
+        errors.append("train_1d_only trains the biases inside the base's layers, which must then stay float32: "
+                      "use base_dtype='float32'")
+    if cfg.optimizer == "muon" and cfg.muon_lr <= 0:
+        errors.append(f"muon_lr must be positive with optimizer='muon', got {cfg.muon_lr}")
+    if cfg.optimizer == "muon" and cfg.train_1d_only:
+        errors.append("optimizer='muon' trains weight matrices, and train_1d_only has none: use optimizer='adamw'")
+    if (cfg.lora_rank > 0 or cfg.train_1d_only) and cfg.init_from == "scratch":
+        errors.append("LoRA / train_1d_only fine-tune a pretrained model: set init_from")
+    if cfg.resume_from and cfg.init_from != "resume":
+        errors.append(f"resume_from={cfg.resume_from!r} needs init_from='resume'")
+    if cfg.fsdp and dist_info.enabled:
+        if cfg.optimizer != "adamw":
+            errors.append("fsdp=True works with optimizer='adamw' only (bitsandbytes' 8-bit AdamW does not take sharded "
+                          "parameters, and Muon orthogonalises whole matrices)")
+        if cfg.base_dtype != "float32":
+            errors.append("fsdp=True needs base_dtype='float32': FSDP shards a block's parameters together and "
+                          "wants one dtype (sharding already divides the base's memory by the ranks)")
+    if cfg.wandb_log:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            errors.append("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
+    errors += check_sources(cfg)
+    if errors:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
-def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, device):
-    """One optimizer step over micro-batches [(x, y), ...] of this rank.
+def check_sources(cfg):
+    """Problems with out_dir and init_from that the filesystem shows before anything runs."""
+    errors, out = [], Path(cfg.out_dir)
+    if (out / "state.json").exists():
+        errors.append(f"out_dir={cfg.out_dir} is a checkpoint directory, not a run's out_dir: new checkpoints would "
+                      f"nest inside it; use --out_dir={out.parent} --init_from=resume --resume_from={out.name}")
+    elif cfg.init_from != "resume" and not cfg.overwrite and not cfg.eval_only and ckpt_lib.holds_run(out):
+        errors.append(f"out_dir={cfg.out_dir} already holds a run: continue it with --init_from=resume, start this one "
+                      f"in another --out_dir, or pass --overwrite=True to delete its checkpoints and metrics")
+    if cfg.init_from not in ("scratch", "resume"):
+        context = ckpt_lib.source_context(cfg.init_from)
+        if context is not None and cfg.block_size > context:
+            errors.append(f"block_size={cfg.block_size} exceeds the {context} positions of {cfg.init_from}: a pretrained "
+                          f"model's context can only be cropped; use --block_size={context} or less")
+    return errors
+
+
+def resume_changes(saved, cfg):
+    """(refused, changed): {key: (checkpoint value, now)} for what a resume may not change (the model's
+    shape, the data, the optimizer's kind) and for everything else that differs (printed, then used)."""
+    changed = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("init_from", "resume_from", "overwrite") and k in saved and saved[k] != v}
+    refused = {k: c for k, c in changed.items() if k in RESUME_FIXED}
+    return refused, {k: c for k, c in changed.items() if k not in refused}
+
+
+def scratch_model_args(cfg, data_meta):
+    """GPTConfig fields of a model trained from scratch: the config's shape, the data's vocabulary."""
+    vocab = cfg.vocab_size or data_meta.get("vocab_size") or 50304
+    return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, qkv_bias=cfg.qkv_bias,
+                tie_weights=cfg.tie_weights, activation=cfg.activation)
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+
+class Step(NamedTuple):
+    loss: torch.Tensor  # mean loss over every target token of the step on all ranks (on the device)
+    norm: torch.Tensor  # gradient norm before clipping
+    stepped: bool  # False: skipped (non-finite loss or gradient; under fp16 the scaler may skip too)
+    finite: bool  # the loss was finite
+    tokens: int  # tokens computed in the step on all ranks (an SFT batch's padding included)
+    stop: bool  # some rank was asked to stop (SIGTERM, Ctrl-C) during the step
+
+
+def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, device, stop=None):
+    """One optimizer step over micro-batches [(x, y), ...] of this rank; returns a Step. stop: a
+    function saying whether this rank was asked to stop, read once the micro-steps are done.
 
     The loss is the sum of token losses over every micro-batch of every rank divided by the global
     number of target tokens, so uneven masks (SFT) weigh every token alike however the batch is
-    split (PITFALLS 1-2). Returns (mean loss tensor, grad norm tensor, stepped: bool).
+    split (PITFALLS 1-2). One host sync, at the end; under torchrun, two all-reduces: the target and
+    token counts before the micro-steps, the loss and the stop requests after them, so every rank
+    takes the same skip and stop decisions.
     """
-    # target counts stay on the device: the step's one host sync is the finite check at the end
     n_targets = torch.stack([(y != -1).sum() for _, y in batches]).sum()  # int64: exact at any size
+    tokens = torch.tensor(sum(x.numel() for x, _ in batches), device=device)
     if dist_info.enabled:
         import torch.distributed as dist
-        dist.all_reduce(n_targets)
+        counts = torch.stack([n_targets, tokens])
+        dist.all_reduce(counts)
+        n_targets, tokens = counts[0], counts[1]
     scale = dist_info.world_size / n_targets.to(torch.float32)
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     loss_sum = torch.zeros((), device=device)
@@ -157,37 +254,42 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, dev
         # (FSDP reduce-scatters after every micro-step: skipping it would keep whole unsharded
         # gradients between micro-steps, the memory FSDP is there to save)
         with ctx:
-            _, loss = model(x, y, reduction="sum")
+            loss = model(x, y, reduction="sum")[1]  # the (B, T, V) logits are not kept: freed here
         # DDP and FSDP average gradients over ranks: scale by world_size so the result is the global sum / n
         loss = loss * scale
         scaler.scale(loss).backward()
         loss_sum += loss.detach() / dist_info.world_size  # this rank's share of the global mean
+        del loss
+    stops = torch.tensor(float(bool(stop and stop())), device=device)
     if dist_info.enabled:
-        # the global mean loss on every rank; a NaN/inf on any rank makes it non-finite on all of
-        # them, so every rank takes the same decision to skip below
-        dist.all_reduce(loss_sum)
+        # the global mean loss on every rank (a NaN on any rank makes it non-finite on all of them),
+        # and how many ranks were asked to stop
+        flags = torch.stack([loss_sum, stops])
+        dist.all_reduce(flags)
+        loss_sum, stops = flags[0], flags[1]
     scaler.unscale_(optimizer)  # clip real gradients, not scaled ones (PITFALLS 4); no-op without fp16
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor, the same global norm on every rank
         norm = norm.full_tensor()
-    no_targets, finite_loss, finite_norm = torch.stack(
-        [n_targets == 0, torch.isfinite(loss_sum), torch.isfinite(norm.to(loss_sum.device))]).tolist()
+    wide = torch.float32 if device.type == "mps" else torch.float64  # token counts stay exact in float64
+    no_targets, finite_loss, finite_norm, stop_all, n_tokens = torch.stack([t.to(wide) for t in (
+        n_targets == 0, torch.isfinite(loss_sum), torch.isfinite(norm.to(loss_sum.device)), stops > 0, tokens)]).tolist()
     if no_targets:
         optimizer.zero_grad(set_to_none=True)
         raise ValueError("an optimizer step has no target tokens: every example is masked out")
-    stepped = finite_loss and (scaler.is_enabled() or finite_norm)
+    stepped = bool(finite_loss and (scaler.is_enabled() or finite_norm))
     if stepped:
         scaler.step(optimizer)  # with fp16 the scaler itself skips a step whose gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, norm, stepped
+    return Step(loss_sum, norm, stepped, bool(finite_loss), int(n_tokens), bool(stop_all))
 
 
-# ----------------------------------------------------------------------------- setup helpers
+# ----------------------------------------------------------------------------- data, model, optimizer
 
 def load_data(cfg, dist_info, meta_hint=None):
-    """(train sampler, function yielding val batches, dataset meta) for token files or SFT JSONL."""
+    """(train sampler, function yielding val batches or None, dataset meta) for token files or SFT JSONL."""
     if cfg.sft_train_file:
         import sft
         tokenizer = Tokenizer(meta_hint or {"tokenizer": "gpt2"})
@@ -201,17 +303,16 @@ def load_data(cfg, dist_info, meta_hint=None):
             val_tok, _ = sft.tokenize_examples(sft.load_examples(cfg.sft_val_file, template), tokenizer, cfg.block_size)
         val = (lambda: sft.sft_eval_batches(val_tok, cfg.batch_size, cfg.block_size, cfg.eval_iters)) if val_tok else None
         return sampler, val, meta_hint or {"tokenizer": "gpt2", "vocab_size": tokenizer.vocab_size}
-    data_dir = Path(cfg.data_dir or Path("data") / cfg.dataset)
+    data_dir = resolve_data_dir(cfg.data_dir, cfg.dataset)
     train = TokenData(data_dir, "train")
     valdata = TokenData(data_dir, "val")
-    meta = train.meta
-    vocab = meta.get("vocab_size") or 50304
+    vocab = train.meta.get("vocab_size") or 50304
     sampler = make_sampler(cfg.sampling, train, cfg.batch_size, cfg.block_size, cfg.seed,
                            dist_info.rank, dist_info.world_size, vocab)
     val = lambda: eval_batches(valdata, cfg.batch_size, cfg.block_size, cfg.eval_iters, vocab)
     print0(f"data: {data_dir}: {train.n_tokens:,} train tokens in {len(train.files)} file(s), "
            f"{valdata.n_tokens:,} val tokens; sampling={cfg.sampling}")
-    return sampler, val, meta
+    return sampler, val, train.meta
 
 
 def build_model(cfg, origin, model_args, base=None):
@@ -221,12 +322,7 @@ def build_model(cfg, origin, model_args, base=None):
         partial = False
     else:
         model = ckpt_lib.build_base(base or origin)
-        model.config.dropout = cfg.dropout
-        for m in model.modules():  # pretrained weights with this run's dropout
-            if isinstance(m, torch.nn.Dropout):
-                m.p = cfg.dropout
-            if hasattr(m, "dropout") and isinstance(m.dropout, float):
-                m.dropout = cfg.dropout
+        model.set_dropout(cfg.dropout)  # pretrained weights with this run's dropout
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
         partial = ckpt_lib.apply_finetune(model, dataclasses.asdict(cfg))
@@ -241,7 +337,7 @@ def build_model(cfg, origin, model_args, base=None):
 def set_lr(optimizer, lr):
     """Every group at lr times its lr_scale (Muon's matrices: muon_lr on the same schedule)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints from before lr_scale: 1
+        group["lr"] = lr * group["lr_scale"]
 
 
 def make_optimizer(model, cfg, device, fused=None):
@@ -252,43 +348,177 @@ def make_optimizer(model, cfg, device, fused=None):
                                       muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
 
 
-def check_config(cfg, dist_info):
-    """All problems of a config at once, as a ValueError."""
-    errors = []
-    if cfg.gradient_accumulation_steps % dist_info.world_size:
-        errors.append(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
-                      f"{dist_info.world_size} ranks; use a multiple of {dist_info.world_size}")
-    for k in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval"):
-        if getattr(cfg, k) <= 0:
-            errors.append(f"{k} must be positive, got {getattr(cfg, k)}")
-    if cfg.sampling not in ("random", "sequential"):
-        errors.append(f"sampling must be 'random' or 'sequential', got {cfg.sampling!r}")
-    if cfg.lora_targets not in ("attn", "all"):
-        errors.append(f"lora_targets must be 'attn' or 'all', got {cfg.lora_targets!r}")
-    if cfg.base_dtype not in ("float32", "bfloat16"):
-        errors.append(f"base_dtype must be 'float32' or 'bfloat16', got {cfg.base_dtype!r}")
-    if cfg.train_1d_only and cfg.base_dtype != "float32":
-        errors.append("train_1d_only trains the biases inside the base's layers, which must then stay float32: "
-                      "use base_dtype='float32'")
-    if cfg.optimizer not in ("adamw", "adamw8bit", "muon"):
-        errors.append(f"optimizer must be 'adamw', 'adamw8bit' or 'muon', got {cfg.optimizer!r}")
-    if cfg.optimizer == "muon" and cfg.muon_lr <= 0:
-        errors.append(f"muon_lr must be positive with optimizer='muon', got {cfg.muon_lr}")
-    if cfg.optimizer == "muon" and cfg.train_1d_only:
-        errors.append("optimizer='muon' trains weight matrices, and train_1d_only has none: use optimizer='adamw'")
-    if (cfg.lora_rank > 0 or cfg.train_1d_only) and cfg.init_from == "scratch":
-        errors.append("LoRA / train_1d_only fine-tune a pretrained model: set init_from")
-    if cfg.backend not in ("auto", "nccl", "gloo"):
-        errors.append(f"backend must be 'auto', 'nccl' or 'gloo', got {cfg.backend!r}")
-    if cfg.fsdp and dist_info.enabled:
-        if cfg.optimizer != "adamw":
-            errors.append("fsdp=True works with optimizer='adamw' only (bitsandbytes' 8-bit AdamW does not take sharded "
-                          "parameters, and Muon orthogonalises whole matrices)")
-        if cfg.base_dtype != "float32":
-            errors.append("fsdp=True needs base_dtype='float32': FSDP shards a block's parameters together and "
-                          "wants one dtype (sharding already divides the base's memory by the ranks)")
-    if errors:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+def wrap_model(model, cfg, device, dist_info, fsdp):
+    """What trains: the model, compiled where torch.compile can run, inside DDP under torchrun (FSDP
+    already sharded the model in place)."""
+    runner = model
+    if cfg.compile:
+        reason = compile_reason(device)
+        if reason:
+            print0(f"compile: off ({reason})")
+        else:
+            print0("compile: compiling the model (the first iterations are slow)")
+            runner = torch.compile(model)
+    if dist_info.enabled and not fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # gradient_as_bucket_view: the gradients live in DDP's communication buckets instead of
+        # beside them, one copy of the gradients fewer
+        runner = DDP(runner, device_ids=[dist_info.local_rank] if device.type == "cuda" else None,
+                     gradient_as_bucket_view=True)
+    return runner
+
+
+# ----------------------------------------------------------------------------- the run's state, saved and restored
+
+@dataclass
+class Run:
+    """What the loop and its helpers share: the pieces of the run and the counters a checkpoint records."""
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    ctx: object  # the autocast context of the forward passes
+    model: GPT  # the plain module: saved and evaluated
+    optimizer: object
+    scaler: object
+    sampler: object
+    val_batches: object  # () -> validation batches, or None
+    data_meta: dict
+    origin: str  # where the weights came from: 'scratch', a GPT-2 name, a path
+    base: Optional[str]  # the frozen base a partial checkpoint refers to
+    partial: bool  # LoRA / 1-D: checkpoints hold the trained parameters only
+    fsdp: bool
+    iter_num: int = 0
+    tokens_seen: int = 0
+    best_val: float = float("inf")
+    wandb_id: Optional[str] = None
+    saved_at: Optional[int] = None  # the iteration of the last checkpoint written or resumed from
+
+
+def save(run, is_best=False, hash_files=True):
+    """A checkpoint of the run. Every rank calls this (gathering data positions and FSDP shards are
+    collectives); rank 0 writes."""
+    gathered = ckpt_lib.gather_sharded(run.model, run.optimizer) if run.fsdp else None
+    sampler_ranks = gather_objects(run.sampler.state_dict(), run.dist)
+    run.saved_at = run.iter_num
+    if not run.dist.is_master:
+        return
+    state = {"iter_num": run.iter_num, "tokens_seen": run.tokens_seen,
+             "best_val_loss": run.best_val if math.isfinite(run.best_val) else None,
+             "config": dataclasses.asdict(run.cfg) | {"init_from": run.origin, "resume_from": ""},
+             "model_args": dataclasses.asdict(run.model.config), "sampler": sampler_ranks[0],
+             "sampler_ranks": sampler_ranks, "rng": rng_state(),
+             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+             "wandb_run_id": run.wandb_id, "data_meta": run.data_meta, "base": run.base}
+    path = ckpt_lib.save_checkpoint(run.cfg.out_dir, state, run.model, run.optimizer, trainable_only=run.partial,
+                                    is_best=is_best, keep_last_n=run.cfg.keep_last_n, gathered=gathered,
+                                    hash_files=hash_files)
+    print0(f"saved checkpoint to {path}")
+
+
+def restore(run, ckpt_dir, state):
+    """Bring back everything that shapes the next step (PITFALLS 12): optimizer state, scaler, data
+    position, RNG states and counters. The optimizer's hyperparameters stay the config's (PITFALLS 21)."""
+    if run.fsdp:
+        ckpt_lib.restore_optimizer_sharded(run.model, run.optimizer, ckpt_dir, state)
+    else:
+        ckpt_lib.restore_optimizer(run.model, run.optimizer, ckpt_dir, state)
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    if state.get("sampler") and state.get("rng"):
+        sampler_state = rank_sampler_state(state, run.dist.rank)
+        if sampler_state is not None:
+            run.sampler.load_state_dict(sampler_state)
+        else:
+            print(f"resume: rank {run.dist.rank} has no saved data position (the run had fewer ranks); "
+                  f"it starts its own random stream afresh", flush=True)
+        set_rng_state(state["rng"])
+    else:  # e.g. converted from nanoGPT, which does not record them
+        print0("resume: the checkpoint has no data position or RNG state; sampling starts afresh")
+    run.iter_num, run.tokens_seen = state["iter_num"], state["tokens_seen"]
+    run.best_val = state["best_val_loss"] if state["best_val_loss"] is not None else float("inf")
+    run.wandb_id = state.get("wandb_run_id")
+    run.saved_at = run.iter_num
+
+
+def rank_sampler_state(state, rank):
+    """The data position this rank resumes from: its own when the checkpoint has one. Otherwise
+    (a run saved with fewer ranks, or from before positions were kept per rank) the sequential
+    sampler's global cursor, which every rank shares, or None for a random stream: a rank that
+    copied rank 0's stream would read exactly rank 0's windows."""
+    ranks = state.get("sampler_ranks") or [state["sampler"]]
+    if rank < len(ranks):
+        return ranks[rank]
+    return None if state["sampler"].get("kind") == "random" else state["sampler"]
+
+
+def read_resume_state(cfg, dist_info):
+    """(checkpoint dir, state) to resume from. Rank 0 alone reads every file back to check its hash;
+    the others take its verdict and the checkpoint it chose, read that checkpoint's state.json, and
+    all ranks confirm they see it: on several nodes out_dir must be a filesystem they share."""
+    where = Path(cfg.out_dir)
+    if cfg.resume_from:
+        named = Path(cfg.resume_from)
+        where = named if named.is_absolute() or named.parent != Path(".") else where / named
+    chosen = None
+    if dist_info.is_master:
+        try:
+            ckpt_dir, state = ckpt_lib.read_checkpoint(where)
+            chosen = str(ckpt_dir)
+        except (ValueError, FileNotFoundError) as e:
+            broadcast_object(f"error: {e}", dist_info)  # the others stop with rank 0, instead of waiting
+            raise
+    chosen = broadcast_object(chosen, dist_info)
+    if chosen.startswith("error: "):
+        raise ValueError(chosen[len("error: "):])
+    if not dist_info.is_master:
+        try:
+            ckpt_dir, state = ckpt_lib.read_checkpoint(chosen, verify=False)  # rank 0 checked the hashes
+        except (ValueError, FileNotFoundError):
+            ckpt_dir, state = None, None
+    blind = [r for r, ok in enumerate(gather_objects(state is not None, dist_info)) if not ok]
+    if blind:
+        raise ValueError(f"rank(s) {blind} cannot read {chosen}, which rank 0 resumes from: on several nodes, "
+                         f"out_dir must be on a filesystem every node shares (NFS, Lustre, ...), or the checkpoint "
+                         f"copied to the same path on each node")
+    return ckpt_dir, state
+
+
+# ----------------------------------------------------------------------------- evaluation, metrics, signals
+
+def validate(run):
+    """Validation loss, the same number on every rank (rank 0's: every rank then takes the same
+    save decision, and a save is a collective), or None without validation data. DDP: rank 0
+    evaluates while the others wait for its number. FSDP: every rank runs the forward, which
+    gathers the shards, and the number is rank 0's."""
+    if run.val_batches is None:
+        return None
+    val = None
+    if run.dist.is_master or run.fsdp:
+        import evaluate
+        model = NoInferenceMode(run.model) if run.fsdp else run.model
+        batches = (to_device(b, run.device) for b in run.val_batches())
+        val = evaluate.evaluate_loss(model, batches, run.device, run.ctx)["loss"]
+    return broadcast_object(val, run.dist)
+
+
+class Metrics:
+    """metrics.jsonl (rank 0), one JSON record per line, mirrored to wandb when it is on."""
+
+    def __init__(self, run, wandb_run=None):
+        self.file = open(Path(run.cfg.out_dir) / "metrics.jsonl", "a") if run.dist.is_master else None
+        self.wandb = wandb_run
+
+    def log(self, record):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["iter"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
 
 
 class StopFlag:
@@ -307,24 +537,40 @@ class StopFlag:
                f"(Ctrl-C again aborts without saving)")
 
 
-def trim_metrics(path, last_iter):
-    """On resume, drop metric lines past the checkpoint (a crash may have logged beyond it)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["iter"] <= last_iter:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            pass  # a half-written last line of a killed run
-    atomic_write(path, ["".join(l + "\n" for l in keep).encode()])
+def print_budget(model, cfg, device, dtype, tokens_per_iter, iters_left, world_size):
+    """Parameters, the FLOPs budget and, at the device's peak, the least time it can take; on a CPU
+    a run that needs hours was written for a GPU, and the CPU recipe is named."""
+    n_params = model.get_num_params()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokens = cfg.max_iters * tokens_per_iter
+    print0(f"model: {n_params:,} parameters ({model.get_num_params(non_embedding=True):,} without embeddings), "
+           f"{n_train:,} trained")
+    peak, source = peak_flops(device, dtype)
+    floor_s = model.flops_per_token(cfg.block_size) * iters_left * tokens_per_iter / world_size / peak
+    print0(f"budget: {tokens:,} tokens, 6ND = {6 * n_params * tokens:.3g} FLOPs, {tokens / n_params:.1f} tokens per "
+           f"parameter (Chinchilla-optimal ~20); at this device's peak ({peak / 1e12:.2f} TFLOP/s, {source}) "
+           f"the {iters_left:,} iterations left take at least {floor_s / 60:,.1f} min")
+    if device.type == "cpu" and floor_s > 1800:
+        print0(f"note: this config needs at least {floor_s / 3600:,.1f} h on this CPU even at its peak matmul rate "
+               f"(real runs reach a fraction of it): it was written for a GPU. On a CPU, {CPU_RECIPE} trains a "
+               f"character-level Shakespeare model in about 2 minutes")
+    return peak
+
+
+def print_memory(model, cfg, device, dtype, world_size, fsdp):
+    import memory
+    est = memory.estimate_training_memory(
+        model, cfg.batch_size, cfg.block_size, compute_dtype_bytes=4 if dtype == torch.float32 else 2,
+        optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing,
+        world_size=world_size, fsdp=fsdp)
+    print0(memory.memory_report(est, memory.device_memory(device)))
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(cfg):
-    check_config(cfg, _dist_probe())  # before any process group starts
+    # --- runtime: config checks, process group, device and precision
+    check_config(cfg, Dist(world_size=int(os.environ.get("WORLD_SIZE", "1"))))  # before any process group starts
     dist_info, device = init_distributed(cfg.device, cfg.backend)
     setup_backends(device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -334,15 +580,9 @@ def main(cfg):
     if fsdp and dtype == torch.float16:
         raise ValueError("fsdp=True with float16 is not supported (the GradScaler would check only this rank's "
                          "shard for overflow): use --dtype=bfloat16 (Ampere or newer) or float32, or fsdp=False")
-    ctx = autocast(device, dtype)
-    master = dist_info.is_master
-    out_dir = Path(cfg.out_dir)
     accum = cfg.gradient_accumulation_steps // dist_info.world_size  # micro-steps per rank
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    parallel = ""
-    if dist_info.enabled:
-        import torch.distributed as dist
-        parallel = f" ({'FSDP' if fsdp else 'DDP'} over {dist.get_backend()})"
+    parallel = f" ({'FSDP' if fsdp else 'DDP'} over {torch.distributed.get_backend()})" if dist_info.enabled else ""
     print0(f"runtime: device={device}, dtype={str(dtype).replace('torch.', '')}, world_size={dist_info.world_size}"
            f"{parallel}, torch {torch.__version__}, numpy {np.__version__}")
     print0(f"tokens per iteration: {cfg.gradient_accumulation_steps} accum x {cfg.batch_size} batch x "
@@ -350,265 +590,158 @@ def main(cfg):
     if device.type == "cpu" and accum > 1:
         print0("note: gradient accumulation gives no speed-up on a CPU; a larger batch_size does the same math")
 
-    # --- state to resume from
+    # --- the checkpoint to resume from, or a clean out_dir
     state, ckpt_dir = None, None
     if cfg.init_from == "resume":
-        ckpt_dir, state = ckpt_lib.read_checkpoint(out_dir)
-        saved = state["config"]
-        changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                   if k != "init_from" and saved.get(k) != v}
-        shape = {k: c for k, c in changed.items() if k in GPTConfig.SHAPE_FIELDS or k in
-                 ("lora_rank", "lora_targets", "train_1d_only", "sft_train_file", "dataset", "data_dir", "optimizer")}
-        if shape:
+        ckpt_dir, state = read_resume_state(cfg, dist_info)
+        refused, changed = resume_changes(state["config"], cfg)
+        if refused:
             raise ValueError(f"cannot resume {ckpt_dir} with a different model, data or optimizer: " + ", ".join(
-                f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in shape.items()) + "; keep them as they were")
+                f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in refused.items()) + "; keep them as they were")
         for k, (a, b) in changed.items():
             print0(f"resume: {k} changed from {a!r} to {b!r}")
+        if state["iter_num"] >= cfg.max_iters and not cfg.eval_only:
+            print0(f"resume: {ckpt_dir} is at iteration {state['iter_num']}, max_iters={cfg.max_iters}: the run is "
+                   f"finished and nothing was trained; raise --max_iters to train on")
+            close_distributed(dist_info)
+            return {"iter_num": state["iter_num"], "best_val_loss": state["best_val_loss"]}
         print0(f"resuming from {ckpt_dir} at iteration {state['iter_num']}")
+    elif cfg.overwrite and dist_info.is_master and not cfg.eval_only:
+        removed = ckpt_lib.delete_run(cfg.out_dir)
+        if removed:
+            print0(f"overwrite: deleted {removed} of the earlier run in {cfg.out_dir}")
+    barrier(dist_info, device)
 
     # --- data and model
     seed_everything(cfg.seed)  # the same initial weights on every rank and every run
-    origin = (state["config"]["init_from"] if state else cfg.init_from)
+    origin = state["config"]["init_from"] if state else cfg.init_from
     meta_hint = state.get("data_meta") if state else None
-    if origin not in ("scratch", "resume") and not meta_hint:
-        p = Path(origin)
-        meta_hint = ({"tokenizer": "gpt2", "vocab_size": 50257} if not (p / "latest.json").exists()
-                     else ckpt_lib.read_checkpoint(p, verify=False)[1].get("data_meta"))  # build_base loads it
+    if origin != "scratch" and not meta_hint:
+        meta_hint = ckpt_lib.source_data_meta(origin)  # a fine-tune reads text with its base's tokenizer
     sampler, val_batches, data_meta = load_data(cfg, dist_info, meta_hint)
     build_from, model_args = origin, None
     if state and not state.get("trainable_only"):  # the checkpoint holds every weight: no base to fetch
         build_from, model_args = "scratch", dict(state["model_args"], dropout=cfg.dropout)
     elif origin == "scratch":
-        vocab = cfg.vocab_size or data_meta.get("vocab_size") or 50304
-        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, qkv_bias=cfg.qkv_bias,
-                          tie_weights=cfg.tie_weights, activation=cfg.activation)
-    model, partial = build_model(cfg, build_from, model_args, base=state.get("base") if state else None)
+        model_args = scratch_model_args(cfg, data_meta)
+    base = state.get("base") if state else ckpt_lib.base_reference(origin)
+    model, partial = build_model(cfg, build_from, model_args, base=base)
     if isinstance(sampler, (RandomSampler, SequentialSampler)):  # token files: their ids must fit the model
         sampler.data.check_vocab(model.config.vocab_size)
         sampler.vocab_size = model.config.vocab_size
     model.to(device)
-    n_params = model.get_num_params()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tokens_planned = cfg.max_iters * tokens_per_iter
-    print0(f"model: {n_params:,} parameters ({model.get_num_params(non_embedding=True):,} without embeddings), "
-           f"{n_train:,} trained")
-    print0(f"budget: {tokens_planned:,} tokens, 6ND = {6 * n_params * tokens_planned:.3g} FLOPs, "
-           f"{tokens_planned / n_params:.1f} tokens per parameter (Chinchilla-optimal ~20)")
-    _print_memory(model, cfg, device, dtype)
-
+    peak = print_budget(model, cfg, device, dtype, tokens_per_iter, cfg.max_iters - (state or {}).get("iter_num", 0),
+                        dist_info.world_size)
+    print_memory(model, cfg, device, dtype, dist_info.world_size, fsdp)
     if state:  # whole weights on every rank, before FSDP splits them
         ckpt_lib.restore_model(model, ckpt_dir, state)
     if fsdp:  # in place, before the optimizer, which must see the sharded parameters
         shard_model(model)
-        print0(f"fsdp: {model.config.n_layer} blocks + root sharded "
-               f"over {dist_info.world_size} ranks (the memory estimate above is before sharding: weights, "
-               f"gradients and optimizer states divide by {dist_info.world_size})")
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = make_scaler(device, dtype)
-    iter_num, tokens_seen, best_val = 0, 0, float("inf")
-    wandb_id = None
+        print0(f"fsdp: {model.config.n_layer} blocks + root sharded over {dist_info.world_size} ranks")
+
+    # --- optimizer, precision, restored state
+    run = Run(cfg, dist_info, device, autocast(device, dtype), model, make_optimizer(model, cfg, device),
+              make_scaler(device, dtype), sampler, val_batches, data_meta, origin, base, partial, fsdp)
     if state:
-        if fsdp:
-            ckpt_lib.restore_optimizer_sharded(model, optimizer, ckpt_dir, state)
-        else:
-            ckpt_lib.restore_optimizer(model, optimizer, ckpt_dir, state)
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if state.get("sampler") and state.get("rng"):
-            sampler_state = rank_sampler_state(state, dist_info.rank)
-            if sampler_state is not None:
-                sampler.load_state_dict(sampler_state)
-            else:
-                print(f"resume: rank {dist_info.rank} has no saved data position (the run had fewer ranks); "
-                      f"it starts its own random stream afresh", flush=True)
-            set_rng_state(state["rng"])
-        else:  # e.g. converted from nanoGPT, which does not record them
-            print0("resume: the checkpoint has no data position or RNG state; sampling starts afresh")
-        iter_num, tokens_seen = state["iter_num"], state["tokens_seen"]
-        best_val = state["best_val_loss"] if state["best_val_loss"] is not None else float("inf")
-        wandb_id = state.get("wandb_run_id")
-        if master:
-            trim_metrics(out_dir / "metrics.jsonl", iter_num)
-    resumed_at = iter_num if state else None
-
-    runner = model
-    if cfg.compile:
-        reason = compile_reason(device)
-        if reason:
-            print0(f"compile: off ({reason})")
-        else:
-            print0("compile: compiling the model (the first iterations are slow)")
-            runner = torch.compile(model)
-    if dist_info.enabled and not fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        runner = DDP(runner, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
-
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        pf, pf_source = peak_flops(device, dtype)
-        print0(f"mfu: peak {pf / 1e12:.2f} TFLOP/s ({pf_source})")
+        restore(run, ckpt_dir, state)
+        if dist_info.is_master:
+            ckpt_lib.trim_metrics(Path(cfg.out_dir) / "metrics.jsonl", run.iter_num)
+    resumed_at = run.iter_num if state else None
+    runner = wrap_model(model, cfg, device, dist_info, fsdp)
+    wandb_run = None
+    if dist_info.is_master:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         if cfg.wandb_log:
             import wandb
-            run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
-                             id=wandb_id, resume="allow")
-            wandb_id = run.id
-    metrics = open(out_dir / "metrics.jsonl", "a") if master else None
-
-    def save(is_best=False):
-        """Every rank calls this (gathering data positions and FSDP shards are collectives); rank 0 writes."""
-        gathered = ckpt_lib.gather_sharded(model, optimizer) if fsdp else None
-        sampler_ranks = gather_objects(sampler.state_dict(), dist_info)
-        if not master:
-            return
-        st = {"iter_num": iter_num, "tokens_seen": tokens_seen,
-              "best_val_loss": best_val if math.isfinite(best_val) else None,
-              "config": dataclasses.asdict(cfg) | {"init_from": origin}, "model_args": dataclasses.asdict(model.config),
-              "sampler": sampler_ranks[0], "sampler_ranks": sampler_ranks, "rng": rng_state(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-              "wandb_run_id": wandb_id, "data_meta": data_meta,
-              "base": (state.get("base") if state else None) or (str(Path(origin).resolve()) if Path(origin).exists() else origin)}
-        path = ckpt_lib.save_checkpoint(out_dir, st, model, optimizer, trainable_only=partial,
-                                        is_best=is_best, keep_last_n=cfg.keep_last_n, gathered=gathered)
-        print0(f"saved checkpoint to {path}")
-
-    def log(record):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-        if cfg.wandb_log:
-            wandb.log(record, step=record["iter"])
-
+            wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
+                                   id=run.wandb_id, resume="allow")
+            run.wandb_id = wandb_run.id
+    metrics = Metrics(run, wandb_run)
     stop = StopFlag()
-    bad_steps, skipped = 0, 0
-    log_loss, log_steps = torch.zeros((), device=device), 0
+    step_flops = functools.lru_cache(maxsize=None)(model.flops_per_token)  # per token, by sequence length
+    bad_steps, skipped, stopping = 0, 0, False
+    log_loss, log_steps, log_tokens, log_flops = torch.zeros((), device=device), 0, 0, 0
     t_log = time.perf_counter()
     while True:
         # --- learning rate
-        lr = get_lr(iter_num, cfg)
-        set_lr(optimizer, lr)
-        last_step = iter_num >= cfg.max_iters
+        lr = get_lr(run.iter_num, cfg)
+        set_lr(run.optimizer, lr)
+        last_step = run.iter_num >= cfg.max_iters
 
-        # --- evaluate and checkpoint (skipped at the iteration a resume starts from: done before).
-        # DDP: rank 0 evaluates while the others wait for its number. FSDP: every rank evaluates, since
-        # each forward gathers the shards. Every rank then takes the same save decision and calls
-        # save(), a collective; rank 0 alone logs and writes.
-        saved_now = False
-        eval_now = (iter_num % cfg.eval_interval == 0 or last_step or cfg.eval_only) and iter_num != resumed_at
-        if eval_now:
-            if val_batches is not None:
-                import evaluate
-                val = 0.0
-                if master or fsdp:
-                    val = evaluate.evaluate_loss(NoInferenceMode(model) if fsdp else model,
-                                                 (to_device(b, device) for b in val_batches()), device, ctx)["loss"]
-                if not fsdp:
-                    val = all_reduce_sum(val if master else 0.0, device, dist_info)  # rank 0's number, everywhere
-                improved = val < best_val
-                best_val = min(best_val, val)
-                print0(f"iter {iter_num}: val loss {val:.4f}{' (best)' if improved else ''}")
-                if master:
-                    log({"iter": iter_num, "tokens": tokens_seen, "val_loss": val, "lr": lr})
-            else:
-                improved = False
-            if iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
-                save(is_best=improved)
-                saved_now = True
-        if cfg.save_interval and iter_num % cfg.save_interval == 0 and iter_num > 0 \
-                and not saved_now and iter_num != resumed_at:
-            save()
-            saved_now = True
-        if eval_now or saved_now:
-            barrier(dist_info, device)
+        # --- evaluate and checkpoint (not at the iteration a resume starts from: done before it stopped).
+        # A run always ends with a checkpoint of its last weights; best.json moves only on improvement.
+        if cfg.eval_only or ((run.iter_num % cfg.eval_interval == 0 or last_step) and run.iter_num != resumed_at):
+            val = validate(run)
+            improved = val is not None and val < run.best_val
+            if val is not None:
+                run.best_val = min(run.best_val, val)
+                print0(f"iter {run.iter_num}: val loss {val:.4f}{' (best)' if improved else ''}")
+                metrics.log({"iter": run.iter_num, "tokens": run.tokens_seen, "val_loss": val, "lr": lr})
+            if run.iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last_step):
+                save(run, is_best=improved)
+        if cfg.save_interval and run.iter_num % cfg.save_interval == 0 and 0 < run.iter_num != run.saved_at:
+            save(run)
 
-        # --- stop: end of schedule, eval_only, or a signal (all ranks agree)
-        signalled = all_reduce_sum(float(stop.signum is not None), device, dist_info) > 0
-        if last_step or cfg.eval_only or signalled:
-            if signalled and not saved_now and iter_num != resumed_at:
-                save()
+        # --- stop: end of schedule, eval_only, or a signal (every rank learnt of it in the last step)
+        if last_step or cfg.eval_only or stopping:
+            if stopping and run.saved_at != run.iter_num:
+                save(run, hash_files=False)  # on the way out: sizes only, no read-back (torchrun waits 30 s)
             break
 
         # --- micro-steps, clip, step
-        torch.manual_seed(step_seed(cfg.seed, dist_info.rank, iter_num))  # dropout masks resume exactly
+        torch.manual_seed(step_seed(cfg.seed, dist_info.rank, run.iter_num))  # dropout masks resume exactly
         batches = [to_device(sampler.next_batch(), device) for _ in range(accum)]
-        loss, norm, stepped = train_step(runner, optimizer, scaler, batches, ctx, cfg.grad_clip, dist_info, device)
-        iter_num += 1  # a skipped step still consumed its batches: the schedule and data move on
-        tokens_seen += tokens_per_iter
-        if not stepped and not (scaler.is_enabled() and torch.isfinite(loss)):
+        step = train_step(runner, run.optimizer, run.scaler, batches, run.ctx, cfg.grad_clip, dist_info, device,
+                          stop=lambda: stop.signum is not None)
+        run.iter_num += 1  # a skipped step still consumed its batches: the schedule and data move on
+        run.tokens_seen += step.tokens
+        stopping = step.stop
+        log_tokens += step.tokens
+        log_flops += sum(step_flops(x.size(1)) * x.numel() for x, _ in batches)  # this rank's
+        if not step.stepped and not (run.scaler.is_enabled() and step.finite):
             bad_steps += 1
             skipped += 1
-            print0(f"iter {iter_num - 1}: non-finite loss or gradient ({loss.item():.4g}, norm {norm.item():.4g}), "
-                   f"step skipped ({bad_steps} in a row, {skipped} in all)")
+            print0(f"iter {run.iter_num - 1}: non-finite loss or gradient ({step.loss.item():.4g}, norm "
+                   f"{step.norm.item():.4g}), step skipped ({bad_steps} in a row, {skipped} in all)")
             if bad_steps >= cfg.max_bad_steps:
-                save()
+                save(run)
                 barrier(dist_info, device)
-                raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row at iteration {iter_num}. The last "
-                                 f"good weights are saved in {out_dir}; lower learning_rate, use bfloat16 or "
+                raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row at iteration {run.iter_num}. The "
+                                 f"last good weights are saved in {cfg.out_dir}; lower learning_rate, use bfloat16 or "
                                  f"float32, or check the data")
         else:
             bad_steps = 0
-            log_loss += loss
+            log_loss += step.loss
             log_steps += 1
 
-        # --- log: mean loss over the interval (one host sync per interval; train_step's loss is already global)
-        if iter_num % cfg.log_interval == 0 and log_steps > 0:
+        # --- log: the mean loss over the interval (its one host sync), tokens really computed
+        if run.iter_num % cfg.log_interval == 0 and log_steps > 0:
             mean_loss = log_loss.item() / log_steps
-            dt = (time.perf_counter() - t_log) / cfg.log_interval
-            t_log = time.perf_counter()
-            if master:
-                mfu = model.estimate_mfu(tokens_per_iter // dist_info.world_size, dt, pf, cfg.block_size)
-                tps = tokens_per_iter / dt
-                eta = (cfg.max_iters - iter_num) * dt
-                print0(f"iter {iter_num}: loss {mean_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
-                       f"{tps:,.0f} tok/s, mfu {mfu * 100:.1f}%, eta {eta / 60:.1f} min")
-                log({"iter": iter_num, "tokens": tokens_seen, "train_loss": mean_loss, "lr": lr,
-                     "ms_per_iter": dt * 1000, "tokens_per_sec": tps, "mfu": mfu, "skipped_steps": skipped})
+            elapsed = time.perf_counter() - t_log
+            dt = elapsed / cfg.log_interval
+            tps, mfu = log_tokens / elapsed, log_flops / elapsed / peak
+            print0(f"iter {run.iter_num}: loss {mean_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tps:,.0f} tok/s, "
+                   f"mfu {mfu * 100:.1f}%, eta {(cfg.max_iters - run.iter_num) * dt / 60:.1f} min")
+            metrics.log({"iter": run.iter_num, "tokens": run.tokens_seen, "train_loss": mean_loss, "lr": lr,
+                         "ms_per_iter": dt * 1000, "tokens_per_sec": tps, "mfu": mfu, "skipped_steps": skipped})
             log_loss.zero_()
-            log_steps = 0
+            log_steps, log_tokens, log_flops, t_log = 0, 0, 0, time.perf_counter()
 
-    if metrics:
-        metrics.close()
+    metrics.close()
+    result = {"iter_num": run.iter_num, "best_val_loss": run.best_val}
     barrier(dist_info, device)  # no rank leaves while rank 0 still writes the final checkpoint
     if dist_info.enabled:
         # FSDP and DDP keep gloo work objects (holding tensors) alive in their hooks; freed after the
         # process group is gone they abort the interpreter at exit ("terminate called without an
         # active exception"), so they go first
-        del runner, model, optimizer, sampler
+        del runner, model, run
         import gc
         gc.collect()
     close_distributed(dist_info)
     if stop.signum == signal.SIGINT:
         raise SystemExit(130)
-    return {"iter_num": iter_num, "best_val_loss": best_val}
-
-
-def rank_sampler_state(state, rank):
-    """The data position this rank resumes from: its own when the checkpoint has one. Otherwise
-    (a run saved with fewer ranks, or from before positions were kept per rank) the sequential
-    sampler's global cursor, which every rank shares, or None for a random stream: a rank that
-    copied rank 0's stream would read exactly rank 0's windows."""
-    ranks = state.get("sampler_ranks") or [state["sampler"]]
-    if rank < len(ranks):
-        return ranks[rank]
-    return None if state["sampler"].get("kind") == "random" else state["sampler"]
-
-
-def _dist_probe():
-    """World size from torchrun's environment, for config checks made before the process group starts."""
-    from runtime import Dist
-    return Dist(world_size=int(os.environ.get("WORLD_SIZE", "1")))
-
-
-def _print_memory(model, cfg, device, dtype):
-    try:
-        import memory
-    except ImportError:
-        return
-    est = memory.estimate_training_memory(
-        model, cfg.batch_size, cfg.block_size,
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        compute_dtype_bytes=4 if dtype == torch.float32 else 2,
-        optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing)
-    print0(memory.memory_report(est, memory.device_memory(device)))
+    return result
 
 
 if __name__ == "__main__":
-    run(main, TrainConfig)
+    configurator.run(main, TrainConfig)

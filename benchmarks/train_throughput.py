@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import common
+import runtime
 import train
 from configurator import parse_config
 from dataloader import to_device
@@ -70,7 +71,7 @@ def make_side(tcfg, device, dtype, compile_model, fused, fast_dropout, model_arg
     optimizer = train.make_optimizer(model, tcfg, device, fused=fused)
     runner = model
     if compile_model:
-        reason = train.compile_reason(device)
+        reason = runtime.compile_reason(device)
         if reason:
             print(f"compile: off for the fast side ({reason})")
         else:
@@ -121,7 +122,7 @@ def main(cfg):
             train.set_lr(optimizer, lr)
             torch.manual_seed(step_seed(tcfg.seed, 0, it))  # the same dropout seed as train.py's step `it`
             t0 = time.perf_counter()
-            loss, _, _ = train.train_step(runner, optimizer, scaler, [(x, y)], ctx, tcfg.grad_clip, dist, device)
+            loss = train.train_step(runner, optimizer, scaler, [(x, y)], ctx, tcfg.grad_clip, dist, device).loss
             value = loss.item()  # the sync train.py makes once per log interval; a no-op wait on a CPU
             dt = time.perf_counter() - t0
             if it >= cfg.warmup_steps:

@@ -30,5 +30,4 @@ def tiny_train_config(data_dir, out_dir, **overrides):
     return TrainConfig(**cfg)
 
 
-def read_metrics(out_dir):
-    return [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+from checkpoint import read_metrics  # noqa: E402,F401  (the tests read runs as plot.py does)

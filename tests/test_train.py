@@ -29,10 +29,10 @@ def test_lr_schedule():
 def _step(model, batches):
     opt = torch.optim.SGD(model.parameters(), lr=1.0)  # new params = old - grad: compares gradients
     import contextlib
-    loss, _, stepped = train.train_step(model, opt, make_scaler(torch.device("cpu"), torch.float32), batches,
-                                        contextlib.nullcontext(), 0.0, Dist(), torch.device("cpu"))
-    assert stepped
-    return loss
+    step = train.train_step(model, opt, make_scaler(torch.device("cpu"), torch.float32), batches,
+                            contextlib.nullcontext(), 0.0, Dist(), torch.device("cpu"))
+    assert step.stepped and step.tokens == sum(x.numel() for x, _ in batches)
+    return step.loss
 
 
 @pytest.mark.parametrize("masked", [False, True])
