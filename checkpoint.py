@@ -148,22 +148,27 @@ def restore_optimizer_sharded(model, optimizer, ckpt_dir, state):
     if dist.get_rank() == 0:
         current = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]
         by_name, groups = _saved_by_name(ckpt_dir, state, current)
+        # the saved groups say which names go together; the hyperparameters are the config's, as above
+        groups = [sg | {k: v for k, v in g.items() if k != "params"} for sg, g in zip(groups, optimizer.param_groups)]
         osd = {"state": by_name, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, osd,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def restore_optimizer(model, optimizer, ckpt_dir, state):
-    """Load optimizer.safetensors into an optimizer built over the same parameters (any world size)."""
+    """Load optimizer.safetensors into an optimizer built over the same parameters (any world size).
+
+    Only the per-parameter state (moments, step counts, momentum buffers) comes back. The groups'
+    hyperparameters (learning rates and their scales, weight decay, betas, Muon's momentum) stay
+    those the optimizer was built with from the current config: torch's load_state_dict would bring
+    back the saved ones, silently undoing a change the resume printed (PITFALLS 21)."""
     names = {id(p): n for n, p in unwrap(model).named_parameters()}
     params = [p for g in optimizer.param_groups for p in g["params"]]
     current = [names[id(p)] for p in params]
     by_name, groups = _saved_by_name(ckpt_dir, state, current)
-    sd = optimizer.state_dict()
+    sd = optimizer.state_dict()  # its param_groups hold the config's hyperparameters: they stay (PITFALLS 21)
     ids = [i for g in sd["param_groups"] for i in g["params"]]
     sd["state"] = {i: by_name[n] for i, n in zip(ids, current) if n in by_name}
-    for g, sg in zip(sd["param_groups"], groups):
-        g.update({k: v for k, v in sg.items() if k != "params"})
     optimizer.load_state_dict(sd)
 
 

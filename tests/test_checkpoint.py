@@ -197,6 +197,7 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
     _, state = ckpt_lib.read_checkpoint(out)
     assert state["iter_num"] >= 5
     assert state["iter_num"] == max(m["iter"] for m in read_metrics(out))  # the save is after the last step
+    assert state["files"]["model.safetensors"]["sha256"] is None  # no read-back on the way out
 
 
 NANOGPT_KEYS = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "lm_head.weight"]
@@ -256,3 +257,119 @@ def test_resuming_a_full_fine_tune_does_not_need_the_base_again(data, tmp_path):
     shutil.rmtree(hf_dir)  # gone, like a hub model on a machine that is offline now
     train.main(tiny_train_config(data, out, init_from="resume", max_iters=4, eval_interval=2))
     assert ckpt_lib.read_checkpoint(out)[1]["iter_num"] == 4
+
+
+def test_resume_takes_the_optimizer_hyperparameters_from_the_config(data, tmp_path):
+    """A resume that prints 'weight_decay changed' must train with the new value (PITFALLS 21)."""
+    import shutil
+    base = tmp_path / "base"
+    train.main(tiny_train_config(data, base, max_iters=2, eval_interval=2))
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(base, same)
+    shutil.copytree(base, other)
+    train.main(tiny_train_config(data, same, max_iters=4, eval_interval=2, init_from="resume"))
+    train.main(tiny_train_config(data, other, max_iters=4, eval_interval=2, init_from="resume",
+                                 weight_decay=0.5, beta1=0.5, beta2=0.9))
+    a, b = ckpt_lib.read_checkpoint(same)[1], ckpt_lib.read_checkpoint(other)[1]
+    assert [g["weight_decay"] for g in a["optimizer"]["param_groups"]] == [0.1, 0.0]
+    assert [g["weight_decay"] for g in b["optimizer"]["param_groups"]] == [0.5, 0.0]
+    assert {tuple(g["betas"]) for g in b["optimizer"]["param_groups"]} == {(0.5, 0.9)}
+    losses = lambda out: [m["train_loss"] for m in read_metrics(out) if "train_loss" in m and m["iter"] > 2]
+    assert losses(same) != losses(other)  # the new values shaped steps 3 and 4
+    # and directly: the restored optimizer keeps the values it was built with
+    model, opt = _model_and_optimizer()
+    path = ckpt_lib.save_checkpoint(tmp_path / "direct", {"iter_num": 1}, model, opt)
+    opt2 = model.configure_optimizers(0.7, 5e-4, (0.8, 0.9), "cpu")
+    ckpt_lib.restore_optimizer(model, opt2, path, ckpt_lib.read_checkpoint(path)[1])
+    assert [g["weight_decay"] for g in opt2.param_groups] == [0.7, 0.0]
+    assert {g["betas"] for g in opt2.param_groups} == {(0.8, 0.9)} and {g["lr"] for g in opt2.param_groups} == {5e-4}
+    assert all(torch.equal(opt.state[p]["exp_avg"], opt2.state[p]["exp_avg"]) for p in model.parameters())
+
+
+def test_a_full_disk_inside_safetensors_gets_the_clear_message(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+    model, opt = _model_and_optimizer()
+    ckpt_lib.save_checkpoint(tmp_path, {"iter_num": 1}, model, opt)
+
+    def full(tensors, path, *a, **k):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+    monkeypatch.setattr(ckpt_lib, "save_file", full)
+    with pytest.raises(RuntimeError, match="previous checkpoint .* is untouched; free disk space"):
+        ckpt_lib.save_checkpoint(tmp_path, {"iter_num": 2}, model, opt)
+    assert ckpt_lib.read_checkpoint(tmp_path)[1]["iter_num"] == 1
+    assert not list(tmp_path.glob(".ckpt-*"))  # no debris
+
+
+def test_a_save_without_hashes_loads_with_its_sizes_checked(tmp_path):
+    model, opt = _model_and_optimizer()
+    path = ckpt_lib.save_checkpoint(tmp_path, {"iter_num": 3, "model_args": vars(model.config).copy()}, model, opt,
+                                    hash_files=False)
+    _, state = ckpt_lib.read_checkpoint(tmp_path)
+    assert {r["sha256"] for r in state["files"].values()} == {None}
+    ckpt_lib.load_model(tmp_path)
+    (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:-8])
+    with pytest.raises(ValueError, match="bytes, expected"):
+        ckpt_lib.read_checkpoint(tmp_path)
+
+
+def test_a_reader_of_a_live_run_follows_latest_when_its_checkpoint_is_pruned(tmp_path, monkeypatch):
+    """sample.py / eval.py on a run still training: the trainer may prune the checkpoint latest.json
+    named between the reader's look at the pointer and its read of the files."""
+    model, opt = _model_and_optimizer()
+    args = {"model_args": vars(model.config).copy()}
+    ckpt_lib.save_checkpoint(tmp_path, {"iter_num": 1} | args, model, opt, keep_last_n=1)
+    real = ckpt_lib._validated_state
+    calls = {"n": 0}
+
+    def trainer_saves_meanwhile(ckpt, verify):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the reader resolved ckpt-0000001; the trainer saves 2 and prunes 1
+            ckpt_lib.save_checkpoint(tmp_path, {"iter_num": 2} | args, model, opt, keep_last_n=1)
+        return real(ckpt, verify)
+    monkeypatch.setattr(ckpt_lib, "_validated_state", trainer_saves_meanwhile)
+    _, info = ckpt_lib.load_model(tmp_path)
+    assert info["iter_num"] == 2 and calls["n"] >= 2
+
+
+def test_a_damaged_latest_names_the_intact_checkpoints_and_resume_from_uses_one(data, tmp_path):
+    out = tmp_path / "out"
+    train.main(tiny_train_config(data, out, max_iters=4, eval_interval=2))
+    f = out / "ckpt-0000004" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ValueError) as e:
+        train.main(tiny_train_config(data, out, max_iters=6, eval_interval=2, init_from="resume"))
+    msg = str(e.value)
+    assert "expected" in msg and "intact beside it: ckpt-0000002 (iteration 2)" in msg
+    assert "--resume_from=ckpt-0000002" in msg and f"--out_dir={out / 'ckpt-0000002'}" in msg
+    train.main(tiny_train_config(data, out, max_iters=6, eval_interval=2, init_from="resume",
+                                 resume_from="ckpt-0000002"))
+    assert ckpt_lib.read_checkpoint(out)[1]["iter_num"] == 6
+    assert not (out / "ckpt-0000002" / "ckpt-0000004").exists()  # nothing nested in the old checkpoint
+    # pointing out_dir at a checkpoint directory is refused with the way to do it
+    with pytest.raises(ValueError, match=r"is a checkpoint directory.*--resume_from=ckpt-0000006"):
+        train.main(tiny_train_config(data, out / "ckpt-0000006", max_iters=8, init_from="resume"))
+
+
+def test_a_new_run_into_an_out_dir_holding_one_is_refused_unless_overwrite(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main(tiny_train_config(data, out, max_iters=2, eval_interval=2))
+    with pytest.raises(ValueError, match=r"already holds a run: continue it with --init_from=resume.*--overwrite=True"):
+        train.main(tiny_train_config(data, out, max_iters=2, eval_interval=2))
+    (out / "notes.txt").write_text("mine")
+    train.main(tiny_train_config(data, out, max_iters=3, eval_interval=3, overwrite=True))
+    assert "overwrite: deleted 1 checkpoint(s), latest.json, best.json, metrics.jsonl" in capsys.readouterr().out
+    assert [m["iter"] for m in read_metrics(out)] == [0, 1, 2, 3, 3]  # one run's lines, not two interleaved
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000003"] and (out / "notes.txt").exists()
+
+
+def test_resuming_a_finished_run_says_so_and_eval_only_evaluates_it(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main(tiny_train_config(data, out, max_iters=2, eval_interval=2))
+    lines = len(read_metrics(out))
+    capsys.readouterr()
+    assert train.main(tiny_train_config(data, out, max_iters=2, init_from="resume"))["iter_num"] == 2
+    assert "the run is finished and nothing was trained; raise --max_iters" in capsys.readouterr().out
+    assert len(read_metrics(out)) == lines
+    train.main(tiny_train_config(data, out, max_iters=2, init_from="resume", eval_only=True))
+    assert "iter 2: val loss" in capsys.readouterr().out

@@ -130,3 +130,102 @@ def test_muon_matrices_follow_the_schedule_at_muon_lr():
         adamw, muon = opt.optimizers
         assert all(g["lr"] == lr for g in adamw.param_groups)
         assert muon.param_groups[0]["lr"] == pytest.approx(lr * 5)  # 0.02 / 4e-3
+
+
+def _sft_files(tmp_path, n=24):
+    recs = [{"prompt": f"Q{i}: what is {i} plus one?" + " pad" * (i % 5), "completion": f" {i + 1}"} for i in range(n)]
+    f = tmp_path / "sft.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return f
+
+
+@pytest.mark.slow
+def test_sft_without_validation_still_ends_with_a_checkpoint_and_counts_real_tokens(tmp_path):
+    """always_save_checkpoint=False with nothing to validate used to save nothing at all; and the
+    tokens of padded SFT batches are those computed, not batch x block."""
+    out = tmp_path / "out"
+    cfg = tiny_train_config(tmp_path, out, sft_train_file=str(_sft_files(tmp_path)), block_size=64, batch_size=4,
+                            max_iters=3, eval_interval=100, always_save_checkpoint=False)
+    train.main(cfg)
+    import checkpoint
+    _, state = checkpoint.read_checkpoint(out)
+    assert state["iter_num"] == 3
+    logged = [m for m in read_metrics(out) if "train_loss" in m]
+    assert 0 < logged[-1]["tokens"] < 3 * 4 * 64  # rows padded to the longest example, not to block_size
+    assert state["tokens_seen"] == logged[-1]["tokens"]
+
+
+def test_logits_of_a_micro_step_are_freed_before_the_next_forward():
+    """(B, T, vocab) logits are the largest activation with GPT-2's vocabulary: a micro-step must
+    not keep its own alive while the next one runs its forward."""
+    import contextlib
+    import weakref
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=65))
+    outputs, alive_at_forward = [], []
+    model.lm_head.register_forward_hook(lambda m, i, o: outputs.append(weakref.ref(o)))
+    model.register_forward_pre_hook(lambda m, a: alive_at_forward.append([r() is not None for r in outputs]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randint(0, 65, (4, 16))
+    train.train_step(model, opt, make_scaler(torch.device("cpu"), torch.float32), [(x[:2], x[:2]), (x[2:], x[2:])],
+                     contextlib.nullcontext(), 1.0, Dist(), torch.device("cpu"))
+    assert alive_at_forward == [[], [False]]
+
+
+def test_a_step_makes_one_host_sync(tmp_path, monkeypatch):
+    """The loop's only per-step sync is train_step's; evaluation and logging sync once per call."""
+    data = char_dataset(tmp_path / "data", 20_000)
+    calls = {"n": 0}
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _real=real: (calls.__setitem__("n", calls["n"] + 1),
+                                                                       _real(self))[1])
+    train.main(tiny_train_config(data, tmp_path / "a", max_iters=5, eval_interval=100, log_interval=100))
+    five = calls["n"]
+    calls["n"] = 0
+    train.main(tiny_train_config(data, tmp_path / "b", max_iters=25, eval_interval=100, log_interval=100))
+    assert calls["n"] - five == 20  # 20 more steps: 20 more syncs
+
+
+def test_config_mistakes_are_caught_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find(name, *a))
+    cfg = tiny_train_config(tmp_path, tmp_path / "out", n_embd=100, n_head=3, wandb_log=True)
+    with pytest.raises(ValueError) as e:
+        train.main(cfg)
+    assert "n_embd=100 is not divisible by n_head=3" in str(e.value)
+    assert "wandb_log=True but wandb is not installed" in str(e.value)
+    with pytest.raises(ValueError, match="block_size=2048 exceeds the 1024 positions of gpt2"):
+        train.main(tiny_train_config(tmp_path, tmp_path / "out", init_from="gpt2", block_size=2048))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gpu_recipe_started_on_a_cpu_says_so_and_names_the_cpu_recipe(monkeypatch, capsys):
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=65))
+    cfg = tiny_train_config("d", "o", block_size=64, batch_size=64, max_iters=5000)
+    monkeypatch.setattr(train, "peak_flops", lambda device, dtype: (1e9, "measured"))
+    train.print_budget(model, cfg, torch.device("cpu"), torch.float32, 64 * 64, 5000, 1)
+    out = capsys.readouterr().out
+    assert "it was written for a GPU" in out and train.CPU_RECIPE in out
+    train.print_budget(model, cfg, torch.device("cpu"), torch.float32, 64 * 64, 10, 1)
+    assert "written for a GPU" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_fine_tune_from_a_character_checkpoint_directory_reads_text_with_its_characters(tmp_path):
+    """init_from=<a ckpt-NNNNNNN directory> of a character-level run: instruction data must be read
+    with its characters, not GPT-2 BPE, whose ids would overflow the model's 58-symbol vocabulary."""
+    data = char_dataset(tmp_path / "data", 20_000)
+    base = tmp_path / "base"
+    train.main(tiny_train_config(data, base, max_iters=2, eval_interval=2))
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"First Citizen: speak {w}", "completion": " aye"}) + "\n"
+                           for w in ("now", "then", "here", "there")))
+    tuned = tmp_path / "tuned"
+    train.main(tiny_train_config(data, tuned, init_from=str(base / "ckpt-0000002"), sft_train_file=str(sft),
+                                 max_iters=2, eval_interval=2, batch_size=2))
+    import checkpoint
+    model, info = checkpoint.load_model(tuned)
+    assert info["data_meta"]["tokenizer"] == "char"
+    assert model.config.vocab_size == checkpoint.load_model(base)[0].config.vocab_size == 58
