@@ -42,13 +42,16 @@ def _cli(cfg):
     return [f"--{k}={v}" for k, v in vars(cfg).items() if v is not None]
 
 
-def torchrun(cfg, nproc=2, script="train.py"):
-    """Run train.py (or a test script) on nproc gloo ranks; returns the combined output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks on two cores: don't fight over threads
+def torchrun(cfg, nproc=2, script="train.py", check=True, timeout=300, **env):
+    """Run train.py (or a test script) on nproc gloo ranks; returns the combined output (with
+    check=False, also the exit status). env: extra environment variables for the ranks."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env)  # two ranks on two cores: don't fight over threads
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            script] + _cli(cfg)
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = r.stdout + r.stderr
+    if not check:
+        return r.returncode, out
     assert r.returncode == 0, out[-4000:]
     return out
 
@@ -239,3 +242,82 @@ def test_every_rank_skips_a_step_that_is_non_finite_on_one_rank(data, tmp_path, 
     # first two steps are the reference's and the run finished (no rank waited for another forever)
     ref = train_losses(runs["ddp6"])
     assert_close({k: v for k, v in train_losses(out_dir).items() if k <= 2}, {1: ref[1], 2: ref[2]})
+
+
+RANKS_DISAGREE = """
+import os, sys
+sys.path.insert(0, {root!r})
+import evaluate, train
+from configurator import configure
+# rank 0 improves at iteration 2 and rank 1 does not: if each rank decided on its own number, rank 0
+# would enter save() (a collective) alone and the job would hang
+vals = {{"0": iter([3.0, 2.0, 2.5]), "1": iter([2.0, 3.0, 3.5])}}[os.environ["RANK"]]
+evaluate.evaluate_loss = lambda *a, **k: {{"loss": next(vals)}}
+train.main(configure(train.TrainConfig))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_take_rank_0s_validation_number_and_the_same_save_decision(data, tmp_path):
+    script = tmp_path / "disagree.py"
+    script.write_text(RANKS_DISAGREE.format(root=str(ROOT)))
+    out_dir = tmp_path / "fsdp"
+    cfg = tiny_train_config(data, out_dir, max_iters=4, fsdp=True, always_save_checkpoint=False, **COMMON)
+    cfg.eval_interval = 2
+    torchrun(cfg, script=str(script), timeout=120)  # a hang is a timeout: the test fails
+    assert json.loads((out_dir / "best.json").read_text())["iter_num"] == 2
+    assert [m["val_loss"] for m in read_metrics(out_dir) if "val_loss" in m] == [3.0, 2.0, 2.5]
+
+
+COUNT_SYNCS = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch, checkpoint, train
+from configurator import configure
+syncs, marks = [0], []
+for name in ("item", "tolist"):
+    real = getattr(torch.Tensor, name)
+    setattr(torch.Tensor, name, lambda self, _real=real: (syncs.__setitem__(0, syncs[0] + 1), _real(self))[1])
+real_step = train.train_step
+def train_step(*a, **k):
+    marks.append(syncs[0])
+    return real_step(*a, **k)
+train.train_step = train_step
+hashed = [0]
+real_hash = checkpoint.file_sha256
+def file_sha256(path):
+    hashed[0] += 1
+    return real_hash(path)
+checkpoint.file_sha256 = file_sha256
+if os.environ.get("BLIND_RANK") == os.environ["RANK"]:  # this rank's node cannot see out_dir
+    real_read = checkpoint.read_checkpoint
+    def read_checkpoint(path, which="latest", verify=True):
+        raise FileNotFoundError(f"{{path}}: No such file or directory")
+    checkpoint.read_checkpoint = read_checkpoint
+train.main(configure(train.TrainConfig))
+print("RANK", os.environ["RANK"], json.dumps({{"between_steps": [b - a for a, b in zip(marks, marks[1:])],
+                                              "hashed": hashed[0]}}), flush=True)
+"""
+
+
+def _rank_reports(out):
+    return {int(l.split()[1]): json.loads(l.split(" ", 2)[2]) for l in out.splitlines() if l.startswith("RANK ")}
+
+
+@pytest.mark.slow
+def test_ddp_steps_sync_once_and_a_resume_is_verified_by_rank_0_alone(data, tmp_path):
+    script = tmp_path / "count.py"
+    script.write_text(COUNT_SYNCS.format(root=str(ROOT)))
+    out_dir = tmp_path / "ddp"
+    cfg = tiny_train_config(data, out_dir, max_iters=8, **dict(COMMON, eval_interval=100, log_interval=100))
+    reports = _rank_reports(torchrun(cfg, script=str(script)))
+    for rank in (0, 1):  # between two train_step calls, the previous step's one sync and nothing else
+        assert reports[rank]["between_steps"] == [1] * 7, reports
+    cfg.max_iters = 10
+    cfg.init_from = "resume"
+    reports = _rank_reports(torchrun(cfg, script=str(script)))
+    assert reports[0]["hashed"] >= 2 and reports[1]["hashed"] == 0  # rank 1 trusted rank 0's check
+    # a rank that cannot see the checkpoint (out_dir not shared between nodes): one clear error, no hang
+    cfg.max_iters = 12
+    code, out = torchrun(cfg, script=str(script), check=False, timeout=120, BLIND_RANK="1")
+    assert code != 0 and "rank(s) [1] cannot read" in out and "filesystem every node shares" in out
