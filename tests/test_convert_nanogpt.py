@@ -201,12 +201,7 @@ def test_a_converted_run_resumes_with_only_its_shape_given(nanogpt, tmp_path, mo
     out = tmp_path / "out-converted"
     cn.convert(cn.ConvertConfig(ckpt=str(ckpt), out_dir=str(out), data_dir=str(data) if where == "data_dir" else ""))
     command = capsys.readouterr().out.split("resume it with")[1].splitlines()[1].strip()
-    saved = ckpt_lib.read_checkpoint(out)[1]["config"]
-    # every key of ours is there, none None where ours cannot be None (a None can't be typed on the command line)
-    fields = {f.name: f for f in dataclasses.fields(train.TrainConfig)}
-    assert set(saved) == set(fields) and all(v is not None or k == "qkv_bias" for k, v in saved.items())
-    assert saved["learning_rate"] == 3e-3 and saved["warmup_iters"] == 100 and saved["bias"] is False  # nanoGPT's
-    assert ckpt_lib.read_checkpoint(out)[1]["tokens_seen"] == STEPS * 16 * 32
+    converted = ckpt_lib.read_checkpoint(out)[1]
 
     # just the unavoidable: where the data is, and the model's shape where it is not our default
     # (device and dtype fix this test's machine; max_iters and eval_iters keep it short)
@@ -219,6 +214,13 @@ def test_a_converted_run_resumes_with_only_its_shape_given(nanogpt, tmp_path, mo
     assert len(losses) == 4
     # the weights came along: training goes on from nanoGPT's loss, not from ln(vocab) ~ 4.1 of a fresh model
     assert abs(losses[0] - last_loss) < 0.25 and losses[0] < math.log(len(itos)) - 1.0, (losses, last_loss)
+
+    saved = converted["config"]
+    # every key of ours is there, none None where ours cannot be None (a None can't be typed on the command line)
+    assert set(saved) == {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert all(v is not None or k == "qkv_bias" for k, v in saved.items())
+    assert saved["learning_rate"] == 3e-3 and saved["warmup_iters"] == 100 and saved["bias"] is False  # nanoGPT's
+    assert converted["tokens_seen"] == STEPS * 16 * 32  # nanoGPT's iterations x its 1 accum x 16 batch x 32 block
 
     # the printed command is the whole of nanoGPT's run in our keys: parsed, it matches the saved config
     args = shlex.split(command)
