@@ -8,13 +8,19 @@ start with an underscore are helpers for the file's own arithmetic and are not c
 Overrides are parsed with ast.literal_eval (falling back to the raw string), split on the first
 '='. Every value, from a file or the command line, is checked against the field's type; an unknown
 key or a wrong type stops with a message naming the key, the expected type and the closest keys.
-All problems are reported at once.
+All problems are reported at once. --help lists every key with its default and the comment beside
+it in the dataclass, under the dataclass's section comments (`# I/O`, `# data`): the source is the
+documentation, so there is no second copy of it to fall out of date.
 """
 
 import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import os
+import textwrap
+import tokenize
 import typing
 from pathlib import Path
 
@@ -101,14 +107,68 @@ def parse_config(cfg_cls, argv):
     return cfg_cls(**values)
 
 
+def field_comments(cfg_cls):
+    """{field: (comment lines above it, its trailing comment)} from the dataclass's source. The lines
+    above a field are the comment-only lines since the previous statement: a section heading such as
+    `# I/O`, or a longer note. A class whose source cannot be read (made by exec, or typed at a
+    prompt) has no comments: --help then lists keys and defaults only."""
+    out = {}
+    for klass in reversed(cfg_cls.__mro__):  # base classes first, so a subclass's comments win
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))  # a class defined in a function is indented
+            tokens = list(tokenize.generate_tokens(io.StringIO(src).readline))
+            node = ast.parse(src).body[0]
+        except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+            continue
+        # line number -> (comment text, whether code precedes it on that line); tokenize, not a text
+        # search, so a '#' inside a string default is not taken for a comment
+        comments = {t.start[0]: (t.string, bool(t.line[:t.start[1]].strip()))
+                    for t in tokens if t.type == tokenize.COMMENT}
+        previous = node.lineno  # the `class` line (decorators come before it)
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                above = [comments[n][0] for n in range(previous + 1, stmt.lineno)
+                         if n in comments and not comments[n][1]]
+                trailing = next((comments[n][0].lstrip("#").strip() for n in range(stmt.lineno, stmt.end_lineno + 1)
+                                 if n in comments and comments[n][1]), "")
+                out[stmt.target.id] = (above, trailing)
+            previous = stmt.end_lineno
+    return out
+
+
+def help_text(cfg_cls, script):
+    """--help: usage, then `--key=default  # comment` per field under the class's section comments."""
+    comments = field_comments(cfg_cls)
+    rows = []
+    for f in dataclasses.fields(cfg_cls):
+        if not f.init:  # not settable, so not a key
+            continue
+        if f.default is not dataclasses.MISSING:
+            key = f"--{f.name}={f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            key = f"--{f.name}={f.default_factory()!r}"
+        else:
+            key = f"--{f.name}=...  (required)"
+        above, trailing = comments.get(f.name, ([], ""))
+        rows.append((above, key, trailing))
+    width = min(max((len(k) for _, k, _ in rows), default=0), 36)  # align the comments, but not behind a long default
+    lines = [f"usage: python {script} [config/file.py ...] [--key=value ...]", "keys and defaults:"]
+    for i, (above, key, trailing) in enumerate(rows):
+        if above and i:
+            lines.append("")  # a blank line before each section
+        lines += [f"  {c}" for c in above]
+        lines.append(f"  {key:<{width}}  # {trailing}" if trailing else f"  {key}")
+    return "\n".join(lines)
+
+
 def configure(cfg_cls, argv=None):
     """parse_config for a script: --help lists the keys, errors exit non-zero, the result is printed once."""
     import sys
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: python {Path(sys.argv[0]).name} [config/file.py ...] [--key=value ...]\nkeys and defaults:")
-        for f in dataclasses.fields(cfg_cls):
-            print(f"  --{f.name}={getattr(cfg_cls(), f.name)!r}")
+        print(help_text(cfg_cls, Path(sys.argv[0]).name))
         raise SystemExit(0)
     try:
         cfg = parse_config(cfg_cls, argv)

@@ -1,4 +1,5 @@
-"""Checkpoints people can trust: round trip, exact resume, crash safety, validation, conversion."""
+"""Checkpoints people can trust: round trip, exact resume, crash safety, validation.
+(nanoGPT conversion: tests/test_convert_nanogpt.py)"""
 
 import json
 import signal
@@ -198,51 +199,6 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
     assert state["iter_num"] >= 5
     assert state["iter_num"] == max(m["iter"] for m in read_metrics(out))  # the save is after the last step
     assert state["files"]["model.safetensors"]["sha256"] is None  # no read-back on the way out
-
-
-NANOGPT_KEYS = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "lm_head.weight"]
-
-
-def test_converted_nanogpt_checkpoint_gives_the_same_logits(tmp_path):
-    torch.manual_seed(0)
-    ref = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=False, activation="gelu"))
-    sd = {"_orig_mod." + k: v.clone() for k, v in ref.state_dict().items()}  # compiled nanoGPT saves these
-    for i in range(2):
-        sd[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
-    assert all("_orig_mod." + k in sd for k in NANOGPT_KEYS)
-    opt = ref.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-    x = torch.randint(0, 65, (2, 16))
-    ref(x, x)[1].backward()
-    opt.step()
-    sd = {"_orig_mod." + k: v.clone() for k, v in ref.state_dict().items()} | \
-         {k: v for k, v in sd.items() if k.endswith("attn.bias")}
-    old = {"model": sd, "optimizer": opt.state_dict(), "iter_num": 250, "best_val_loss": torch.tensor(1.47),
-           "model_args": dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, vocab_size=65, dropout=0.2),
-           "config": {"dataset": "shakespeare_char", "learning_rate": 1e-3, "beta2": 0.99, "device": "cuda"}}
-    torch.save(old, tmp_path / "ckpt.pt")
-    out = tmp_path / "converted"
-    meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"tokenizer": "char", "vocab_size": 65, "itos": [chr(32 + i) for i in range(65)]}))
-    r = subprocess.run([sys.executable, "convert_nanogpt.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out_dir={out}",
-                        f"--dataset_meta={meta}"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    model, info = ckpt_lib.load_model(out)
-    assert info["iter_num"] == 250 and info["best_val_loss"] == pytest.approx(1.47)
-    assert info["data_meta"]["tokenizer"] == "char"
-    ref.eval()
-    ignore = torch.full_like(x, -1)
-    assert torch.equal(model(x, ignore)[0], ref(x, ignore)[0])
-    _, state = ckpt_lib.read_checkpoint(out)
-    assert "optimizer.safetensors" in state["files"]
-
-
-def test_conversion_refuses_unsafe_pickles_without_consent(tmp_path):
-    import argparse  # an arbitrary Python object, as nanoGPT-era scripts stored: weights_only refuses it
-    torch.save({"model": {}, "model_args": {}, "extra": argparse.Namespace(a=1)}, tmp_path / "ckpt.pt")
-    r = subprocess.run([sys.executable, "convert_nanogpt.py", f"--ckpt={tmp_path / 'ckpt.pt'}",
-                        f"--out_dir={tmp_path / 'o'}"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode != 0 and "--trust_pickle=True" in r.stderr
-    assert not (tmp_path / "o").exists()
 
 
 def test_resuming_a_full_fine_tune_does_not_need_the_base_again(data, tmp_path):

@@ -1,14 +1,19 @@
 """Config files and --key=value overrides: precedence, types and the errors users see."""
 
+import dataclasses
+import importlib.util
+import inspect
+import io
 import subprocess
 import sys
-from dataclasses import dataclass
+import tokenize
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
-from configurator import parse_config
+from configurator import configure, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +85,91 @@ def test_script_exits_non_zero_with_the_message():
     assert r.returncode != 0
     assert "unknown config key 'n_layr'" in r.stderr and "n_layer" in r.stderr
     assert "batch_size: expected int" in r.stderr
+
+
+@dataclass
+class Documented:
+    # I/O
+    out_dir: str = "out"  # where results go
+    seed: int = 1337
+    name: str = "a # b"  # the comment after the string, not the '#' inside it
+
+    # model
+    # a longer note over two lines,
+    # kept above its field
+    n_layer: int = 12
+    sizes: list = field(default_factory=lambda: [1, 2])  # a factory's value
+    lr: float = 6e-4  # peak learning rate
+
+
+def help_of(cfg_cls, capsys):
+    with pytest.raises(SystemExit) as e:
+        configure(cfg_cls, ["--batch_size=3", "--help"])  # --help wins wherever it is
+    assert e.value.code == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_help_prints_each_key_with_its_default_comment_and_section(capsys):
+    assert help_of(Documented, capsys)[1:] == [
+        "keys and defaults:",
+        "  # I/O",
+        "  --out_dir='out'  # where results go",
+        "  --seed=1337",
+        "  --name='a # b'   # the comment after the string, not the '#' inside it",
+        "",
+        "  # model",
+        "  # a longer note over two lines,",
+        "  # kept above its field",
+        "  --n_layer=12",
+        "  --sizes=[1, 2]   # a factory's value",
+        "  --lr=0.0006      # peak learning rate",
+    ]
+
+
+def test_help_of_a_class_defined_in_a_function(capsys):
+    @dataclass
+    class Local:  # indented source: dedented before it is parsed
+        # knobs
+        k: int = 1  # the one knob
+    assert help_of(Local, capsys)[2:] == ["  # knobs", "  --k=1  # the one knob"]
+
+
+def test_help_of_train_py_carries_the_dataclass_comments(capsys):
+    from train import TrainConfig
+    out = help_of(TrainConfig, capsys)
+    assert "  # I/O" in out and out.index("  # I/O") < out.index(next(l for l in out if l.startswith("  --out_dir=")))
+    line = {l.split("=")[0].strip(): l for l in out if l.startswith("  --")}
+    assert line["--out_dir"].endswith("# checkpoints and metrics.jsonl go here")
+    assert line["--learning_rate"].strip() == "--learning_rate=0.0006"  # no comment of its own: still listed
+    assert line["--lora_rank"].split("#")[1].strip() == "0 disables LoRA"
+    # the two-line note above `optimizer` stays with it
+    assert out[out.index(line["--optimizer"]) - 1].startswith("  # muon_lr, AdamW at learning_rate")
+
+
+SCRIPTS = [("train.py", "TrainConfig"), ("sample.py", "SampleConfig"), ("eval.py", "EvalConfig"),
+           ("bench.py", "BenchConfig"), ("export_hf.py", "ExportConfig"), ("convert_nanogpt.py", "ConvertConfig"),
+           ("data/fineweb/prepare.py", "PrepareConfig"), ("data/shakespeare/prepare.py", "PrepareConfig"),
+           ("data/classify/make_synthetic.py", "SyntheticConfig")]
+
+
+@pytest.mark.parametrize("script,name", SCRIPTS)
+def test_every_scripts_help_lists_every_key_and_every_comment(script, name, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location(f"help_{Path(script).parent.name}_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # where inspect finds the source file
+    spec.loader.exec_module(module)  # the scripts do their work under `if __name__ == "__main__"` only
+    cfg_cls = getattr(module, name)
+    text = "\n".join(help_of(cfg_cls, capsys))
+    for f in dataclasses.fields(cfg_cls):
+        assert text.count(f"  --{f.name}=") == 1, f.name
+    # every comment of the class reaches the help: none is lost
+    src = inspect.getsource(cfg_cls)
+    comments = [t.string.lstrip("#").strip() for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                if t.type == tokenize.COMMENT]
+    assert comments and all(c in text for c in comments), [c for c in comments if c not in text]
+
+
+def test_help_from_the_command_line():
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("usage: python train.py")
+    assert "  # data\n  --dataset='shakespeare_char'" in r.stdout
