@@ -312,7 +312,9 @@ def load_data(cfg, dist_info, meta_hint=None):
     val = lambda: eval_batches(valdata, cfg.batch_size, cfg.block_size, cfg.eval_iters, vocab)
     print0(f"data: {data_dir}: {train.n_tokens:,} train tokens in {len(train.files)} file(s), "
            f"{valdata.n_tokens:,} val tokens; sampling={cfg.sampling}")
-    return sampler, val, train.meta
+    # a data_dir without meta.json (e.g. nanoGPT's own folder, holding meta.pkl) keeps the meta the
+    # model came with, so that a checkpoint saved from here still decodes its ids
+    return sampler, val, train.meta or meta_hint or {}
 
 
 def build_model(cfg, origin, model_args, base=None):
