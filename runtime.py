@@ -56,26 +56,58 @@ def cpu_has_bf16():
     return bool((probe and probe()) or (amx and amx()))
 
 
+def cuda_has_bf16(device):
+    """(True if the GPU computes bfloat16 natively, the reason in words) for a CUDA device.
+
+    Decided from the compute capability, not torch.cuda.is_bf16_supported(): on recent PyTorch that
+    counts emulated bfloat16 as support (its including_emulation defaults to True), so a T4 (7.5) or
+    V100 (7.0) would get bf16 matmuls several times slower than float16 (PITFALLS 19). Tensor cores
+    with bfloat16 arrived with Ampere, compute capability 8.0. ROCm reports AMD's own version
+    numbers here, so there torch's answer stands (every AMD GPU it supports has bfloat16)."""
+    name = torch.cuda.get_device_name(device)
+    if torch.version.hip:
+        return True, f"{name}, ROCm: AMD GPUs compute bfloat16"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return True, f"{name}, compute capability {major}.{minor} >= 8.0 computes bfloat16 natively"
+    return False, f"{name}, compute capability {major}.{minor} < 8.0 has no native bfloat16"
+
+
+_said = set()
+
+
+def print_once(message):
+    """print0 a message the first time only: pick_dtype runs in several places of one process."""
+    if message not in _said:
+        _said.add(message)
+        print0(message)
+
+
 def pick_dtype(name, device, decoding=False):
     """'auto': bfloat16 where the device computes it natively, else float16 on CUDA (with a GradScaler),
-    else float32. An explicit choice the device cannot run is an error, not a silent fallback.
+    else float32. On CUDA the choice and its reason are printed once. An explicit bfloat16 on a GPU
+    without it falls back to float16, visibly; any other choice the device cannot run is an error.
 
     decoding: one token at a time on a CPU is bound by reading the weights, and autocast re-casts
     every weight for every token: 'auto' is float32 there (measured 6x faster than bf16 autocast
     on an AMX Xeon, benchmarks/sampling.py)."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # T4/V100: fp16
+            native, why = cuda_has_bf16(device)
+            print_once(f"dtype: auto -> {'bfloat16' if native else 'float16 + GradScaler'} ({why})")
+            return torch.bfloat16 if native else torch.float16
         if device.type == "cpu" and cpu_has_bf16() and not decoding:
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
     dtype = DTYPES[name]
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        # configs written for Ampere+ should still run on a T4/V100: fall back, visibly
-        print0("dtype: this GPU has no bfloat16 (pre-Ampere, e.g. T4/V100): using float16 with a GradScaler")
-        return torch.float16
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        native, why = cuda_has_bf16(device)
+        if not native:
+            # configs written for Ampere+ should still run on a T4/V100: fall back, visibly
+            print_once(f"dtype: bfloat16 -> float16 + GradScaler ({why})")
+            return torch.float16
     return dtype
 
 
