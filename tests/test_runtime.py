@@ -160,3 +160,65 @@ def test_the_matmul_clock_waits_for_the_device(monkeypatch):
     flops = runtime.measure_matmul_flops(torch.device("cpu"), torch.float32, n=n, repeats=repeats)
     assert flops <= 2 * n ** 3 / 0.01  # every timed interval contains a wait for the device
     assert len(waits) == 2 * repeats  # before starting the clock and before reading it
+
+
+# ----------------------------------------------------------------------------- TF32
+
+@pytest.fixture
+def restore_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_setup_backends_lets_cuda_run_float32_matmuls_as_tf32(restore_matmul_precision):
+    torch.set_float32_matmul_precision("highest")
+    runtime.setup_backends(torch.device("cpu"))
+    assert torch.get_float32_matmul_precision() == "highest"  # nothing changes off CUDA
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning from the switch
+        runtime.setup_backends(torch.device("cuda"))
+    assert torch.get_float32_matmul_precision() == "high"
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    # both views stay readable: torch.compile's autotuning reads get_float32_matmul_precision, which
+    # raises after a mix of the per-backend fp32_precision and the legacy switches
+    assert torch.backends.cuda.matmul.allow_tf32
+
+
+class LegacySwitches:
+    """Stands in for torch.backends.cuda.matmul / torch.backends.cudnn and records what is written."""
+
+    def __init__(self, written):
+        object.__setattr__(self, "written", written)
+
+    def __setattr__(self, key, value):
+        self.written.append(key)
+
+
+def test_setup_backends_does_not_use_the_deprecated_allow_tf32(monkeypatch, restore_matmul_precision):
+    written = []
+    monkeypatch.setattr(torch.backends.cuda, "matmul", LegacySwitches(written))
+    monkeypatch.setattr(torch.backends, "cudnn", LegacySwitches(written))
+    runtime.setup_backends(torch.device("cuda"))
+    assert written == []
+
+
+class BackendsSetUp(Exception):
+    pass
+
+
+def test_sample_and_eval_set_up_the_backends_like_train(monkeypatch):
+    import eval as eval_script
+    import sample
+    seen = []
+
+    def setup_backends(device):
+        seen.append(device)
+        raise BackendsSetUp  # enough: the script got this far, with its device
+    monkeypatch.setattr(sample, "setup_backends", setup_backends)
+    with pytest.raises(BackendsSetUp):
+        sample.main(sample.SampleConfig(device="cpu"))
+    monkeypatch.setattr(runtime, "setup_backends", setup_backends)  # eval.main imports it when it runs
+    with pytest.raises(BackendsSetUp):
+        eval_script.main(eval_script.EvalConfig(device="cpu", out_dir="no-such-run"))
+    assert seen == [torch.device("cpu")] * 2
