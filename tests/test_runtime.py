@@ -222,3 +222,24 @@ def test_sample_and_eval_set_up_the_backends_like_train(monkeypatch):
     with pytest.raises(BackendsSetUp):
         eval_script.main(eval_script.EvalConfig(device="cpu", out_dir="no-such-run"))
     assert seen == [torch.device("cpu")] * 2
+
+
+# ----------------------------------------------------------------------------- the KV cache's dtype
+
+def test_kv_cache_is_kept_in_the_autocast_dtype(monkeypatch, tiny_config):
+    import model as model_lib
+    made = []
+    real = model_lib.KVCache
+    monkeypatch.setattr(model_lib, "KVCache", lambda *a: made.append(real(*a)) or made[-1])
+    torch.manual_seed(0)
+    model = model_lib.GPT(tiny_config)
+    prompt = torch.randint(0, 65, (2, 5))
+    with torch.inference_mode():
+        plain = model.generate(prompt, 8, temperature=0)
+        with torch.autocast("cpu", torch.bfloat16):
+            cached = model.generate(prompt, 8, temperature=0)
+            full = model.generate(prompt, 8, temperature=0, use_cache=False)
+    assert [m.k.dtype for m in made] == [torch.float32, torch.bfloat16]  # the weights' dtype, then autocast's
+    assert made[1].v.dtype == torch.bfloat16
+    assert torch.equal(cached, full)
+    assert plain.shape == cached.shape
