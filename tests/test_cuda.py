@@ -1,7 +1,7 @@
-"""The CUDA paths on a real GPU.
+"""The CUDA paths on a real GPU, and the CPU side of benchmarks/gpu_check.py.
 
     python -m pytest -q -m cuda tests/          # on a CUDA machine: what gpu_check runs first
-    python -m pytest -q tests/test_cuda.py      # anywhere: without a GPU every test skips, saying why
+    python -m pytest -q tests/test_cuda.py      # anywhere: the GPU tests skip, gpu_check's own tests run
 
 Tests marked `cuda` skip, saying why, where torch.cuda.is_available() is False; their CPU
 counterparts (monkeypatched torch.cuda queries) live in tests/test_runtime.py. They cover what a
@@ -265,3 +265,103 @@ def test_ddp_and_fsdp_over_nccl_on_one_rank_match_one_process(tmp_path):
         assert res[f"{name}_weights"] < 1e-4, (name, res)
     assert res["fsdp_tied"]
 
+
+# ----------------------------------------------------------------------------- benchmarks/gpu_check.py, on the CPU
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    """benchmarks/gpu_check.py imported as `python benchmarks/gpu_check.py` sees its neighbours."""
+    import importlib
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("gpu_check")
+
+
+def test_gpu_check_without_cuda_stops_with_one_line(gpu_check, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(gpu_check.GpuCheckConfig(out_file=str(tmp_path / "gpu_check.json")))
+    message = e.value.code
+    assert isinstance(message, str) and "\n" not in message  # SystemExit(str): exit status 1, no traceback
+    assert message.startswith("gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False); ")
+    assert capsys.readouterr().out == "" and not (tmp_path / "gpu_check.json").exists()
+
+
+def test_gpu_check_command_without_cuda_exits_1_without_a_traceback(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # hides any GPU: is_available() is False
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--parts=tests"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: needs a CUDA GPU"), r.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_gpu_check_config_errors_come_together(gpu_check):
+    with pytest.raises(ValueError) as e:
+        gpu_check.check_config(gpu_check.GpuCheckConfig(parts="tests,bench", steps=0, warmup=0, device="cpu"))
+    for expected in ("parts='tests,bench'", "steps must be positive", "warmup=0", "device='cpu'"):
+        assert expected in str(e.value)
+    assert gpu_check.check_config(gpu_check.GpuCheckConfig(parts="sampling, gpt2,gpt2")) == ["gpt2", "sampling"]
+
+
+@pytest.mark.parametrize("line, counts", [
+    ("9 passed, 612 deselected in 61.20s (0:01:01)", dict(passed=9, deselected=612)),
+    ("2 failed, 6 passed, 1 skipped, 612 deselected, 3 warnings in 80.01s", dict(passed=6, failed=2, skipped=1,
+                                                                               deselected=612)),
+    ("1 error in 3.00s", dict(errors=1)),
+    ("612 deselected in 2.00s", dict(deselected=612)),
+])
+def test_pytest_summary_is_counted(gpu_check, line, counts):
+    out = f"..F.\nFAILED tests/test_cuda.py::test_x - assert 1 passed\n{line}\n"
+    expected = dict(passed=0, failed=0, skipped=0, errors=0, deselected=0) | counts
+    assert gpu_check.parse_pytest_summary(out) == expected
+
+
+def test_the_chinchilla_eta_is_its_configs_arithmetic(gpu_check):
+    import configurator
+    tcfg = configurator.parse_config(train.TrainConfig, [str(ROOT / "config" / "train_gpt2_chinchilla.py")])
+    eta = gpu_check.run_eta(tcfg, 20_000, eval_tokens_per_sec=100_000)
+    # the config's own comment: 80 accum x 6 batch x 1024 = 491,520 tokens/iter, 6,632 iters at ~20k
+    # tokens/s (an RTX 3090) = 163,000 s ~ 45 h
+    assert eta["tokens_per_iter"] == 491_520
+    assert eta["train_s"] == pytest.approx(6632 * 491_520 / 20_000) and round(eta["train_s"] / 3600) == 45
+    # evaluations at 0, 75, ..., 6,600 and the last iteration 6,632: 90 of 200 x 6 x 1024 tokens
+    assert eta["n_evals"] == 90
+    assert eta["eval_s"] == pytest.approx(90 * 200 * 6 * 1024 / 100_000)
+    assert gpu_check.run_eta(tcfg, 20_000)["eval_s"] is None
+
+
+def test_the_parts_run_on_a_cpu_and_fill_the_table(gpu_check, monkeypatch, tmp_path):
+    """The glue of gpu_check (config file -> bench.run_row rows, the batch search, the ETA, sampling,
+    the table and the failure rule) on a tiny model, since no GPU is at hand where the suite runs."""
+    tiny_cfg = tmp_path / "tiny.py"
+    tiny_cfg.write_text("n_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\nvocab_size = 64\nbatch_size = 2\n"
+                        "gradient_accumulation_steps = 4\nmax_iters = 100\neval_interval = 50\neval_iters = 2\n")
+    monkeypatch.setattr(gpu_check, "MODELS", {"gpt2": (str(tiny_cfg), "tiny"), "chinchilla": (str(tiny_cfg), "tiny")})
+    cfg = gpu_check.GpuCheckConfig(compile=False, warmup=1, steps=1, max_batch=4, sample_tokens=4)
+    cpu = torch.device("cpu")
+    model = gpu_check.run_model(cfg, "gpt2", cpu, torch.float32, 1e11)
+    assert [r["status"] for r in model["rows"]] == ["ok"]
+    assert model["max_batch"] == 4 and model["max_batch_note"] == " or more (max_batch=4)"
+    assert [r["batch_size"] for r in model["search"]] == [1, 2, 4]
+    assert model["eta"]["tokens_per_iter"] == 4 * 2 * 16 and model["eta"]["n_evals"] == 3
+    sampling = gpu_check.run_sampling(cfg, cpu, torch.float32)
+    assert [r["new_tokens"] for r in sampling["rows"]] == [4]
+    report = {"gpu": {"name": "Test GPU", "capability": "9.0", "memory_bytes": 80 * 2**30}, "dtype": "float32",
+              "peak_flops": {"float32": {"flops": 1e11, "source": "test"}},
+              "parts": {"tests": {"status": "failed", "note": "", "counts": dict(passed=8, failed=1)},
+                        "gpt2": model, "sampling": sampling}, "elapsed_s": {"tests": 61.0, "gpt2": 3.2}}
+    rows = gpu_check.table_rows(report)
+    what = {(part, w): result for part, w, result in rows}
+    assert what["device", "Test GPU"] == "compute capability 9.0, 80.0 GiB, dtype float32"
+    assert what["tests", "pytest -q -m cuda tests/"] == "failed: 8 passed, 1 failed"
+    assert what["gpt2", "tiny float32 eager, batch 2"].endswith(" GiB)") and "ms/step" in what["gpt2", "tiny float32 eager, batch 2"]
+    assert what["gpt2", "largest micro-batch (eager)"].startswith("4 or more (max_batch=4), peak ")
+    assert what["gpt2", f"{tiny_cfg} on this GPU"].startswith("100 iters x 128 tokens at ")
+    assert what["sampling", "KV cache, batch 1, float32 (TF32 matmuls)"].endswith("tok/s (4 new tokens)")
+    assert what["time", "tests"] == "61 s" and what["time", "gpt2"] == "3 s"
+    table = gpu_check.format_table([("a", "bb", "x"), ("ccc", "d", "y")]).splitlines()
+    assert table == ["part  what  result", "----  ----  ------", "a     bb    x", "ccc   d     y"]
+    assert gpu_check.problems(report) == ["tests: failed"]
+    model["rows"][0] |= {"status": "error", "note": "RuntimeError: boom"}
+    assert gpu_check.problems(report)[1] == "gpt2: float32 batch 2 compile=False: RuntimeError: boom"
