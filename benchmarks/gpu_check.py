@@ -185,7 +185,7 @@ def table_rows(report):
             evals = f" + {e['eval_s'] / 3600:.1f} h for {e['n_evals']} evaluations" if e["eval_s"] else ""
             rows.append((key, f"{m['config_file']} on this GPU",
                          f"{e['max_iters']:,} iters x {e['tokens_per_iter']:,} tokens at {e['tokens_per_sec']:,.0f} "
-                         f"tok/s: {e['train_s'] / 3600:.1f} h{evals}"))
+                         f"tok/s ({e['measured']}): {e['train_s'] / 3600:.1f} h{evals}"))
     if "sampling" in parts:
         s = parts["sampling"]
         if s.get("status") == "error":
@@ -292,6 +292,8 @@ def run_model(cfg, key, device, dtype, peak):
     # --- the config's whole run at the fastest speed measured
     fastest = max((r for r in rows if r["status"] == "ok"), key=lambda r: r["tokens_per_sec"], default=None)
     eta = run_eta(tcfg, fastest["tokens_per_sec"], eager["eval_tokens_per_sec"]) if fastest else None
+    if eta:
+        eta["measured"] = "compiled" if fastest["compile"] else "eager"
     return {"status": "ok", "label": label, "config_file": config_file, "n_params": shape_model.get_num_params(),
             "model_args": dataclasses.asdict(mcfg), "rows": rows, "search": tried, "max_batch": best,
             "max_batch_note": note, "max_batch_row": best_row, "eta": eta}

@@ -357,7 +357,8 @@ def test_the_parts_run_on_a_cpu_and_fill_the_table(gpu_check, monkeypatch, tmp_p
     assert what["tests", "pytest -q -m cuda tests/"] == "failed: 8 passed, 1 failed"
     assert what["gpt2", "tiny float32 eager, batch 2"].endswith(" GiB)") and "ms/step" in what["gpt2", "tiny float32 eager, batch 2"]
     assert what["gpt2", "largest micro-batch (eager)"].startswith("4 or more (max_batch=4), peak ")
-    assert what["gpt2", f"{tiny_cfg} on this GPU"].startswith("100 iters x 128 tokens at ")
+    eta = what["gpt2", f"{tiny_cfg} on this GPU"]
+    assert eta.startswith("100 iters x 128 tokens at ") and " tok/s (eager): " in eta and eta.endswith("3 evaluations")
     assert what["sampling", "KV cache, batch 1, float32 (TF32 matmuls)"].endswith("tok/s (4 new tokens)")
     assert what["time", "tests"] == "61 s" and what["time", "gpt2"] == "3 s"
     table = gpu_check.format_table([("a", "bb", "x"), ("ccc", "d", "y")]).splitlines()
