@@ -337,7 +337,7 @@ def set_rng_state(state):
 # Data sheets quote "with sparsity" figures first; the dense rate is half of those.
 # Not listed, hence measured: the A10G (AWS's variant of the A10, with no NVIDIA data sheet; figures
 # quoted for it disagree), and every card not named here.
-_A100 = (312e12, 156e12, "NVIDIA A100 data sheet (2021): BF16/FP16 tensor 312, TF32 156 TFLOPS dense")
+_A100 = (312e12, 156e12, "NVIDIA A100 data sheet: BF16/FP16 tensor 312, TF32 156 TFLOPS dense")
 _H100_SXM = (989e12, 494.5e12, "NVIDIA H100 data sheet, SXM: BF16/FP16 1,979 and TF32 989 TFLOPS with sparsity, halved")
 _H100_PCIE = (756e12, 378e12, "NVIDIA H100 data sheet, PCIe: BF16/FP16 1,513 and TF32 756 TFLOPS with sparsity, halved")
 _H100_NVL = (835.5e12, 417.5e12, "NVIDIA H100 data sheet, NVL: BF16/FP16 1,671 and TF32 835 TFLOPS with sparsity, halved")
