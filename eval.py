@@ -205,10 +205,11 @@ def format_table(results, tasks):
 def main(cfg):
     import torch
     from evaluate import load_task, run_benchmark, run_lambada
-    from runtime import autocast, pick_device, pick_dtype, seed_everything
+    from runtime import autocast, pick_device, pick_dtype, seed_everything, setup_backends
     tasks = check_config(cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    setup_backends(device)  # as train.py: TF32 float32 matmuls on CUDA
     dtype = pick_dtype(cfg.dtype, device)
     ctx = autocast(device, dtype)
     print(f"device={device}, dtype={str(dtype).replace('torch.', '')}")

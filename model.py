@@ -381,9 +381,14 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= cfg.block_size:
                 if cache is None:
-                    p = next(self.parameters())
+                    # the cache holds k and v as they arrive: in autocast's compute dtype when autocast
+                    # is on (c_attn's output is bf16/fp16 there, and a float32 cache would cost twice
+                    # the memory and a cast per token and layer), else in the weights' dtype
+                    dev = idx.device.type
+                    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                             else next(self.parameters()).dtype)
                     cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_head, cfg.block_size,
-                                    cfg.n_embd // cfg.n_head, idx.device, p.dtype)
+                                    cfg.n_embd // cfg.n_head, idx.device, dtype)
                     logits, _ = self(idx, kv_cache=cache)  # prefill with the whole prompt
                 else:
                     logits, _ = self(idx[:, -1:], kv_cache=cache)  # one new position

@@ -56,26 +56,58 @@ def cpu_has_bf16():
     return bool((probe and probe()) or (amx and amx()))
 
 
+def cuda_has_bf16(device):
+    """(True if the GPU computes bfloat16 natively, the reason in words) for a CUDA device.
+
+    Decided from the compute capability, not torch.cuda.is_bf16_supported(): on recent PyTorch that
+    counts emulated bfloat16 as support (its including_emulation defaults to True), so a T4 (7.5) or
+    V100 (7.0) would get bf16 matmuls several times slower than float16 (PITFALLS 19). Tensor cores
+    with bfloat16 arrived with Ampere, compute capability 8.0. ROCm reports AMD's own version
+    numbers here, so there torch's answer stands (every AMD GPU it supports has bfloat16)."""
+    name = torch.cuda.get_device_name(device)
+    if torch.version.hip:
+        return True, f"{name}, ROCm: AMD GPUs compute bfloat16"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return True, f"{name}, compute capability {major}.{minor} >= 8.0 computes bfloat16 natively"
+    return False, f"{name}, compute capability {major}.{minor} < 8.0 has no native bfloat16"
+
+
+_said = set()
+
+
+def print_once(message):
+    """print0 a message the first time only: pick_dtype runs in several places of one process."""
+    if message not in _said:
+        _said.add(message)
+        print0(message)
+
+
 def pick_dtype(name, device, decoding=False):
     """'auto': bfloat16 where the device computes it natively, else float16 on CUDA (with a GradScaler),
-    else float32. An explicit choice the device cannot run is an error, not a silent fallback.
+    else float32. On CUDA the choice and its reason are printed once. An explicit bfloat16 on a GPU
+    without it falls back to float16, visibly; any other choice the device cannot run is an error.
 
     decoding: one token at a time on a CPU is bound by reading the weights, and autocast re-casts
     every weight for every token: 'auto' is float32 there (measured 6x faster than bf16 autocast
     on an AMX Xeon, benchmarks/sampling.py)."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # T4/V100: fp16
+            native, why = cuda_has_bf16(device)
+            print_once(f"dtype: auto -> {'bfloat16' if native else 'float16 + GradScaler'} ({why})")
+            return torch.bfloat16 if native else torch.float16
         if device.type == "cpu" and cpu_has_bf16() and not decoding:
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
     dtype = DTYPES[name]
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        # configs written for Ampere+ should still run on a T4/V100: fall back, visibly
-        print0("dtype: this GPU has no bfloat16 (pre-Ampere, e.g. T4/V100): using float16 with a GradScaler")
-        return torch.float16
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        native, why = cuda_has_bf16(device)
+        if not native:
+            # configs written for Ampere+ should still run on a T4/V100: fall back, visibly
+            print_once(f"dtype: bfloat16 -> float16 + GradScaler ({why})")
+            return torch.float16
     return dtype
 
 
@@ -92,9 +124,18 @@ def make_scaler(device, dtype):
 
 
 def setup_backends(device):
+    """Process-wide math settings for the device; train, sample, eval and bench call it once.
+
+    CUDA: float32 matmuls may run as TF32 on tensor cores (Ampere and newer; ~8x the plain float32
+    rate, 10 mantissa bits in, float32 accumulation). torch.set_float32_matmul_precision('high') is
+    the switch: it sets torch.backends.cuda.matmul.fp32_precision = 'tf32' and keeps the legacy
+    view consistent. Two alternatives are deliberately not used: `matmul.allow_tf32 = True`, the
+    deprecated spelling, and setting only the per-backend `fp32_precision`, after which torch 2.13
+    raises a RuntimeError from torch.get_float32_matmul_precision() ("mix of the legacy and new
+    APIs"), which torch.compile's autotuning calls. cuDNN (convolutions, none here) already defaults
+    to TF32. Elsewhere nothing is changed."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores: ~8x on Ampere
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
 
 
 def compile_reason(device):
@@ -308,46 +349,118 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------- peak FLOP/s for MFU
 
-# Dense peak FLOP/s from the vendors' data sheets (no sparsity). bf16/fp16 are tensor-core figures
-# with float32 accumulation; float32 is the plain (non-TF32) figure except on Ampere+ where matmuls
-# run as TF32 because setup_backends enables it.
-GPU_PEAK_FLOPS = {
-    "H100": {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 495e12},
-    "A100": {torch.bfloat16: 312e12, torch.float16: 312e12, torch.float32: 156e12},
-    "A10": {torch.bfloat16: 125e12, torch.float16: 125e12, torch.float32: 62.5e12},
-    "L4": {torch.bfloat16: 121e12, torch.float16: 121e12, torch.float32: 60e12},
-    "4090": {torch.bfloat16: 165e12, torch.float16: 165e12, torch.float32: 82.6e12},
-    "3090": {torch.bfloat16: 71e12, torch.float16: 71e12, torch.float32: 35.6e12},
-    "A6000": {torch.bfloat16: 155e12, torch.float16: 155e12, torch.float32: 77e12},
-    "V100": {torch.float16: 125e12, torch.float32: 15.7e12},
-    "T4": {torch.float16: 65e12, torch.float32: 8.1e12},
+# Dense peak FLOP/s (no 2:4 sparsity) from the vendors' data sheets, keyed by the name
+# torch.cuda.get_device_name reports, matched whole (after lower-casing and collapsing spaces): a
+# substring match counts an L40S as an L4 and an A100 as an A10, and a MIG slice, whose name differs,
+# rightly falls through to a measurement. Each entry is (16-bit tensor rate, float32 rate, source).
+# - 16-bit: bf16/fp16 tensor cores with float32 accumulation, which is what autocast runs. GeForce
+#   cards do that at half their fp16-accumulate rate, the number usually advertised.
+# - float32: the TF32 tensor rate on Ampere and newer, since setup_backends lets float32 matmuls run
+#   as TF32 there; the plain float32 rate on older cards.
+# Data sheets quote "with sparsity" figures first; the dense rate is half of those.
+# Not listed, hence measured: the A10G (AWS's variant of the A10, with no NVIDIA data sheet; figures
+# quoted for it disagree), and every card not named here.
+_A100 = (312e12, 156e12, "NVIDIA A100 data sheet: BF16/FP16 tensor 312, TF32 156 TFLOPS dense")
+_H100_SXM = (989e12, 494.5e12, "NVIDIA H100 data sheet, SXM: BF16/FP16 1,979 and TF32 989 TFLOPS with sparsity, halved")
+_H100_PCIE = (756e12, 378e12, "NVIDIA H100 data sheet, PCIe: BF16/FP16 1,513 and TF32 756 TFLOPS with sparsity, halved")
+_H100_NVL = (835.5e12, 417.5e12, "NVIDIA H100 data sheet, NVL: BF16/FP16 1,671 and TF32 835 TFLOPS with sparsity, halved")
+_V100_SXM = (125e12, 15.7e12, "NVIDIA V100 data sheet, SXM2: tensor (fp16, fp32 accumulate) 125, FP32 15.7 TFLOPS")
+_V100_PCIE = (112e12, 14e12, "NVIDIA V100 data sheet, PCIe: tensor (fp16, fp32 accumulate) 112, FP32 14 TFLOPS")
+_GPU_TABLE = {
+    "NVIDIA H100 80GB HBM3": _H100_SXM,
+    "NVIDIA H100 PCIe": _H100_PCIE,
+    "NVIDIA H100 NVL": _H100_NVL,
+    # H800 / A800: the export versions of H100 / A100, with slower NVLink and the same tensor cores
+    "NVIDIA H800": _H100_SXM,
+    "NVIDIA H800 PCIe": _H100_PCIE,
+    "NVIDIA H200": (989e12, 494.5e12, "NVIDIA H200 data sheet, SXM: BF16/FP16 1,979 and TF32 989 TFLOPS with sparsity, halved"),
+    "NVIDIA H200 NVL": (835.5e12, 417.5e12, "NVIDIA H200 data sheet, NVL: BF16/FP16 1,671 and TF32 835 TFLOPS with sparsity, halved"),
+    "NVIDIA B200": (2.25e15, 1.125e15, "NVIDIA HGX B200 data sheet: BF16/FP16 36 and TF32 18 PFLOPS with sparsity for 8 GPUs, per GPU halved"),
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA A800-SXM4-80GB": _A100,
+    "NVIDIA A800 80GB PCIe": _A100,
+    "NVIDIA A10": (125e12, 62.5e12, "NVIDIA A10 data sheet: BF16/FP16 tensor 125, TF32 62.5 TFLOPS dense"),
+    "NVIDIA A40": (149.7e12, 74.8e12, "NVIDIA A40 data sheet: BF16/FP16 (fp32 accumulate) 149.7, TF32 74.8 TFLOPS dense"),
+    "NVIDIA L4": (121e12, 60e12, "NVIDIA L4 data sheet: BF16/FP16 242 and TF32 120 TFLOPS with sparsity, halved"),
+    "NVIDIA L40": (181e12, 90.5e12, "NVIDIA L40 data sheet: BF16/FP16 181, TF32 90.5 TFLOPS dense"),
+    "NVIDIA L40S": (362e12, 183e12, "NVIDIA L40S data sheet: BF16/FP16 362, TF32 183 TFLOPS dense"),
+    "NVIDIA RTX A6000": (154.8e12, 77.4e12, "NVIDIA Ampere GA102 whitepaper: RTX A6000 BF16/FP16 (fp32 accumulate) 154.8, TF32 77.4 TFLOPS dense"),
+    "NVIDIA RTX 6000 Ada Generation": (364.2e12, 182.1e12, "NVIDIA Ada Lovelace whitepaper: RTX 6000 Ada BF16/FP16 (fp32 accumulate) 364.2, TF32 182.1 TFLOPS dense"),
+    "NVIDIA GeForce RTX 3090": (71e12, 35.6e12, "NVIDIA Ampere GA102 whitepaper: RTX 3090 BF16/FP16 with fp32 accumulate 71, TF32 35.6 TFLOPS dense"),
+    "NVIDIA GeForce RTX 4090": (165.2e12, 82.6e12, "NVIDIA Ada Lovelace whitepaper: RTX 4090 BF16/FP16 with fp32 accumulate 165.2, TF32 82.6 TFLOPS dense"),
+    "NVIDIA GeForce RTX 5090": (209.5e12, 104.8e12, "NVIDIA RTX Blackwell whitepaper: RTX 5090 BF16/FP16 with fp32 accumulate 209.5, TF32 104.8 TFLOPS dense"),
+    "Tesla V100-SXM2-16GB": _V100_SXM,
+    "Tesla V100-SXM2-32GB": _V100_SXM,
+    "Tesla V100-PCIE-16GB": _V100_PCIE,
+    "Tesla V100-PCIE-32GB": _V100_PCIE,
+    "Tesla T4": (65e12, 8.1e12, "NVIDIA T4 data sheet: mixed precision (fp16, fp32 accumulate) 65, FP32 8.1 TFLOPS"),
 }
+
+
+def normalize_gpu_name(name):
+    """The key GPU_PEAK_FLOPS is looked up by: lower case, single spaces."""
+    return " ".join(name.lower().split())
+
+
+_NO_BF16 = {"Tesla V100-SXM2-16GB", "Tesla V100-SXM2-32GB", "Tesla V100-PCIE-16GB", "Tesla V100-PCIE-32GB",
+            "Tesla T4"}  # pre-Ampere: fp16 tensor cores only
+
+# normalised device name -> ({dtype: FLOP/s}, source)
+GPU_PEAK_FLOPS = {
+    normalize_gpu_name(name): ({torch.float16: half, torch.float32: fp32}
+                               | ({} if name in _NO_BF16 else {torch.bfloat16: half}), source)
+    for name, (half, fp32, source) in _GPU_TABLE.items()}
 _measured = {}
 
 
-def measure_matmul_flops(device, dtype, n=1024, repeats=10):
-    """Best FLOP/s of an n x n matmul in dtype on this device: the practical peak of a CPU."""
+def synchronize(device):
+    """Wait for the device's queued kernels, so a clock read measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_size(device):
+    """Side of the square matmul measured: big enough to be compute-bound (8192 on a GPU, ~1 TFLOP)."""
+    return {"cuda": 8192, "mps": 4096}.get(device.type, 1024)
+
+
+def measure_matmul_flops(device, dtype, n=None, repeats=10):
+    """Best FLOP/s of an n x n matmul in dtype on this device: the practical peak where no data sheet
+    applies. CUDA and MPS run asynchronously, so the device is synchronised before each clock read
+    (PITFALLS 20); without that a GPU's "peak" is the launch latency."""
+    n = n or matmul_size(device)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     for _ in range(2):
-        a @ b  # warm-up: thread pools, kernel selection
+        a @ b  # warm-up: thread pools, kernel selection (cuBLAS heuristics, the first launch)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
 
 def peak_flops(device, dtype):
-    """(peak FLOP/s, where the number came from) for MFU: a data-sheet table for known GPUs, a
-    measured matmul elsewhere (cached per device and dtype for the life of the process)."""
+    """(peak FLOP/s, where the number came from) for MFU: the data sheet of a GPU in GPU_PEAK_FLOPS,
+    a measured matmul elsewhere (cached per device and dtype for the life of the process)."""
+    dname = str(dtype).replace("torch.", "")
+    where = device.type
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, table in GPU_PEAK_FLOPS.items():
-            if key in name and dtype in table:
-                return table[dtype], f"data sheet: {name} {str(dtype).replace('torch.', '')}"
-    key = (device.type, dtype)
+        flops, source = GPU_PEAK_FLOPS.get(normalize_gpu_name(name), ({}, None))
+        if dtype in flops:
+            return flops[dtype], f"data sheet: {name} {dname}; {source}"
+        where = f"{name} (not in runtime.GPU_PEAK_FLOPS)"
+    key = (str(device), dtype)
     if key not in _measured:
         _measured[key] = measure_matmul_flops(device, dtype)
-    return _measured[key], f"measured: 1024x1024 {str(dtype).replace('torch.', '')} matmul on {device.type}"
+    n = matmul_size(device)
+    return _measured[key], f"measured: synchronised {n}x{n} {dname} matmul on {where}"

@@ -15,7 +15,7 @@ import torch
 
 from configurator import run
 from dataloader import Tokenizer
-from runtime import autocast, pick_device, pick_dtype
+from runtime import autocast, pick_device, pick_dtype, setup_backends
 
 
 @dataclass
@@ -47,6 +47,7 @@ def load(cfg, device):
 
 def main(cfg):
     device = pick_device(cfg.device)
+    setup_backends(device)  # as train.py: TF32 float32 matmuls on CUDA
     dtype = pick_dtype(cfg.dtype, device, decoding=True)
     model, tok = load(cfg, device)
     prompt = cfg.start

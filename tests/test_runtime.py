@@ -1,9 +1,34 @@
-"""The precision decision: made from the actual device, with visible fallbacks and clear errors."""
+"""The precision decision: made from the actual device, with visible fallbacks and clear errors; the
+peak FLOP/s behind MFU; the TF32 switch; the KV cache's dtype under autocast.
+
+    python -m pytest -q tests/test_runtime.py
+
+CUDA behaviour is tested on the CPU by monkeypatching the torch.cuda queries runtime reads
+(get_device_capability, get_device_name); tests/test_cuda.py runs the same paths on a real GPU.
+"""
+
+import time
+import warnings
 
 import pytest
 import torch
 
 import runtime
+
+
+@pytest.fixture(autouse=True)
+def fresh_messages(monkeypatch):
+    """pick_dtype prints each decision once per process: every test starts with none printed."""
+    monkeypatch.setattr(runtime, "_said", set(), raising=False)
+
+
+def fake_gpu(monkeypatch, name, capability):
+    """torch.cuda answering as the named card would, on a machine without CUDA."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    # what recent torch says on a T4: emulated bfloat16 counts as support (PITFALLS 19)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    return torch.device("cuda")  # no CUDA needed: only the queries above are consulted
 
 
 def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch):
@@ -16,14 +41,39 @@ def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch):
     assert runtime.pick_dtype("bfloat16", cpu) == torch.bfloat16  # asked for: autocast works on CPU
 
 
-def test_gpu_without_bf16_falls_back_to_float16_visibly(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    cuda = torch.device("cuda")  # no CUDA needed: only the capability query is consulted
+@pytest.mark.parametrize("name, capability", [("Tesla T4", (7, 5)), ("Tesla V100-SXM2-16GB", (7, 0)),
+                                              ("NVIDIA GeForce RTX 2080 Ti", (7, 5))])
+def test_gpu_without_native_bf16_gets_float16_from_its_compute_capability(monkeypatch, capsys, name, capability):
+    cuda = fake_gpu(monkeypatch, name, capability)
     assert runtime.pick_dtype("auto", cuda) == torch.float16
+    assert runtime.pick_dtype("auto", cuda) == torch.float16
+    major, minor = capability
+    reason = f"{name}, compute capability {major}.{minor} < 8.0 has no native bfloat16"
+    out = capsys.readouterr().out
+    assert out.count(f"dtype: auto -> float16 + GradScaler ({reason})") == 1  # said once, with its reason
+    # a config written for Ampere+ asking for bfloat16 still runs, visibly in float16
     assert runtime.pick_dtype("bfloat16", cuda) == torch.float16
-    assert "no bfloat16" in capsys.readouterr().out
+    assert f"dtype: bfloat16 -> float16 + GradScaler ({reason})" in capsys.readouterr().out
+    assert runtime.pick_dtype("float32", cuda) == torch.float32
     assert runtime.make_scaler(torch.device("cpu"), torch.float16).is_enabled()
     assert not runtime.make_scaler(torch.device("cpu"), torch.bfloat16).is_enabled()
+
+
+@pytest.mark.parametrize("name, capability", [("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA GeForce RTX 3090", (8, 6)),
+                                              ("NVIDIA H100 80GB HBM3", (9, 0)), ("NVIDIA GeForce RTX 5090", (12, 0))])
+def test_ampere_and_newer_get_bfloat16(monkeypatch, capsys, name, capability):
+    cuda = fake_gpu(monkeypatch, name, capability)
+    assert runtime.pick_dtype("auto", cuda) == torch.bfloat16
+    assert runtime.pick_dtype("bfloat16", cuda) == torch.bfloat16
+    major, minor = capability
+    assert capsys.readouterr().out == (f"dtype: auto -> bfloat16 ({name}, compute capability {major}.{minor} "
+                                       f">= 8.0 computes bfloat16 natively)\n")
+
+
+def test_rocm_keeps_torchs_answer(monkeypatch):
+    cuda = fake_gpu(monkeypatch, "AMD Instinct MI250X", (9, 0))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert runtime.pick_dtype("auto", cuda) == torch.bfloat16
 
 
 def test_bad_dtype_and_missing_device_are_errors():
@@ -41,3 +91,155 @@ def test_rng_state_round_trips_through_json():
     runtime.set_rng_state(state)
     b = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
     assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+
+
+# ----------------------------------------------------------------------------- peak FLOP/s for MFU
+
+@pytest.mark.parametrize("name, bf16, fp32", [
+    ("NVIDIA L40S", 362e12, 183e12),  # contains "L4"
+    ("NVIDIA L4", 121e12, 60e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12, 156e12),  # contains "A10"
+    ("NVIDIA A10", 125e12, 62.5e12),
+    ("NVIDIA H100 PCIe", 756e12, 378e12),  # not the SXM figure
+    ("NVIDIA H100 80GB HBM3", 989e12, 494.5e12),
+    ("NVIDIA GeForce RTX 4090", 165.2e12, 82.6e12),  # fp32 accumulate: half the advertised fp16 rate
+    ("nvidia  geforce rtx 3090 ", 71e12, 35.6e12),  # case and spacing do not matter
+])
+def test_gpu_names_match_whole_not_by_substring(monkeypatch, name, bf16, fp32):
+    cuda = fake_gpu(monkeypatch, name, (8, 0))
+    monkeypatch.setattr(runtime, "measure_matmul_flops", lambda *a, **k: pytest.fail("a listed GPU was measured"))
+    flops, source = runtime.peak_flops(cuda, torch.bfloat16)
+    assert flops == bf16 and source.startswith(f"data sheet: {name} bfloat16; NVIDIA")
+    assert runtime.peak_flops(cuda, torch.float16)[0] == bf16
+    assert runtime.peak_flops(cuda, torch.float32)[0] == fp32  # TF32, which setup_backends enables
+
+
+def test_every_card_of_the_issue_is_listed_and_the_a10g_is_measured():
+    listed = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A100-SXM4-80GB",
+              "NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe", "NVIDIA L4", "NVIDIA L40S",
+              "NVIDIA A10", "NVIDIA A40", "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3090",
+              "NVIDIA GeForce RTX 5090", "NVIDIA RTX 6000 Ada Generation", "NVIDIA RTX A6000", "NVIDIA A800-SXM4-80GB",
+              "NVIDIA H800", "NVIDIA B200", "Tesla V100-SXM2-16GB", "Tesla V100-SXM2-32GB", "Tesla V100-PCIE-16GB",
+              "Tesla T4"]
+    missing = [n for n in listed if runtime.normalize_gpu_name(n) not in runtime.GPU_PEAK_FLOPS]
+    assert not missing
+    assert runtime.normalize_gpu_name("NVIDIA A10G") not in runtime.GPU_PEAK_FLOPS  # no data sheet: measured
+    for name, (flops, source) in runtime.GPU_PEAK_FLOPS.items():
+        assert flops[torch.float16] > flops[torch.float32] > 0, name
+        assert "data sheet" in source or "whitepaper" in source, name
+        assert (torch.bfloat16 in flops) == (not name.startswith("tesla")), name  # V100 and T4: no bfloat16
+
+
+def test_a_card_not_in_the_table_is_measured_and_says_so(monkeypatch):
+    cuda = fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4080", (8, 9))
+    calls = []
+    monkeypatch.setattr(runtime, "measure_matmul_flops", lambda device, dtype: calls.append((device, dtype)) or 1e14)
+    monkeypatch.setattr(runtime, "_measured", {})
+    flops, source = runtime.peak_flops(cuda, torch.bfloat16)
+    assert flops == 1e14 and calls == [(cuda, torch.bfloat16)]
+    assert source == ("measured: synchronised 8192x8192 bfloat16 matmul on NVIDIA GeForce RTX 4080 "
+                      "(not in runtime.GPU_PEAK_FLOPS)")
+    runtime.peak_flops(cuda, torch.bfloat16)
+    assert len(calls) == 1  # measured once per process
+    # a T4 asked for bfloat16 (which pick_dtype never gives it) has no data-sheet row: measured too
+    cuda = fake_gpu(monkeypatch, "Tesla T4", (7, 5))
+    assert runtime.peak_flops(cuda, torch.float16)[0] == 65e12
+    assert runtime.peak_flops(cuda, torch.bfloat16)[1].startswith("measured")
+
+
+def test_the_matmul_clock_waits_for_the_device(monkeypatch):
+    """A stand-in for an asynchronous GPU: synchronize() is where the queued work finishes (10 ms).
+    A timer read before it would see only the launch and report an absurd peak (PITFALLS 20)."""
+    waits = []
+
+    def synchronize(device):
+        waits.append(device)
+        time.sleep(0.01)
+    monkeypatch.setattr(runtime, "synchronize", synchronize)
+    n, repeats = 32, 3
+    flops = runtime.measure_matmul_flops(torch.device("cpu"), torch.float32, n=n, repeats=repeats)
+    assert flops <= 2 * n ** 3 / 0.01  # every timed interval contains a wait for the device
+    assert len(waits) == 2 * repeats  # before starting the clock and before reading it
+
+
+# ----------------------------------------------------------------------------- TF32
+
+@pytest.fixture
+def restore_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_setup_backends_lets_cuda_run_float32_matmuls_as_tf32(restore_matmul_precision):
+    torch.set_float32_matmul_precision("highest")
+    runtime.setup_backends(torch.device("cpu"))
+    assert torch.get_float32_matmul_precision() == "highest"  # nothing changes off CUDA
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning from the switch
+        runtime.setup_backends(torch.device("cuda"))
+    assert torch.get_float32_matmul_precision() == "high"
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    # both views stay readable: torch.compile's autotuning reads get_float32_matmul_precision, which
+    # raises after a mix of the per-backend fp32_precision and the legacy switches
+    assert torch.backends.cuda.matmul.allow_tf32
+
+
+class LegacySwitches:
+    """Stands in for torch.backends.cuda.matmul / torch.backends.cudnn and records what is written."""
+
+    def __init__(self, written):
+        object.__setattr__(self, "written", written)
+
+    def __setattr__(self, key, value):
+        self.written.append(key)
+
+
+def test_setup_backends_does_not_use_the_deprecated_allow_tf32(monkeypatch, restore_matmul_precision):
+    written = []
+    monkeypatch.setattr(torch.backends.cuda, "matmul", LegacySwitches(written))
+    monkeypatch.setattr(torch.backends, "cudnn", LegacySwitches(written))
+    runtime.setup_backends(torch.device("cuda"))
+    assert written == []
+
+
+class BackendsSetUp(Exception):
+    pass
+
+
+def test_sample_and_eval_set_up_the_backends_like_train(monkeypatch):
+    import eval as eval_script
+    import sample
+    seen = []
+
+    def setup_backends(device):
+        seen.append(device)
+        raise BackendsSetUp  # enough: the script got this far, with its device
+    monkeypatch.setattr(sample, "setup_backends", setup_backends)
+    with pytest.raises(BackendsSetUp):
+        sample.main(sample.SampleConfig(device="cpu"))
+    monkeypatch.setattr(runtime, "setup_backends", setup_backends)  # eval.main imports it when it runs
+    with pytest.raises(BackendsSetUp):
+        eval_script.main(eval_script.EvalConfig(device="cpu", out_dir="no-such-run"))
+    assert seen == [torch.device("cpu")] * 2
+
+
+# ----------------------------------------------------------------------------- the KV cache's dtype
+
+def test_kv_cache_is_kept_in_the_autocast_dtype(monkeypatch, tiny_config):
+    import model as model_lib
+    made = []
+    real = model_lib.KVCache
+    monkeypatch.setattr(model_lib, "KVCache", lambda *a: made.append(real(*a)) or made[-1])
+    torch.manual_seed(0)
+    model = model_lib.GPT(tiny_config)
+    prompt = torch.randint(0, 65, (2, 5))
+    with torch.inference_mode():
+        plain = model.generate(prompt, 8, temperature=0)
+        with torch.autocast("cpu", torch.bfloat16):
+            cached = model.generate(prompt, 8, temperature=0)
+            full = model.generate(prompt, 8, temperature=0, use_cache=False)
+    assert [m.k.dtype for m in made] == [torch.float32, torch.bfloat16]  # the weights' dtype, then autocast's
+    assert made[1].v.dtype == torch.bfloat16
+    assert torch.equal(cached, full)
+    assert plain.shape == cached.shape

@@ -1,0 +1,392 @@
+"""
+The first run on a CUDA GPU: does homegpt work on this card, and how fast is it? One command, offline.
+
+    python benchmarks/gpu_check.py                                       # everything -> gpu_check.json
+    python benchmarks/gpu_check.py --out_file=rtx4090.json
+    python benchmarks/gpu_check.py --parts=gpt2,sampling --compile=False  # a quicker look
+
+Parts, in this order (--parts picks some):
+  tests       `python -m pytest -q -m cuda tests/` in a subprocess, with its passed / failed counts
+              (tests/test_cuda.py: bf16 and fp16 + GradScaler steps, fused AdamW, the dtype for this
+              card, cached vs uncached generation, exact resume, DDP and FSDP over NCCL on one rank)
+  gpt2        GPT-2 124M as config/train_gpt2.py shapes it (12 x 12 x 768, vocab 50304, block 1024):
+              training steps at the config's micro-batch in runtime's dtype for the card (bf16 on
+              Ampere and newer, else fp16), eager and torch.compile: ms/step, tokens/s, MFU; the
+              largest micro-batch that fits (eager); measured peak memory next to memory.py's
+              estimate; what the config's whole run would take on this one GPU
+  chinchilla  the same for the 163M untied model of config/train_gpt2_chinchilla.py, so its
+              "~45 h on a 24 GB card" can be replaced by a measured figure
+  sampling    model.generate tokens/s with the KV cache, GPT-2 124M shape, random weights, batch 1,
+              greedy, in the card's autocast dtype and in float32 (TF32 matmuls)
+
+Every training row is bench.run_row, the function behind bench.py: a fresh model and fused AdamW,
+train.train_step on random tokens already on the GPU, warm-up steps untimed (compilation happens
+there), the device synchronised before every clock read, peak memory from
+torch.cuda.max_memory_allocated. The largest batch is bench.find_max_batch (doubling, then
+bisection), capped by max_batch and search_seconds. Nothing is downloaded and nothing installed:
+random tokens, and torch, numpy, safetensors, tiktoken, tqdm, plus pytest for the tests part.
+
+Time on one H100, estimated (not yet measured: no GPU was at hand when this was written): tests
+60-90 s (collecting the suite, three tiny training runs, one NCCL subprocess); gpt2 ~150 s (eager
+~5 s, the compile row ~60-90 s of which nearly all is compiling, the batch search <= 60 s);
+chinchilla ~120 s (inductor's on-disk cache reuses most kernels); sampling ~10 s. About 6-7 min in
+all; each part prints its seconds, and --compile=False saves the two compilations.
+
+One table at the end, every number in out_file (JSON, rewritten after each part). Exit status 1 when
+a test fails, a part breaks or there is no CUDA; otherwise 0.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the project's modules sit at the root: run from a plain clone too
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import bench  # noqa: E402
+import configurator  # noqa: E402
+from dataloader import write_json  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from runtime import autocast, peak_flops, pick_device, pick_dtype, setup_backends, synchronize  # noqa: E402
+from train import TrainConfig, compile_reason  # noqa: E402
+
+
+@dataclass
+class GpuCheckConfig:
+    parts: str = "tests,gpt2,chinchilla,sampling"  # comma-separated; they run in this order
+    compile: bool = True  # also time torch.compile'd training (one compilation per model, ~1 min each)
+    warmup: int = 2  # untimed training steps per row (compilation happens in the first)
+    steps: int = 10  # timed training steps per row
+    max_batch: int = 256  # the largest-batch search doubles up to this
+    search_seconds: float = 60.0  # and tries no new size after this long, keeping the largest that fitted
+    sample_tokens: int = 256  # new tokens per sampling measurement (1-token prompt; <= 1023 stays in the cache)
+    tests_timeout: int = 300  # seconds before the test subprocess is stopped and counted as failed
+    device: str = "cuda"  # which GPU, e.g. cuda:1
+    seed: int = 1337
+    out_file: str = "gpu_check.json"
+
+
+PARTS = ("tests", "gpt2", "chinchilla", "sampling")
+MODELS = {"gpt2": ("config/train_gpt2.py", "GPT-2 124M"),
+          "chinchilla": ("config/train_gpt2_chinchilla.py", "GPT-2 163M untied")}
+# TrainConfig keys that shape the timed step; bench.BenchConfig uses the same names
+STEP_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "fast_dropout", "bias",
+             "qkv_bias", "tie_weights", "activation", "activation_checkpointing", "optimizer", "grad_clip")
+NO_CUDA = ("gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False); run it on a machine with an "
+           "NVIDIA GPU and a CUDA build of PyTorch (this is torch {})")
+
+
+def check_config(cfg):
+    """The parts to run; all problems with the knobs at once as a ValueError."""
+    parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
+    errors = []
+    if not parts or any(p not in PARTS for p in parts):
+        errors.append(f"parts={cfg.parts!r}: expected a comma-separated list of {', '.join(PARTS)}")
+    for key in ("steps", "max_batch", "sample_tokens", "tests_timeout"):
+        if getattr(cfg, key) <= 0:
+            errors.append(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.warmup < (1 if cfg.compile else 0):
+        errors.append(f"warmup={cfg.warmup}: compile=True needs 1 or more, or the compilation itself is timed")
+    if cfg.search_seconds < 0:
+        errors.append(f"search_seconds must be >= 0, got {cfg.search_seconds}")
+    if cfg.sample_tokens >= 1024:
+        errors.append(f"sample_tokens={cfg.sample_tokens}: keep it under the block of 1024, where the cache is used")
+    if not cfg.device.startswith("cuda"):
+        errors.append(f"device={cfg.device!r}: this checks a CUDA GPU (cuda or cuda:N)")
+    if errors:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+    return sorted(dict.fromkeys(parts), key=PARTS.index)
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+COUNT = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?)\b")
+
+
+def parse_pytest_summary(text):
+    """Counts from pytest's summary, the last line that has any ('2 failed, 7 passed, 600 deselected in 61.2s')."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "deselected": 0}
+    lines = [line for line in text.strip().splitlines() if COUNT.search(line)]
+    for n, word in COUNT.findall(lines[-1]) if lines else []:
+        counts["errors" if word.startswith("error") else word] += int(n)
+    return counts
+
+
+def run_eta(tcfg, tokens_per_sec, eval_tokens_per_sec=None):
+    """How long a training config would take at the measured speeds, in seconds.
+
+    Training: max_iters x tokens per iteration / tokens_per_sec. Gradient accumulation repeats the
+    micro-step measured here, so tokens/s carries over (the optimizer step, timed with every
+    micro-step here, is shared by all of them in the real run: the figure errs long). Evaluation:
+    train.py evaluates at iteration 0, every eval_interval-th and the last, eval_iters batches each."""
+    tokens_per_iter = tcfg.gradient_accumulation_steps * tcfg.batch_size * tcfg.block_size
+    n_evals = tcfg.max_iters // tcfg.eval_interval + 1 + (tcfg.max_iters % tcfg.eval_interval != 0)
+    eval_s = None
+    if eval_tokens_per_sec and tcfg.eval_iters > 0:  # eval_iters 0 = the whole split, of unknown size here
+        eval_s = n_evals * tcfg.eval_iters * tcfg.batch_size * tcfg.block_size / eval_tokens_per_sec
+    return {"max_iters": tcfg.max_iters, "tokens_per_iter": tokens_per_iter, "tokens_per_sec": tokens_per_sec,
+            "train_s": tcfg.max_iters * tokens_per_iter / tokens_per_sec, "n_evals": n_evals, "eval_s": eval_s}
+
+
+def gib(n):
+    return "-" if n is None else f"{n / 2**30:.1f} GiB"
+
+
+def row_result(r):
+    """One training row in words."""
+    if r["status"] != "ok":
+        return f"{r['status']}: {r['note']}" if r["note"] else r["status"]
+    compiled = f", {r['warmup_s']:.0f} s to compile and warm up" if r["compile"] else ""
+    return (f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_sec']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
+            f"peak {gib(r['peak_memory_bytes'])} (memory.py: {gib(r['estimated_memory_bytes'])}){compiled}")
+
+
+def table_rows(report):
+    """(part, what, result) for every measured thing in the report."""
+    rows = []
+    g = report["gpu"]
+    rows.append(("device", g["name"], f"compute capability {g['capability']}, {gib(g['memory_bytes'])}, "
+                                      f"dtype {report['dtype']}"))
+    for dname, p in report["peak_flops"].items():
+        rows.append(("device", f"peak {dname}", f"{p['flops'] / 1e12:,.1f} TFLOP/s ({p['source']})"))
+    parts = report["parts"]
+    if "tests" in parts:
+        t = parts["tests"]
+        c = t.get("counts") or {}
+        counts = ", ".join(f"{c[k]} {k}" for k in ("passed", "failed", "errors", "skipped") if c.get(k)) or "none ran"
+        rows.append(("tests", "pytest -q -m cuda tests/", counts if t["status"] == "ok" else
+                     f"{t['status']}: {t.get('note') or counts}"))
+    for key in MODELS:
+        if key not in parts:
+            continue
+        m = parts[key]
+        if m.get("status") == "error":
+            rows.append((key, "error", m["note"]))
+            continue
+        for r in m["rows"]:
+            mode = "compiled" if r["compile"] else "eager"
+            rows.append((key, f"{m['label']} {r['dtype']} {mode}, batch {r['batch_size']}", row_result(r)))
+        best = m["max_batch_row"]
+        rows.append((key, "largest micro-batch (eager)", f"{m['max_batch']}{m['max_batch_note']}" + (
+            f", peak {gib(best['peak_memory_bytes'])} (memory.py: {gib(best['estimated_memory_bytes'])})"
+            if best else "")))
+        e = m["eta"]
+        if e:
+            evals = f" + {e['eval_s'] / 3600:.1f} h for {e['n_evals']} evaluations" if e["eval_s"] else ""
+            rows.append((key, f"{m['config_file']} on this GPU",
+                         f"{e['max_iters']:,} iters x {e['tokens_per_iter']:,} tokens at {e['tokens_per_sec']:,.0f} "
+                         f"tok/s ({e['measured']}): {e['train_s'] / 3600:.1f} h{evals}"))
+    if "sampling" in parts:
+        s = parts["sampling"]
+        if s.get("status") == "error":
+            rows.append(("sampling", "error", s["note"]))
+        for r in s.get("rows", []):
+            rows.append(("sampling", f"KV cache, batch 1, {r['dtype']}", f"{r['tokens_per_sec']:,.0f} tok/s "
+                                                                         f"({r['new_tokens']} new tokens)"))
+    for part, seconds in report["elapsed_s"].items():
+        rows.append(("time", part, f"{seconds:.0f} s"))
+    return rows
+
+
+def format_table(rows, header=("part", "what", "result")):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(2)]
+    line = lambda r: f"{str(r[0]).ljust(widths[0])}  {str(r[1]).ljust(widths[1])}  {r[2]}"
+    return "\n".join([line(header), line(["-" * widths[0], "-" * widths[1], "-" * len(header[2])])]
+                     + [line(r) for r in rows])
+
+
+def problems(report):
+    """What makes the check fail: tests not passing, a part or a row that broke (out of memory is a
+    finding about the card, not a failure)."""
+    out = []
+    for part, res in report["parts"].items():
+        if res.get("status") not in (None, "ok"):
+            out.append(f"{part}: {res['status']}" + (f" ({res['note']})" if res.get("note") else ""))
+        out += [f"{part}: {r['dtype']} batch {r['batch_size']} compile={r['compile']}: {r['note']}"
+                for r in res.get("rows", []) + res.get("search", []) if r.get("status") == "error"]
+    return out
+
+
+# ----------------------------------------------------------------------------- the parts
+
+def run_tests(cfg, device):
+    """The suite's CUDA-marked tests in a subprocess, on this GPU."""
+    if importlib.util.find_spec("pytest") is None:
+        return {"status": "not run", "note": "pytest is not installed (pip install pytest)", "counts": None}
+    env = dict(os.environ)
+    visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if device.index:  # the tests use the default GPU: make it this one
+        env["CUDA_VISIBLE_DEVICES"] = visible[device.index] if visible else str(device.index)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/"]
+    print(f"tests: {' '.join(cmd[2:])} (up to {cfg.tests_timeout} s)", flush=True)
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=cfg.tests_timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print(out[-3000:])
+        return {"status": "timed out", "note": f"after {cfg.tests_timeout} s", "counts": parse_pytest_summary(out)}
+    counts = parse_pytest_summary(r.stdout)
+    ok = r.returncode == 0 and counts["passed"] > 0
+    if not ok:
+        print((r.stdout + r.stderr)[-6000:])  # the failures, as pytest reported them
+    summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    note = "" if ok else f"pytest exit status {r.returncode}: {summary or 'no output'}"  # 0 with none passed: all skipped
+    return {"status": "ok" if ok else "failed", "note": note, "counts": counts, "returncode": r.returncode,
+            "summary": summary}
+
+
+def run_model(cfg, key, device, dtype, peak):
+    """Training rows of one config's model: eager and compiled at its micro-batch, the largest batch, the ETA."""
+    config_file, label = MODELS[key]
+    tcfg = configurator.parse_config(TrainConfig, [str(ROOT / config_file)])
+    bcfg = bench.BenchConfig(**{k: getattr(tcfg, k) for k in STEP_KEYS}, warmup=cfg.warmup, steps=cfg.steps,
+                             device=str(device), seed=cfg.seed, eval=True)
+    mcfg = bench.model_config(bcfg)
+    with torch.device("meta"):  # shapes for memory.py's estimate, without allocating
+        shape_model = GPT(mcfg)
+    dname = str(dtype).replace("torch.", "")
+    print(f"{key}: {label}, {shape_model.get_num_params():,} parameters, {config_file}'s micro-batch "
+          f"{tcfg.batch_size} x {tcfg.block_size}, {dname}", flush=True)
+
+    def show(row, what):
+        print(f"{key}: {what}: {row_result(row)}", flush=True)
+        return row
+
+    b = tcfg.batch_size
+    eager = show(bench.run_row(bcfg, shape_model, device, dtype, False, b, peak, 0), f"eager, batch {b}")
+    rows = [eager]
+    if cfg.compile:
+        reason = compile_reason(device)
+        if reason:
+            rows.append(bench.new_row(dname, True, b, mcfg.block_size) | {"status": "skipped", "note": reason})
+        else:  # forward-only rows would compile a second (eval-mode) graph: left to the eager row
+            rows.append(show(bench.run_row(dataclasses.replace(bcfg, eval=False), shape_model, device, dtype, True,
+                                           b, peak, 0), f"compiled, batch {b}"))
+
+    # --- the largest micro-batch that fits: two steps per size are enough to reach the peak memory
+    search_cfg = dataclasses.replace(bcfg, warmup=1, steps=1, eval=False)
+    deadline = time.monotonic() + cfg.search_seconds
+
+    def try_batch(n):
+        if time.monotonic() > deadline:
+            return bench.new_row(dname, False, n, mcfg.block_size) | {"status": "skipped", "note": "time cap"}
+        return show(bench.run_row(search_cfg, shape_model, device, dtype, False, n, peak, 0), f"search, batch {n}")
+
+    best, tried = bench.find_max_batch(try_batch, cfg.max_batch)
+    last = tried[-1]["status"]
+    note = (f" or more (search stopped after {cfg.search_seconds:g} s)" if last == "skipped" else
+            f" or more (max_batch={cfg.max_batch})" if last == "ok" else
+            f" (search ended on an error at batch {tried[-1]['batch_size']})" if last == "error" else "")
+    best_row = next((r for r in tried if r["batch_size"] == best and r["status"] == "ok"), None)
+
+    # --- the config's whole run at the fastest speed measured
+    fastest = max((r for r in rows if r["status"] == "ok"), key=lambda r: r["tokens_per_sec"], default=None)
+    eta = run_eta(tcfg, fastest["tokens_per_sec"], eager["eval_tokens_per_sec"]) if fastest else None
+    if eta:
+        eta["measured"] = "compiled" if fastest["compile"] else "eager"
+    return {"status": "ok", "label": label, "config_file": config_file, "n_params": shape_model.get_num_params(),
+            "model_args": dataclasses.asdict(mcfg), "rows": rows, "search": tried, "max_batch": best,
+            "max_batch_note": note, "max_batch_row": best_row, "eta": eta}
+
+
+def run_sampling(cfg, device, dtype):
+    """KV-cache decoding speed of the GPT-2 124M shape, in the card's autocast dtype and in float32."""
+    tcfg = configurator.parse_config(TrainConfig, [str(ROOT / MODELS["gpt2"][0])])
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(n_layer=tcfg.n_layer, n_head=tcfg.n_head, n_embd=tcfg.n_embd, block_size=tcfg.block_size,
+                          vocab_size=tcfg.vocab_size, dropout=0.0)).to(device).eval()
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    rows = []
+    for d in dict.fromkeys([dtype, torch.float32]):
+        name = str(d).replace("torch.", "") + (" autocast" if d != torch.float32 else " (TF32 matmuls)")
+        with torch.inference_mode(), autocast(device, d):
+            model.generate(prompt, 8, temperature=0)  # warm-up: kernel selection, cuBLAS workspaces
+            synchronize(device)
+            t0 = time.perf_counter()
+            model.generate(prompt, cfg.sample_tokens, temperature=0)
+            synchronize(device)
+            dt = time.perf_counter() - t0
+        rows.append({"dtype": name, "batch_size": 1, "new_tokens": cfg.sample_tokens, "seconds": dt,
+                     "tokens_per_sec": cfg.sample_tokens / dt})
+        print(f"sampling: {name}: {cfg.sample_tokens / dt:,.0f} tok/s", flush=True)
+    del model
+    bench.free_memory(device)
+    return {"status": "ok", "rows": rows}
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(cfg):
+    if not torch.cuda.is_available():
+        raise SystemExit(NO_CUDA.format(torch.__version__))
+    parts = check_config(cfg)
+    device = pick_device(cfg.device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    setup_backends(device)  # TF32 for float32 matmuls, as train.py runs them
+    props = torch.cuda.get_device_properties(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    print(f"gpu_check: {props.name} (compute capability {major}.{minor}, {gib(props.total_memory)}), torch "
+          f"{torch.__version__}, CUDA {torch.version.cuda}; parts: {', '.join(parts)}", flush=True)
+    dtype = pick_dtype("auto", device)  # prints its reason
+    report = {"config": dataclasses.asdict(cfg), "versions": bench.versions(), "machine": bench.machine_info(device),
+              "gpu": {"name": props.name, "capability": f"{major}.{minor}", "memory_bytes": props.total_memory},
+              "dtype": str(dtype).replace("torch.", ""), "peak_flops": {}, "parts": {}, "elapsed_s": {}}
+    for d in dict.fromkeys([dtype, torch.float32]):
+        flops, source = peak_flops(device, d)
+        report["peak_flops"][str(d).replace("torch.", "")] = {"flops": flops, "source": source}
+        print(f"peak {str(d).replace('torch.', '')}: {flops / 1e12:,.1f} TFLOP/s ({source})", flush=True)
+    peak = report["peak_flops"][report["dtype"]]["flops"]
+    bench.free_memory(device)  # a measured peak leaves ~1 GB of matmul operands in the allocator's cache
+
+    start = time.perf_counter()
+    for part in parts:
+        t0 = time.perf_counter()
+        try:
+            if part == "tests":
+                result = run_tests(cfg, device)
+            elif part in MODELS:
+                result = run_model(cfg, part, device, dtype, peak)
+            else:
+                result = run_sampling(cfg, device, dtype)
+        except Exception as e:  # noqa: BLE001 -- one broken part must not hide the others' numbers;
+            traceback.print_exc()  # it is printed here, in the table and the JSON, and fails the run
+            result = {"status": "error", "note": f"{type(e).__name__}: {e}"}
+            bench.free_memory(device)
+        report["parts"][part] = result
+        report["elapsed_s"][part] = time.perf_counter() - t0
+        print(f"{part}: {report['elapsed_s'][part]:.0f} s", flush=True)
+        write_json(cfg.out_file, report)  # after every part: an interrupted check keeps what it measured
+    report["elapsed_s"]["total"] = time.perf_counter() - start
+    report["problems"] = problems(report)
+    write_json(cfg.out_file, report)
+    print()
+    print(format_table(table_rows(report)))
+    print(f"wrote {cfg.out_file}")
+    if report["problems"]:
+        raise SystemExit("gpu_check: " + "; ".join(report["problems"]))
+    return report
+
+
+def cli(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        configurator.configure(GpuCheckConfig, argv)  # lists the keys and exits
+    try:
+        return main(configurator.parse_config(GpuCheckConfig, argv))
+    except ValueError as e:
+        raise SystemExit(f"gpu_check: error: {e}") from None
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
