@@ -58,7 +58,7 @@ from checkpoint import build_base, library_versions
 from dataloader import write_json
 from model import GPT, GPTConfig
 from runtime import (Dist, autocast, compile_reason, cpu_model, make_scaler, peak_flops, pick_device, pick_dtype,
-                     seed_everything, setup_backends)
+                     seed_everything, setup_backends, synchronize)
 from train import TrainConfig, train_step
 
 
@@ -210,14 +210,6 @@ def compile_settings(cfg, device):
 
 
 # ----------------------------------------------------------------------------- device memory and clock
-
-def synchronize(device):
-    """Wait for queued kernels, so the clock measures the work and not its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
 
 def free_memory(device):
     gc.collect()  # an OOM traceback holds the failed step's tensors in reference cycles

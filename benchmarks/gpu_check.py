@@ -57,8 +57,9 @@ import bench  # noqa: E402
 import configurator  # noqa: E402
 from dataloader import write_json  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from runtime import autocast, peak_flops, pick_device, pick_dtype, setup_backends, synchronize  # noqa: E402
-from train import TrainConfig, compile_reason  # noqa: E402
+from runtime import (autocast, compile_reason, peak_flops, pick_device, pick_dtype, setup_backends,  # noqa: E402
+                     synchronize)
+from train import TrainConfig  # noqa: E402
 
 
 @dataclass

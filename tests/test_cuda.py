@@ -59,8 +59,10 @@ def snapshot(model):
 
 
 def step(model, opt, scaler, dtype, batches):
-    return train.train_step(model, opt, scaler, batches, autocast(torch.device("cuda"), dtype), 1.0, Dist(),
-                            torch.device("cuda"))
+    """(loss, grad norm, stepped) of one train_step on the GPU."""
+    s = train.train_step(model, opt, scaler, batches, autocast(torch.device("cuda"), dtype), 1.0, Dist(),
+                         torch.device("cuda"))
+    return s.loss, s.norm, s.stepped
 
 
 # ----------------------------------------------------------------------------- precision
