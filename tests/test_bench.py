@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import bench
+import train
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_warmup_steps_are_not_timed(tmp_path, fixed_peak, monkeypatch):
     def slow_first(*args):
         n.append(1)
         time.sleep(0.6 if len(n) == 1 else 0.0)  # a first step that compiles / allocates
-        return torch.tensor(1.0), torch.tensor(1.0), True
+        return train.Step(torch.tensor(1.0), torch.tensor(1.0), True, True, 16, False)
     monkeypatch.setattr(bench, "train_step", slow_first)
     row = bench.run(tiny(tmp_path, batch_sizes="1", warmup=1, steps=3, eval=False))["rows"][0]
     assert len(n) == 4  # 1 warm-up + 3 timed
