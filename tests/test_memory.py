@@ -131,6 +131,24 @@ def test_report_says_fits_or_prices_the_knobs_that_help():
         memory.estimate_training_memory(xl, 1, 1024, optimizer="sgd")
 
 
+def test_fsdp_divides_the_states_by_the_ranks_and_adds_what_it_gathers():
+    xl = GPTConfig(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024)
+    one = memory.estimate_training_memory(xl, 1, 1024, compute_dtype_bytes=2)
+    ddp = memory.estimate_training_memory(xl, 1, 1024, compute_dtype_bytes=2, world_size=4)
+    fsdp = memory.estimate_training_memory(xl, 1, 1024, compute_dtype_bytes=2, world_size=4, fsdp=True)
+    assert ddp["total"] == one["total"]  # a full replica per GPU; its buckets are the gradients themselves
+    block = 4 * (12 * 1600 * 1600 + 13 * 1600)  # one block's fp32 weights: 4 matmuls, their biases, 2 LayerNorms
+    root = 4 * (50257 * 1600 + 1024 * 1600 + 2 * 1600)  # wte (= lm_head), wpe, ln_f
+    assert block * 48 + root == one["weights"]
+    assert fsdp["weights"] == one["weights"] // 4 and fsdp["optimizer"] == one["optimizer"] // 4
+    assert fsdp["fsdp_gathered"] == root + 3 * block
+    assert fsdp["activations"] == one["activations"]  # activations are per rank's own micro-batch
+    assert one["total"] - fsdp["total"] > 15 * memory.GB
+    report = memory.memory_report(fsdp, 24 * memory.GB)
+    assert "per GPU of 4 (FSDP)" in report and "FSDP gathered" in report and "/4 (FSDP)" in report
+    assert "DDP: a full replica each" in memory.memory_report(ddp, 80 * memory.GB)
+
+
 def test_device_memory_on_cpu():
     n = memory.device_memory("cpu")
     assert n is None or 0 < n < 2 ** 50

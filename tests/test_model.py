@@ -175,6 +175,22 @@ def test_flops_per_token_counts_matmuls_and_attention():
     assert model.flops_per_token(16) == 6 * n_linear + 12 * 2 * 16 * 32
 
 
+def test_frozen_weights_cost_4_flops_per_token_and_adapters_6():
+    """LoRA and 1-D fine-tunes compute no gradient for the frozen matrices: counting 6N for them
+    would overstate MFU by half of the frozen part."""
+    import lora
+    model = tiny()
+    n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = 12 * 2 * 16 * 32
+    lora.train_only_1d(model)
+    assert model.flops_per_token(16) == 4 * n_linear + attention
+    model = tiny()
+    lora.apply_lora(model, rank=4, alpha=8.0, dropout=0.0, targets="attn")
+    adapters = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B")))
+    assert adapters == 2 * (4 * (32 + 96) + 4 * (32 + 32))
+    assert model.flops_per_token(16) == 4 * n_linear + 6 * adapters + attention
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     model = tiny()
     idx = torch.randint(0, 65, (2, 16))
