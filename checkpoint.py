@@ -367,6 +367,103 @@ def restore_model(model, ckpt_dir, state):
                          f"unexpected {unexpected[:5]}")
 
 
+# ----------------------------------------------------------------------------- resuming
+
+def save_run(run, is_best=False, hash_files=True):
+    """A checkpoint of a training run (train.Run): what state.json records of it is defined here.
+    Every rank calls this (gathering data positions and FSDP shards are collectives); rank 0 writes."""
+    import dataclasses
+    import math
+    from runtime import gather_objects, print0, rng_state
+    gathered = gather_sharded(run.model, run.optimizer) if run.fsdp else None
+    sampler_ranks = gather_objects(run.sampler.state_dict(), run.dist)
+    run.saved_at = run.iter_num
+    if not run.dist.is_master:
+        return
+    state = {"iter_num": run.iter_num, "tokens_seen": run.tokens_seen,
+             "best_val_loss": run.best_val if math.isfinite(run.best_val) else None,
+             "config": dataclasses.asdict(run.cfg) | {"init_from": run.origin, "resume_from": ""},
+             "model_args": dataclasses.asdict(run.model.config), "sampler": sampler_ranks[0],
+             "sampler_ranks": sampler_ranks, "rng": rng_state(),
+             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+             "wandb_run_id": run.wandb_id, "data_meta": run.data_meta, "base": run.base}
+    path = save_checkpoint(run.cfg.out_dir, state, run.model, run.optimizer, trainable_only=run.partial,
+                           is_best=is_best, keep_last_n=run.cfg.keep_last_n, gathered=gathered, hash_files=hash_files)
+    print0(f"saved checkpoint to {path}")
+
+
+def restore_run(run, ckpt_dir, state):
+    """Bring back into a training run everything that shapes its next step (PITFALLS 12): optimizer
+    state, scaler, each rank's data position, RNG states and counters. The optimizer's
+    hyperparameters stay the config's (PITFALLS 21)."""
+    from runtime import print0, set_rng_state
+    if run.fsdp:
+        restore_optimizer_sharded(run.model, run.optimizer, ckpt_dir, state)
+    else:
+        restore_optimizer(run.model, run.optimizer, ckpt_dir, state)
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    if state.get("sampler") and state.get("rng"):
+        sampler_state = rank_sampler_state(state, run.dist.rank)
+        if sampler_state is not None:
+            run.sampler.load_state_dict(sampler_state)
+        else:
+            print(f"resume: rank {run.dist.rank} has no saved data position (the run had fewer ranks); "
+                  f"it starts its own random stream afresh", flush=True)
+        set_rng_state(state["rng"])
+    else:  # e.g. converted from nanoGPT, which does not record them
+        print0("resume: the checkpoint has no data position or RNG state; sampling starts afresh")
+    run.iter_num, run.tokens_seen = state["iter_num"], state["tokens_seen"]
+    run.best_val = state["best_val_loss"] if state["best_val_loss"] is not None else float("inf")
+    run.wandb_id = state.get("wandb_run_id")
+    run.saved_at = run.iter_num
+
+
+def read_for_resume(out_dir, resume_from, dist_info):
+    """(checkpoint dir, state) a run resumes from: out_dir's latest, or resume_from (a ckpt-NNNNNNN
+    name inside out_dir, or a path). Every rank calls this. Rank 0 alone reads every file back to
+    check its hash; the others take its verdict and the checkpoint it chose, read that checkpoint's
+    state.json, and all ranks confirm they see it: on several nodes out_dir must be a shared filesystem."""
+    from runtime import broadcast_object, gather_objects
+    where = Path(out_dir)
+    if resume_from:
+        named = Path(resume_from)
+        where = named if named.is_absolute() or named.parent != Path(".") else where / named
+    chosen, state = None, None
+    if dist_info.is_master:
+        try:
+            ckpt_dir, state = read_checkpoint(where)
+            chosen = str(ckpt_dir)
+        except (ValueError, FileNotFoundError) as e:
+            broadcast_object(f"error: {e}", dist_info)  # the others stop with rank 0, instead of waiting
+            raise
+    chosen = broadcast_object(chosen, dist_info)
+    if chosen.startswith("error: "):
+        raise ValueError(chosen[len("error: "):])
+    if not dist_info.is_master:
+        try:
+            ckpt_dir, state = read_checkpoint(chosen, verify=False)  # rank 0 checked the hashes
+        except (ValueError, FileNotFoundError):
+            ckpt_dir = None
+    blind = [r for r, ok in enumerate(gather_objects(state is not None, dist_info)) if not ok]
+    if blind:
+        raise ValueError(f"rank(s) {blind} cannot read {chosen}, which rank 0 resumes from: on several nodes, "
+                         f"out_dir must be on a filesystem every node shares (NFS, Lustre, ...), or the checkpoint "
+                         f"copied to the same path on each node")
+    return ckpt_dir, state
+
+
+def rank_sampler_state(state, rank):
+    """The data position this rank resumes from: its own when the checkpoint has one. Otherwise
+    (a run saved with fewer ranks, or from before positions were kept per rank) the sequential
+    sampler's global cursor, which every rank shares, or None for a random stream: a rank that
+    copied rank 0's stream would read exactly rank 0's windows."""
+    ranks = state.get("sampler_ranks") or [state["sampler"]]
+    if rank < len(ranks):
+        return ranks[rank]
+    return None if state["sampler"].get("kind") == "random" else state["sampler"]
+
+
 # ----------------------------------------------------------------------------- what a run starts from
 
 def holds_checkpoint(path):
@@ -487,6 +584,27 @@ def _load_model(path, device, merge_lora, which):
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
+
+class MetricsFile:
+    """A run's metrics.jsonl as train.py writes it (rank 0): one JSON record per line, flushed, and
+    mirrored to wandb when a wandb run is given."""
+
+    def __init__(self, out_dir, enabled=True, wandb_run=None):
+        self.file = open(Path(out_dir) / "metrics.jsonl", "a") if enabled else None
+        self.wandb = wandb_run
+
+    def log(self, record):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["iter"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
 
 def read_metrics(out_dir):
     """The records of a run's metrics.jsonl (readable while the run is still writing it)."""

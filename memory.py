@@ -58,6 +58,7 @@ GB = 1024 ** 3
 BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizers quantise states in blocks of 256, one fp32 scale each
 BNB_MIN_SIZE = 4096  # smaller tensors keep 32-bit states (bitsandbytes' min_8bit_size)
 FIT_MARGIN = 0.9  # use at most 90% of the device: CUDA context, fragmentation, evaluation buffers
+CPU_RECIPE = "config/train_shakespeare_char_cpu.py"  # what a CPU user should run instead of a GPU recipe
 
 
 def estimate_training_memory(model, batch_size, block_size, trainable_params=None, param_dtype_bytes=None,
@@ -173,6 +174,26 @@ def estimate_from_settings(st):
     est["total"] = sum(est.values())
     est["settings"] = dict(st)
     return est
+
+
+def budget_report(model, max_iters, tokens_per_iter, iters_left, device, peak_flops, peak_source, world_size=1):
+    """Parameters, the run's FLOPs budget and the least time its iterations left can take at the
+    device's peak. On a CPU, a run that needs over half an hour even at the peak was written for a
+    GPU: the report says so and names the CPU recipe."""
+    n_params = model.get_num_params()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokens = max_iters * tokens_per_iter
+    floor_s = model.flops_per_token(model.config.block_size) * iters_left * tokens_per_iter / world_size / peak_flops
+    lines = [f"model: {n_params:,} parameters ({model.get_num_params(non_embedding=True):,} without embeddings), "
+             f"{n_train:,} trained",
+             f"budget: {tokens:,} tokens, 6ND = {6 * n_params * tokens:.3g} FLOPs, {tokens / n_params:.1f} tokens per "
+             f"parameter (Chinchilla-optimal ~20); at this device's peak ({peak_flops / 1e12:.2f} TFLOP/s, "
+             f"{peak_source}) the {iters_left:,} iterations left take at least {floor_s / 60:,.1f} min"]
+    if device.type == "cpu" and floor_s > 1800:
+        lines.append(f"note: this config needs at least {floor_s / 3600:,.1f} h on this CPU even at its peak matmul "
+                     f"rate (real runs reach a fraction of it): it was written for a GPU. On a CPU, {CPU_RECIPE} "
+                     f"trains a character-level Shakespeare model in about 2 minutes")
+    return "\n".join(lines)
 
 
 def device_memory(device):

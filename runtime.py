@@ -16,6 +16,7 @@ import contextlib
 import os
 import platform
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -278,6 +279,43 @@ def shard_model(model):
     if model.config.tie_weights:
         assert model.lm_head.weight is model.transformer.wte.weight, "FSDP broke the wte/lm_head tie"
     return model
+
+
+def wrap_for_training(model, device, dist_info, fsdp, compile_model):
+    """What trains: the model, compiled where torch.compile can run (else the reason is printed),
+    inside DDP under torchrun unless FSDP already sharded it in place."""
+    runner = model
+    if compile_model:
+        reason = compile_reason(device)
+        if reason:
+            print0(f"compile: off ({reason})")
+        else:
+            print0("compile: compiling the model (the first iterations are slow)")
+            runner = torch.compile(model)
+    if dist_info.enabled and not fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # gradient_as_bucket_view: the gradients live in DDP's communication buckets instead of
+        # beside them, one copy of the gradients fewer
+        runner = DDP(runner, device_ids=[dist_info.local_rank] if device.type == "cuda" else None,
+                     gradient_as_bucket_view=True)
+    return runner
+
+
+class StopFlag:
+    """SIGTERM / Ctrl-C ask the training loop to finish its step, save and exit; a second Ctrl-C
+    aborts. Under torchrun every rank gets the signal; train_step makes them agree."""
+
+    def __init__(self):
+        self.signum = None
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print0(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+               f"(Ctrl-C again aborts without saving)")
 
 
 class NoInferenceMode(torch.nn.Module):

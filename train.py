@@ -14,7 +14,6 @@ Ctrl-C finishes the current step, saves and exits.
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -31,9 +30,9 @@ import configurator
 from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
                         resolve_data_dir, to_device)
 from model import GPT, GPTConfig
-from runtime import (Dist, NoInferenceMode, autocast, barrier, broadcast_object, close_distributed, compile_reason,
-                     gather_objects, init_distributed, make_scaler, peak_flops, pick_dtype, print0, rng_state,
-                     seed_everything, set_rng_state, setup_backends, shard_model, step_seed)
+from runtime import (Dist, NoInferenceMode, StopFlag, autocast, barrier, broadcast_object, close_distributed,
+                     init_distributed, make_scaler, peak_flops, pick_dtype, print0, seed_everything, setup_backends,
+                     shard_model, step_seed, wrap_for_training)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "muon")
 
@@ -118,7 +117,6 @@ class TrainConfig:
 # what a resume may not change: the weights' shapes, the data, the optimizer's kind
 RESUME_FIXED = GPTConfig.SHAPE_FIELDS + ("lora_rank", "lora_targets", "train_1d_only", "sft_train_file", "dataset",
                                          "data_dir", "optimizer")
-CPU_RECIPE = "config/train_shakespeare_char_cpu.py"
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -350,27 +348,7 @@ def make_optimizer(model, cfg, device, fused=None):
                                       muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
 
 
-def wrap_model(model, cfg, device, dist_info, fsdp):
-    """What trains: the model, compiled where torch.compile can run, inside DDP under torchrun (FSDP
-    already sharded the model in place)."""
-    runner = model
-    if cfg.compile:
-        reason = compile_reason(device)
-        if reason:
-            print0(f"compile: off ({reason})")
-        else:
-            print0("compile: compiling the model (the first iterations are slow)")
-            runner = torch.compile(model)
-    if dist_info.enabled and not fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # gradient_as_bucket_view: the gradients live in DDP's communication buckets instead of
-        # beside them, one copy of the gradients fewer
-        runner = DDP(runner, device_ids=[dist_info.local_rank] if device.type == "cuda" else None,
-                     gradient_as_bucket_view=True)
-    return runner
-
-
-# ----------------------------------------------------------------------------- the run's state, saved and restored
+# ----------------------------------------------------------------------------- the run's state (saved and restored by checkpoint.save_run / restore_run)
 
 @dataclass
 class Run:
@@ -396,95 +374,6 @@ class Run:
     saved_at: Optional[int] = None  # the iteration of the last checkpoint written or resumed from
 
 
-def save(run, is_best=False, hash_files=True):
-    """A checkpoint of the run. Every rank calls this (gathering data positions and FSDP shards are
-    collectives); rank 0 writes."""
-    gathered = ckpt_lib.gather_sharded(run.model, run.optimizer) if run.fsdp else None
-    sampler_ranks = gather_objects(run.sampler.state_dict(), run.dist)
-    run.saved_at = run.iter_num
-    if not run.dist.is_master:
-        return
-    state = {"iter_num": run.iter_num, "tokens_seen": run.tokens_seen,
-             "best_val_loss": run.best_val if math.isfinite(run.best_val) else None,
-             "config": dataclasses.asdict(run.cfg) | {"init_from": run.origin, "resume_from": ""},
-             "model_args": dataclasses.asdict(run.model.config), "sampler": sampler_ranks[0],
-             "sampler_ranks": sampler_ranks, "rng": rng_state(),
-             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-             "wandb_run_id": run.wandb_id, "data_meta": run.data_meta, "base": run.base}
-    path = ckpt_lib.save_checkpoint(run.cfg.out_dir, state, run.model, run.optimizer, trainable_only=run.partial,
-                                    is_best=is_best, keep_last_n=run.cfg.keep_last_n, gathered=gathered,
-                                    hash_files=hash_files)
-    print0(f"saved checkpoint to {path}")
-
-
-def restore(run, ckpt_dir, state):
-    """Bring back everything that shapes the next step (PITFALLS 12): optimizer state, scaler, data
-    position, RNG states and counters. The optimizer's hyperparameters stay the config's (PITFALLS 21)."""
-    if run.fsdp:
-        ckpt_lib.restore_optimizer_sharded(run.model, run.optimizer, ckpt_dir, state)
-    else:
-        ckpt_lib.restore_optimizer(run.model, run.optimizer, ckpt_dir, state)
-    if state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    if state.get("sampler") and state.get("rng"):
-        sampler_state = rank_sampler_state(state, run.dist.rank)
-        if sampler_state is not None:
-            run.sampler.load_state_dict(sampler_state)
-        else:
-            print(f"resume: rank {run.dist.rank} has no saved data position (the run had fewer ranks); "
-                  f"it starts its own random stream afresh", flush=True)
-        set_rng_state(state["rng"])
-    else:  # e.g. converted from nanoGPT, which does not record them
-        print0("resume: the checkpoint has no data position or RNG state; sampling starts afresh")
-    run.iter_num, run.tokens_seen = state["iter_num"], state["tokens_seen"]
-    run.best_val = state["best_val_loss"] if state["best_val_loss"] is not None else float("inf")
-    run.wandb_id = state.get("wandb_run_id")
-    run.saved_at = run.iter_num
-
-
-def rank_sampler_state(state, rank):
-    """The data position this rank resumes from: its own when the checkpoint has one. Otherwise
-    (a run saved with fewer ranks, or from before positions were kept per rank) the sequential
-    sampler's global cursor, which every rank shares, or None for a random stream: a rank that
-    copied rank 0's stream would read exactly rank 0's windows."""
-    ranks = state.get("sampler_ranks") or [state["sampler"]]
-    if rank < len(ranks):
-        return ranks[rank]
-    return None if state["sampler"].get("kind") == "random" else state["sampler"]
-
-
-def read_resume_state(cfg, dist_info):
-    """(checkpoint dir, state) to resume from. Rank 0 alone reads every file back to check its hash;
-    the others take its verdict and the checkpoint it chose, read that checkpoint's state.json, and
-    all ranks confirm they see it: on several nodes out_dir must be a filesystem they share."""
-    where = Path(cfg.out_dir)
-    if cfg.resume_from:
-        named = Path(cfg.resume_from)
-        where = named if named.is_absolute() or named.parent != Path(".") else where / named
-    chosen = None
-    if dist_info.is_master:
-        try:
-            ckpt_dir, state = ckpt_lib.read_checkpoint(where)
-            chosen = str(ckpt_dir)
-        except (ValueError, FileNotFoundError) as e:
-            broadcast_object(f"error: {e}", dist_info)  # the others stop with rank 0, instead of waiting
-            raise
-    chosen = broadcast_object(chosen, dist_info)
-    if chosen.startswith("error: "):
-        raise ValueError(chosen[len("error: "):])
-    if not dist_info.is_master:
-        try:
-            ckpt_dir, state = ckpt_lib.read_checkpoint(chosen, verify=False)  # rank 0 checked the hashes
-        except (ValueError, FileNotFoundError):
-            ckpt_dir, state = None, None
-    blind = [r for r, ok in enumerate(gather_objects(state is not None, dist_info)) if not ok]
-    if blind:
-        raise ValueError(f"rank(s) {blind} cannot read {chosen}, which rank 0 resumes from: on several nodes, "
-                         f"out_dir must be on a filesystem every node shares (NFS, Lustre, ...), or the checkpoint "
-                         f"copied to the same path on each node")
-    return ckpt_dir, state
-
-
 # ----------------------------------------------------------------------------- evaluation, metrics, signals
 
 def validate(run):
@@ -503,76 +392,12 @@ def validate(run):
     return broadcast_object(val, run.dist)
 
 
-class Metrics:
-    """metrics.jsonl (rank 0), one JSON record per line, mirrored to wandb when it is on."""
+# ----------------------------------------------------------------------------- main, in phases
 
-    def __init__(self, run, wandb_run=None):
-        self.file = open(Path(run.cfg.out_dir) / "metrics.jsonl", "a") if run.dist.is_master else None
-        self.wandb = wandb_run
-
-    def log(self, record):
-        if self.file is None:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["iter"])
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-
-
-class StopFlag:
-    """SIGTERM / Ctrl-C ask the loop to finish its step, save and exit; a second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.signum = None
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print0(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-               f"(Ctrl-C again aborts without saving)")
-
-
-def print_budget(model, cfg, device, dtype, tokens_per_iter, iters_left, world_size):
-    """Parameters, the FLOPs budget and, at the device's peak, the least time it can take; on a CPU
-    a run that needs hours was written for a GPU, and the CPU recipe is named."""
-    n_params = model.get_num_params()
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tokens = cfg.max_iters * tokens_per_iter
-    print0(f"model: {n_params:,} parameters ({model.get_num_params(non_embedding=True):,} without embeddings), "
-           f"{n_train:,} trained")
-    peak, source = peak_flops(device, dtype)
-    floor_s = model.flops_per_token(cfg.block_size) * iters_left * tokens_per_iter / world_size / peak
-    print0(f"budget: {tokens:,} tokens, 6ND = {6 * n_params * tokens:.3g} FLOPs, {tokens / n_params:.1f} tokens per "
-           f"parameter (Chinchilla-optimal ~20); at this device's peak ({peak / 1e12:.2f} TFLOP/s, {source}) "
-           f"the {iters_left:,} iterations left take at least {floor_s / 60:,.1f} min")
-    if device.type == "cpu" and floor_s > 1800:
-        print0(f"note: this config needs at least {floor_s / 3600:,.1f} h on this CPU even at its peak matmul rate "
-               f"(real runs reach a fraction of it): it was written for a GPU. On a CPU, {CPU_RECIPE} trains a "
-               f"character-level Shakespeare model in about 2 minutes")
-    return peak
-
-
-def print_memory(model, cfg, device, dtype, world_size, fsdp):
-    import memory
-    est = memory.estimate_training_memory(
-        model, cfg.batch_size, cfg.block_size, compute_dtype_bytes=4 if dtype == torch.float32 else 2,
-        optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing,
-        world_size=world_size, fsdp=fsdp)
-    print0(memory.memory_report(est, memory.device_memory(device)))
-
-
-# ----------------------------------------------------------------------------- main
-
-def main(cfg):
-    # --- runtime: config checks, process group, device and precision
-    check_config(cfg, Dist(world_size=int(os.environ.get("WORLD_SIZE", "1"))))  # before any process group starts
+def open_runtime(cfg):
+    """Phase 1: config checks (before any process group: a wrong value is one line, not a hang),
+    the process group, device and precision. Returns (dist, device, dtype, fsdp)."""
+    check_config(cfg, Dist(world_size=int(os.environ.get("WORLD_SIZE", "1"))))
     dist_info, device = init_distributed(cfg.device, cfg.backend)
     setup_backends(device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -582,39 +407,42 @@ def main(cfg):
     if fsdp and dtype == torch.float16:
         raise ValueError("fsdp=True with float16 is not supported (the GradScaler would check only this rank's "
                          "shard for overflow): use --dtype=bfloat16 (Ampere or newer) or float32, or fsdp=False")
-    accum = cfg.gradient_accumulation_steps // dist_info.world_size  # micro-steps per rank
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     parallel = f" ({'FSDP' if fsdp else 'DDP'} over {torch.distributed.get_backend()})" if dist_info.enabled else ""
     print0(f"runtime: device={device}, dtype={str(dtype).replace('torch.', '')}, world_size={dist_info.world_size}"
            f"{parallel}, torch {torch.__version__}, numpy {np.__version__}")
+    accum = cfg.gradient_accumulation_steps // dist_info.world_size
     print0(f"tokens per iteration: {cfg.gradient_accumulation_steps} accum x {cfg.batch_size} batch x "
-           f"{cfg.block_size} block = {tokens_per_iter:,} ({accum} micro-steps on each of {dist_info.world_size} rank(s))")
+           f"{cfg.block_size} block = {cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size:,} "
+           f"({accum} micro-steps on each of {dist_info.world_size} rank(s))")
     if device.type == "cpu" and accum > 1:
         print0("note: gradient accumulation gives no speed-up on a CPU; a larger batch_size does the same math")
+    return dist_info, device, dtype, fsdp
 
-    # --- the checkpoint to resume from, or a clean out_dir
+
+def resume_point(cfg, dist_info, device):
+    """Phase 2: (checkpoint dir, state) to resume from, or (None, None) for a new run (whose out_dir
+    is cleared first with overwrite=True)."""
     state, ckpt_dir = None, None
     if cfg.init_from == "resume":
-        ckpt_dir, state = read_resume_state(cfg, dist_info)
+        ckpt_dir, state = ckpt_lib.read_for_resume(cfg.out_dir, cfg.resume_from, dist_info)
         refused, changed = resume_changes(state["config"], cfg)
         if refused:
             raise ValueError(f"cannot resume {ckpt_dir} with a different model, data or optimizer: " + ", ".join(
                 f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in refused.items()) + "; keep them as they were")
         for k, (a, b) in changed.items():
             print0(f"resume: {k} changed from {a!r} to {b!r}")
-        if state["iter_num"] >= cfg.max_iters and not cfg.eval_only:
-            print0(f"resume: {ckpt_dir} is at iteration {state['iter_num']}, max_iters={cfg.max_iters}: the run is "
-                   f"finished and nothing was trained; raise --max_iters to train on")
-            close_distributed(dist_info)
-            return {"iter_num": state["iter_num"], "best_val_loss": state["best_val_loss"]}
         print0(f"resuming from {ckpt_dir} at iteration {state['iter_num']}")
     elif cfg.overwrite and dist_info.is_master and not cfg.eval_only:
         removed = ckpt_lib.delete_run(cfg.out_dir)
         if removed:
             print0(f"overwrite: deleted {removed} of the earlier run in {cfg.out_dir}")
     barrier(dist_info, device)
+    return ckpt_dir, state
 
-    # --- data and model
+
+def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
+    """Phase 3: data, model (from scratch, a pretrained base or the checkpoint), optimizer, and the
+    checkpoint's state restored: the Run the loop trains."""
     seed_everything(cfg.seed)  # the same initial weights on every rank and every run
     origin = state["config"]["init_from"] if state else cfg.init_from
     meta_hint = state.get("data_meta") if state else None
@@ -632,35 +460,48 @@ def main(cfg):
         sampler.data.check_vocab(model.config.vocab_size)
         sampler.vocab_size = model.config.vocab_size
     model.to(device)
-    peak = print_budget(model, cfg, device, dtype, tokens_per_iter, cfg.max_iters - (state or {}).get("iter_num", 0),
-                        dist_info.world_size)
-    print_memory(model, cfg, device, dtype, dist_info.world_size, fsdp)
+    import memory
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    print0(memory.budget_report(model, cfg.max_iters, tokens_per_iter, cfg.max_iters - (state or {}).get("iter_num", 0),
+                                device, *peak_flops(device, dtype), dist_info.world_size))
+    print0(memory.memory_report(memory.estimate_training_memory(
+        model, cfg.batch_size, cfg.block_size, compute_dtype_bytes=4 if dtype == torch.float32 else 2,
+        optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing,
+        world_size=dist_info.world_size, fsdp=fsdp), memory.device_memory(device)))
     if state:  # whole weights on every rank, before FSDP splits them
         ckpt_lib.restore_model(model, ckpt_dir, state)
     if fsdp:  # in place, before the optimizer, which must see the sharded parameters
         shard_model(model)
         print0(f"fsdp: {model.config.n_layer} blocks + root sharded over {dist_info.world_size} ranks")
-
-    # --- optimizer, precision, restored state
     run = Run(cfg, dist_info, device, autocast(device, dtype), model, make_optimizer(model, cfg, device),
               make_scaler(device, dtype), sampler, val_batches, data_meta, origin, base, partial, fsdp)
     if state:
-        restore(run, ckpt_dir, state)
-        if dist_info.is_master:
-            ckpt_lib.trim_metrics(Path(cfg.out_dir) / "metrics.jsonl", run.iter_num)
-    resumed_at = run.iter_num if state else None
-    runner = wrap_model(model, cfg, device, dist_info, fsdp)
-    wandb_run = None
-    if dist_info.is_master:
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        if cfg.wandb_log:
-            import wandb
-            wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
-                                   id=run.wandb_id, resume="allow")
-            run.wandb_id = wandb_run.id
-    metrics = Metrics(run, wandb_run)
+        ckpt_lib.restore_run(run, ckpt_dir, state)
+    return run
+
+
+def evaluate_and_save(run, metrics, lr, last_step):
+    """Validation loss (when there is validation data), then a checkpoint: at each evaluation with
+    always_save_checkpoint, else when val improved; always at the last step, so a run ends with its
+    last weights saved. best.json moves only on improvement (PITFALLS 11)."""
+    val = validate(run)
+    improved = val is not None and val < run.best_val
+    if val is not None:
+        run.best_val = min(run.best_val, val)
+        print0(f"iter {run.iter_num}: val loss {val:.4f}{' (best)' if improved else ''}")
+        metrics.log({"iter": run.iter_num, "tokens": run.tokens_seen, "val_loss": val, "lr": lr})
+    if run.iter_num > 0 and not run.cfg.eval_only and (improved or run.cfg.always_save_checkpoint or last_step):
+        ckpt_lib.save_run(run, is_best=improved)
+
+
+def train_loop(run, runner, metrics, peak):
+    """Phase 4, the loop: learning rate -> evaluate / checkpoint -> stop? -> micro-steps, clip and
+    step -> log. Returns the StopFlag (a Ctrl-C ends the process with status 130)."""
+    cfg, dist_info, device = run.cfg, run.dist, run.device
+    accum = cfg.gradient_accumulation_steps // dist_info.world_size  # micro-steps per rank
+    resumed_at = run.saved_at  # evaluated and saved before the run stopped: not again
     stop = StopFlag()
-    step_flops = functools.lru_cache(maxsize=None)(model.flops_per_token)  # per token, by sequence length
+    step_flops = functools.lru_cache(maxsize=None)(run.model.flops_per_token)  # per token, by sequence length
     bad_steps, skipped, stopping = 0, 0, False
     log_loss, log_steps, log_tokens, log_flops = torch.zeros((), device=device), 0, 0, 0
     t_log = time.perf_counter()
@@ -670,29 +511,21 @@ def main(cfg):
         set_lr(run.optimizer, lr)
         last_step = run.iter_num >= cfg.max_iters
 
-        # --- evaluate and checkpoint (not at the iteration a resume starts from: done before it stopped).
-        # A run always ends with a checkpoint of its last weights; best.json moves only on improvement.
+        # --- evaluate and checkpoint
         if cfg.eval_only or ((run.iter_num % cfg.eval_interval == 0 or last_step) and run.iter_num != resumed_at):
-            val = validate(run)
-            improved = val is not None and val < run.best_val
-            if val is not None:
-                run.best_val = min(run.best_val, val)
-                print0(f"iter {run.iter_num}: val loss {val:.4f}{' (best)' if improved else ''}")
-                metrics.log({"iter": run.iter_num, "tokens": run.tokens_seen, "val_loss": val, "lr": lr})
-            if run.iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint or last_step):
-                save(run, is_best=improved)
+            evaluate_and_save(run, metrics, lr, last_step)
         if cfg.save_interval and run.iter_num % cfg.save_interval == 0 and 0 < run.iter_num != run.saved_at:
-            save(run)
+            ckpt_lib.save_run(run)
 
         # --- stop: end of schedule, eval_only, or a signal (every rank learnt of it in the last step)
         if last_step or cfg.eval_only or stopping:
             if stopping and run.saved_at != run.iter_num:
-                save(run, hash_files=False)  # on the way out: sizes only, no read-back (torchrun waits 30 s)
-            break
+                ckpt_lib.save_run(run, hash_files=False)  # on the way out: sizes only, no read-back (torchrun waits 30 s)
+            return stop
 
         # --- micro-steps, clip, step
         torch.manual_seed(step_seed(cfg.seed, dist_info.rank, run.iter_num))  # dropout masks resume exactly
-        batches = [to_device(sampler.next_batch(), device) for _ in range(accum)]
+        batches = [to_device(run.sampler.next_batch(), device) for _ in range(accum)]
         step = train_step(runner, run.optimizer, run.scaler, batches, run.ctx, cfg.grad_clip, dist_info, device,
                           stop=lambda: stop.signum is not None)
         run.iter_num += 1  # a skipped step still consumed its batches: the schedule and data move on
@@ -700,28 +533,26 @@ def main(cfg):
         stopping = step.stop
         log_tokens += step.tokens
         log_flops += sum(step_flops(x.size(1)) * x.numel() for x, _ in batches)  # this rank's
-        if not step.stepped and not (run.scaler.is_enabled() and step.finite):
-            bad_steps += 1
-            skipped += 1
+        if step.stepped or (run.scaler.is_enabled() and step.finite):  # (an fp16 overflow is no bad step)
+            bad_steps = 0
+            log_loss += step.loss
+            log_steps += 1
+        else:
+            bad_steps, skipped = bad_steps + 1, skipped + 1
             print0(f"iter {run.iter_num - 1}: non-finite loss or gradient ({step.loss.item():.4g}, norm "
                    f"{step.norm.item():.4g}), step skipped ({bad_steps} in a row, {skipped} in all)")
             if bad_steps >= cfg.max_bad_steps:
-                save(run)
+                ckpt_lib.save_run(run)
                 barrier(dist_info, device)
                 raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row at iteration {run.iter_num}. The "
                                  f"last good weights are saved in {cfg.out_dir}; lower learning_rate, use bfloat16 or "
                                  f"float32, or check the data")
-        else:
-            bad_steps = 0
-            log_loss += step.loss
-            log_steps += 1
 
-        # --- log: the mean loss over the interval (its one host sync), tokens really computed
+        # --- log: the mean loss over the interval (its one host sync), the tokens really computed
         if run.iter_num % cfg.log_interval == 0 and log_steps > 0:
-            mean_loss = log_loss.item() / log_steps
             elapsed = time.perf_counter() - t_log
-            dt = elapsed / cfg.log_interval
-            tps, mfu = log_tokens / elapsed, log_flops / elapsed / peak
+            dt, tps, mfu = elapsed / cfg.log_interval, log_tokens / elapsed, log_flops / elapsed / peak
+            mean_loss = log_loss.item() / log_steps
             print0(f"iter {run.iter_num}: loss {mean_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tps:,.0f} tok/s, "
                    f"mfu {mfu * 100:.1f}%, eta {(cfg.max_iters - run.iter_num) * dt / 60:.1f} min")
             metrics.log({"iter": run.iter_num, "tokens": run.tokens_seen, "train_loss": mean_loss, "lr": lr,
@@ -729,14 +560,37 @@ def main(cfg):
             log_loss.zero_()
             log_steps, log_tokens, log_flops, t_log = 0, 0, 0, time.perf_counter()
 
+
+def main(cfg):
+    dist_info, device, dtype, fsdp = open_runtime(cfg)
+    ckpt_dir, state = resume_point(cfg, dist_info, device)
+    if state and state["iter_num"] >= cfg.max_iters and not cfg.eval_only:
+        print0(f"resume: {ckpt_dir} is at iteration {state['iter_num']}, max_iters={cfg.max_iters}: the run is "
+               f"finished and nothing was trained; raise --max_iters to train on")
+        close_distributed(dist_info)
+        return {"iter_num": state["iter_num"], "best_val_loss": state["best_val_loss"]}
+    run = build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state)
+    runner = wrap_for_training(run.model, device, dist_info, fsdp, cfg.compile)
+    wandb_run = None
+    if dist_info.is_master:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        if state:
+            ckpt_lib.trim_metrics(Path(cfg.out_dir) / "metrics.jsonl", run.iter_num)  # lines a crash left past it
+        if cfg.wandb_log:
+            import wandb
+            wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
+                                   id=run.wandb_id, resume="allow")
+            run.wandb_id = wandb_run.id
+    metrics = ckpt_lib.MetricsFile(cfg.out_dir, dist_info.is_master, wandb_run)
+    stop = train_loop(run, runner, metrics, peak_flops(device, dtype)[0])
     metrics.close()
-    result = {"iter_num": run.iter_num, "best_val_loss": run.best_val}
     barrier(dist_info, device)  # no rank leaves while rank 0 still writes the final checkpoint
+    result = {"iter_num": run.iter_num, "best_val_loss": run.best_val}
     if dist_info.enabled:
         # FSDP and DDP keep gloo work objects (holding tensors) alive in their hooks; freed after the
         # process group is gone they abort the interpreter at exit ("terminate called without an
         # active exception"), so they go first
-        del runner, model, run
+        del runner, run
         import gc
         gc.collect()
     close_distributed(dist_info)

@@ -190,11 +190,11 @@ def test_fsdp_matches_ddp_and_checkpoints_move_between_sharded_and_not(runs, dat
 def test_each_rank_resumes_its_own_data_position():
     state = {"sampler": {"kind": "random", "rng": 0}, "sampler_ranks": [{"kind": "random", "rng": 0},
                                                                         {"kind": "random", "rng": 1}]}
-    assert train.rank_sampler_state(state, 1) == {"kind": "random", "rng": 1}
+    assert ckpt_lib.rank_sampler_state(state, 1) == {"kind": "random", "rng": 1}
     # more ranks than were saved: a random stream starts afresh rather than duplicate rank 0's
-    assert train.rank_sampler_state(state, 2) is None
+    assert ckpt_lib.rank_sampler_state(state, 2) is None
     seq = {"sampler": {"kind": "sequential", "cursor": 64}}  # one global cursor: every rank shares it
-    assert train.rank_sampler_state(seq, 3) == seq["sampler"]
+    assert ckpt_lib.rank_sampler_state(seq, 3) == seq["sampler"]
 
 
 @pytest.mark.slow

@@ -201,15 +201,14 @@ def test_config_mistakes_are_caught_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_gpu_recipe_started_on_a_cpu_says_so_and_names_the_cpu_recipe(monkeypatch, capsys):
+def test_a_gpu_recipe_started_on_a_cpu_says_so_and_names_the_cpu_recipe():
+    import memory
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=65))
-    cfg = tiny_train_config("d", "o", block_size=64, batch_size=64, max_iters=5000)
-    monkeypatch.setattr(train, "peak_flops", lambda device, dtype: (1e9, "measured"))
-    train.print_budget(model, cfg, torch.device("cpu"), torch.float32, 64 * 64, 5000, 1)
-    out = capsys.readouterr().out
-    assert "it was written for a GPU" in out and train.CPU_RECIPE in out
-    train.print_budget(model, cfg, torch.device("cpu"), torch.float32, 64 * 64, 10, 1)
-    assert "written for a GPU" not in capsys.readouterr().out
+    cpu = torch.device("cpu")
+    long = memory.budget_report(model, 5000, 64 * 64, 5000, cpu, 1e9, "measured")
+    assert "it was written for a GPU" in long and memory.CPU_RECIPE in long
+    assert "written for a GPU" not in memory.budget_report(model, 5000, 64 * 64, 10, cpu, 1e9, "measured")
+    assert "written for a GPU" not in memory.budget_report(model, 5000, 64 * 64, 5000, torch.device("cuda"), 1e9, "x")
 
 
 @pytest.mark.slow
