@@ -153,7 +153,8 @@ def check_config(cfg, dist_info):
                "activation": ("gelu_tanh", "gelu")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
-            errors.append(f"{k} must be {' or '.join(map(repr, allowed))}, got {getattr(cfg, k)!r}")
+            names = [repr(a) for a in allowed]
+            errors.append(f"{k} must be {', '.join(names[:-1])} or {names[-1]}, got {getattr(cfg, k)!r}")
     if cfg.train_1d_only and cfg.base_dtype != "float32":
         errors.append("train_1d_only trains the biases inside the base's layers, which must then stay float32: "
                       "use base_dtype='float32'")
