@@ -25,6 +25,16 @@ import typing
 from pathlib import Path
 
 
+class UserError(ValueError):
+    """Something the user gave is wrong: a config value, a path, a file's contents. run() prints its
+    message as one line 'error: ...' and exits 1; any other exception is a bug and keeps its
+    traceback. A ValueError, so that callers of the library can catch it as one."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file or directory the user named, or was to prepare first, is not there."""
+
+
 def _allowed(tp):
     """The plain types a field accepts: Optional[int] -> (int, NoneType)."""
     if typing.get_origin(tp) is typing.Union:

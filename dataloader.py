@@ -142,6 +142,24 @@ def resolve_data_dir(data_dir, dataset):
     return CHECKOUT / path
 
 
+SHIPPED_DATASETS = ("shakespeare_char", "shakespeare")  # their text ships in the checkout
+
+
+def prepare_shipped(data_dir):
+    """Prepare data/shakespeare_char or data/shakespeare when their token files are missing: the text
+    ships in the checkout, it takes seconds and downloads nothing. Returns True when it did."""
+    data_dir = Path(data_dir).resolve()
+    if data_dir.parent != CHECKOUT / "data" or data_dir.name not in SHIPPED_DATASETS or (data_dir / "train.bin").exists():
+        return False
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"prepare_{data_dir.name}", data_dir / "prepare.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    print(f"data: {data_dir} has no token files yet; preparing them (python data/{data_dir.name}/prepare.py)", flush=True)
+    script.main(script.PrepareConfig())
+    return True
+
+
 def load_meta(data_dir):
     """meta.json of a prepared dataset, or {} when there is none."""
     p = Path(data_dir) / "meta.json"

@@ -28,7 +28,7 @@ import torch
 import checkpoint as ckpt_lib
 import configurator
 from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
-                        resolve_data_dir, to_device)
+                        prepare_shipped, resolve_data_dir, to_device)
 from model import GPT, GPTConfig
 from runtime import (Dist, NoInferenceMode, StopFlag, autocast, barrier, broadcast_object, close_distributed,
                      init_distributed, make_scaler, peak_flops, pick_dtype, print0, seed_everything, setup_backends,
@@ -449,6 +449,9 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
     meta_hint = state.get("data_meta") if state else None
     if origin != "scratch" and not meta_hint:
         meta_hint = ckpt_lib.source_data_meta(origin)  # a fine-tune reads text with its base's tokenizer
+    if not cfg.sft_train_file and dist_info.is_master:
+        prepare_shipped(resolve_data_dir(cfg.data_dir, cfg.dataset))  # Tiny Shakespeare: one command to a model
+    barrier(dist_info, device)
     sampler, val_batches, data_meta = load_data(cfg, dist_info, meta_hint)
     build_from, model_args = origin, None
     if state and not state.get("trainable_only"):  # the checkpoint holds every weight: no base to fetch

@@ -74,3 +74,22 @@ def test_finetune_and_eval_configs_parse_and_match_their_arithmetic():
         path = ROOT / "config" / f"eval_{name.replace('-', '_')}.py"
         ecfg = parse_config(eval_mod.EvalConfig, [str(path)])
         assert (ecfg.init_from, ecfg.dataset, ecfg.eval_iters) == (name, "shakespeare", 0)
+
+
+def test_training_on_shipped_shakespeare_prepares_it_first(tmp_path, monkeypatch):
+    """One command to a first model: the token files of the shipped Tiny Shakespeare are made on the
+    spot when missing (here in a copy of the checkout's data folder, so the real one is untouched)."""
+    import shutil
+    import dataloader
+    fake = tmp_path / "checkout"
+    shutil.copytree(ROOT / "data" / "shakespeare_char", fake / "data" / "shakespeare_char",
+                    ignore=shutil.ignore_patterns("*.bin", "meta.json"))
+    monkeypatch.setattr(dataloader, "CHECKOUT", fake)
+    monkeypatch.chdir(tmp_path)  # another working directory: data/ is found in the checkout
+    cfg = train.TrainConfig(out_dir=str(tmp_path / "out"), device="cpu", dtype="float32", n_layer=1, n_head=2, n_embd=16,
+                            block_size=16, batch_size=2, max_iters=1, eval_interval=1, eval_iters=1, warmup_iters=0)
+    train.main(cfg)
+    meta = json.loads((fake / "data" / "shakespeare_char" / "meta.json").read_text())
+    assert meta["vocab_size"] == 65 and meta["train_tokens"] == 1_003_854
+    # anything else stops with the command that prepares it
+    assert not dataloader.prepare_shipped(fake / "data" / "fineweb" / "fineweb-edu_10BT")

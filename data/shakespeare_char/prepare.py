@@ -1,26 +1,46 @@
 """
 Tiny Shakespeare as characters: train.bin / val.bin (uint16) and meta.json, nanoGPT's 90/10 split.
 
-    python data/shakespeare_char/prepare.py
+    python data/shakespeare_char/prepare.py                                 # writes data/shakespeare_char/
+    python data/shakespeare_char/prepare.py --out_dir=/tmp/chars --input=my_play.txt
 
-The text ships beside this file (input.txt, 1,115,394 bytes) so no network is needed; when it is
-missing it is downloaded from the char-rnn repository. Result: 65 symbols, 1,003,854 train and
-111,540 val characters.
+The text ships beside this file (input.txt, 1,115,394 bytes), so nothing is downloaded; train.py runs
+this by itself when the token files are missing. Result: 65 symbols, 1,003,854 train and 111,540 val
+characters.
 """
 
-import json
 import sys
-import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dataloader import write_raw_tokens
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not installed
 
-URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+from configurator import MissingFile, run  # noqa: E402
+from dataloader import write_raw_tokens  # noqa: E402
+from fileio import write_json  # noqa: E402
+
+SHIPPED = HERE / "input.txt"
+
+
+@dataclass
+class PrepareConfig:
+    out_dir: str = str(HERE)  # where train.bin, val.bin and meta.json go
+    input: str = str(SHIPPED)  # the text (Tiny Shakespeare ships here; any UTF-8 text works)
+
+
+def read_text(path):
+    if not Path(path).is_file():
+        raise MissingFile(f"--input={path} does not exist; give a UTF-8 text file "
+                          f"(Tiny Shakespeare ships as {SHIPPED}: git checkout -- {SHIPPED.relative_to(HERE.parents[1])})")
+    return Path(path).read_text(encoding="utf-8")
 
 
 def prepare(out_dir, text):
+    """Characters -> ids, the first 90% to train.bin and the rest to val.bin; meta.json (written last,
+    atomically: its token counts vouch for the .bin files) holds the vocabulary. Returns the meta."""
     chars = sorted(set(text))
     stoi = {ch: i for i, ch in enumerate(chars)}
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)
@@ -30,22 +50,16 @@ def prepare(out_dir, text):
     write_raw_tokens(out_dir / "val.bin", ids[n:])
     meta = {"tokenizer": "char", "vocab_size": len(chars), "itos": chars,
             "train_tokens": n, "val_tokens": len(ids) - n}
-    (out_dir / "meta.json").write_text(json.dumps(meta))
+    write_json(out_dir / "meta.json", meta)
     return meta
 
 
-def main(out_dir=Path(__file__).parent):
-    src = Path(out_dir) / "input.txt"
-    if not src.exists():
-        print(f"downloading {URL}")
-        try:
-            urllib.request.urlretrieve(URL, src)
-        except OSError as e:
-            raise SystemExit(f"error: {src} is missing and the download failed ({e}); put Tiny Shakespeare there")
-    meta = prepare(out_dir, src.read_text(encoding="utf-8"))
+def main(cfg):
+    meta = prepare(cfg.out_dir, read_text(cfg.input))
     print(f"vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens "
-          f"-> {out_dir}")
+          f"-> {cfg.out_dir}")
+    return meta
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent)
+    run(main, PrepareConfig)
