@@ -57,9 +57,10 @@ import memory
 from checkpoint import build_base, library_versions
 from dataloader import write_json
 from model import GPT, GPTConfig
+from optimizers import OPTIMIZERS
 from runtime import (Dist, autocast, compile_reason, cpu_model, make_scaler, peak_flops, pick_device, pick_dtype,
                      seed_everything, setup_backends, synchronize)
-from train import TrainConfig, train_step
+from train import TrainConfig, make_optimizer, train_step
 
 
 @dataclass
@@ -100,7 +101,6 @@ class BenchConfig:
 
 GPT2_SHAPES = {  # (n_layer, n_head, n_embd) of OpenAI's checkpoints; vocab 50257, context 1024
     "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
-STATUS = ("ok", "oom", "error", "skipped")
 # messages of allocation failures that PyTorch raises as a plain RuntimeError
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
 
@@ -169,8 +169,8 @@ def check_config(cfg):
     if cfg.warmup < 0 or cfg.max_memory_gb < 0 or cfg.threads < 0:
         errors.append(f"warmup ({cfg.warmup}), max_memory_gb ({cfg.max_memory_gb}) and threads ({cfg.threads}) "
                       f"must be >= 0")
-    if cfg.optimizer not in ("adamw", "adamw8bit", "muon"):
-        errors.append(f"optimizer must be 'adamw', 'adamw8bit' or 'muon', got {cfg.optimizer!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        errors.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     if cfg.init_from != "scratch" and cfg.init_from not in GPT2_SHAPES and not Path(cfg.init_from).exists():
         errors.append(f"init_from={cfg.init_from!r}: expected 'scratch', one of {', '.join(GPT2_SHAPES)}, "
                       f"or an existing Hugging Face directory / out_dir")
@@ -324,8 +324,8 @@ def _measure(row, cfg, mcfg, device, dtype, use_compile, batch_size, mem, budget
     model.activation_checkpointing = cfg.activation_checkpointing
     model.use_fast_dropout(cfg.fast_dropout)
     model.to(device)
-    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type, eight_bit=cfg.optimizer == "adamw8bit",
-                                           muon_lr=0.02 if cfg.optimizer == "muon" else 0.0)
+    # train.py's optimizer at its default hyperparameters (a step's speed does not depend on their values)
+    optimizer = make_optimizer(model, TrainConfig(optimizer=cfg.optimizer), device)
     scaler, ctx = make_scaler(device, dtype), autocast(device, dtype)
     runner = torch.compile(model) if use_compile else model
     g = torch.Generator(device=device).manual_seed(cfg.seed)

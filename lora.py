@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import Dropout
+from fast_dropout import Dropout
 
 LORA_TARGETS = {
     "attn": ("attn.c_attn", "attn.c_proj"),

@@ -75,8 +75,9 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
     optimizer: "adamw", "adamw8bit" or "muon". dropout: default the model's config.
     world_size, fsdp: the ranks of a torchrun job and whether FSDP shards over them (else DDP).
     """
-    if optimizer not in ("adamw", "adamw8bit", "muon"):
-        raise ValueError(f"optimizer={optimizer!r}: expected 'adamw', 'adamw8bit' or 'muon'")
+    from optimizers import OPTIMIZERS
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     if compute_dtype_bytes not in (2, 4):
         raise ValueError(f"compute_dtype_bytes={compute_dtype_bytes}: expected 2 (bf16/fp16) or 4 (fp32)")
     if not isinstance(model, torch.nn.Module):

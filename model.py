@@ -9,11 +9,12 @@ References: "Language Models are Unsupervised Multitask Learners" (GPT-2, 2019) 
 (pre-LayerNorm blocks, learned positions, GELU MLP, tied embeddings); "Attention Is All You Need"
 (2017) for attention. Parameter names follow OpenAI's GPT-2 checkpoint (wte wpe h ln_f c_attn c_proj
 c_fc lm_head) so that weight import and export are key-by-key copies.
-This file imports torch only: transformers is imported lazily by hf.py where it is needed.
+This file imports torch (and two small torch-only helpers: fast_dropout.py for CPU training with
+dropout, optimizers.py for Muon + AdamW as one optimizer); transformers is imported lazily by hf.py.
 """
 
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,65 +22,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (torch's nn.LayerNorm cannot drop just the bias)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class _MaskedScale(torch.autograd.Function):
-    """x * keep * scale, keeping only the 1-byte mask for backward (not a full-width scaled copy)."""
-
-    @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x * keep.to(x.dtype).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        keep, = ctx.saved_tensors
-        return grad * keep.to(grad.dtype).mul_(ctx.scale), None, None
-
-
-def fast_dropout(x, p):
-    """Training-mode dropout for CPU tensors, the same in expectation as F.dropout(x, p, True).
-
-    torch's CPU dropout draws one Bernoulli sample per element and measured 8x slower than drawing
-    64-bit random integers and cutting each into four 16-bit uniforms (2-core AVX-512 Xeon, 12.6M
-    elements: 96 ms vs 12 ms for the mask), which made dropout ~40% of a bfloat16 training step.
-    p is quantised to 1/65536. The bits come from torch's generator, so masks follow torch.manual_seed
-    and resume exactly.
-    """
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability must be between 0 and 1, got {p}")
-    if p == 0.0:
-        return x
-    if p == 1.0:
-        return x * 0.0
-    n = x.numel()
-    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-    bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
-    keep = bits >= round(p * 65536) - 32768
-    return _MaskedScale.apply(x, keep, 1.0 / (1.0 - p))
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout that uses fast_dropout on a CPU (unless fast_dropout is off), torch's kernel elsewhere."""
-
-    fast_dropout = True
-
-    def forward(self, x):
-        if self.training and self.fast_dropout and x.device.type == "cpu":
-            return fast_dropout(x, self.p)
-        return super().forward(x)
+from fast_dropout import Dropout, causal_attention_with_dropout
+from optimizers import ChainedOptimizer
 
 
 class KVCache:
@@ -133,13 +77,8 @@ class CausalSelfAttention(nn.Module):
             is_causal = True
         dropout = self.dropout if self.training else 0.0  # eval and generation are deterministic (PITFALLS 8)
         if dropout > 0.0 and self.fast_dropout and x.device.type == "cpu" and kv_cache is None:
-            # with dropout, SDPA on a CPU leaves its fused kernel for a float32 path with torch's slow
-            # dropout; written out, the two matmuls stay in the autocast dtype (bfloat16: 1.9x faster
-            # baby-GPT training step) and softmax stays float32 under autocast
-            att = (q * (1.0 / math.sqrt(hs))) @ k.transpose(-2, -1)  # (B, nh, T, T)
-            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu_(1)
-            att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1)
-            y = fast_dropout(att, dropout) @ v
+            # with dropout SDPA's CPU path is float32 with torch's slow dropout: see fast_dropout.py
+            y = causal_attention_with_dropout(q, k, v, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh*hs) re-assembled heads
@@ -164,9 +103,9 @@ class Block(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None):
@@ -210,7 +149,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
@@ -402,55 +341,6 @@ class GPT(nn.Module):
         return idx
 
 
-class ChainedOptimizer:
-    """Several torch optimizers over disjoint parameters, stepped as one.
-
-    param_groups, state_dict() and load_state_dict() span them all in order, numbered as one torch
-    optimizer numbers its parameters, so clipping, the GradScaler and checkpoints see one optimizer.
-    """
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self):
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    @property
-    def state(self):
-        return {p: s for o in self.optimizers for p, s in o.state.items()}
-
-    def step(self):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none=True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        state, groups, offset = {}, [], 0
-        for o in self.optimizers:
-            sd = o.state_dict()
-            state.update({i + offset: s for i, s in sd["state"].items()})
-            groups += [g | {"params": [i + offset for i in g["params"]]} for g in sd["param_groups"]]
-            offset += sum(len(g["params"]) for g in sd["param_groups"])
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, sd):
-        if len(sd["param_groups"]) != len(self.param_groups):
-            raise ValueError(f"the state has {len(sd['param_groups'])} parameter groups, this optimizer "
-                             f"{len(self.param_groups)}: it was saved by another optimizer")
-        first_group, offset = 0, 0
-        for o in self.optimizers:
-            groups = sd["param_groups"][first_group:first_group + len(o.param_groups)]
-            ids = [i for g in groups for i in g["params"]]
-            o.load_state_dict({"state": {i - offset: sd["state"][i] for i in ids if i in sd["state"]},
-                               "param_groups": [g | {"params": [i - offset for i in g["params"]]} for g in groups]})
-            first_group += len(groups)
-            offset += len(ids)
-
-
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from logits (B, V): greedy at temperature 0, else sample.
 
@@ -471,8 +361,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-def model_args(config):
-    """GPTConfig as a plain dict (for JSON checkpoints)."""
-    return asdict(config)

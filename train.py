@@ -30,12 +30,10 @@ import configurator
 from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
                         prepare_shipped, resolve_data_dir, to_device)
 from model import GPT, GPTConfig
+from optimizers import OPTIMIZERS
 from runtime import (Dist, NoInferenceMode, StopFlag, autocast, barrier, broadcast_object, close_distributed,
                      init_distributed, make_scaler, peak_flops, pick_dtype, print0, seed_everything, setup_backends,
                      shard_model, step_seed, wrap_for_training)
-
-OPTIMIZERS = ("adamw", "adamw8bit", "muon")
-
 
 @dataclass
 class TrainConfig:

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, fast_dropout, sample_next
+from fast_dropout import fast_dropout
+from model import GPT, GPTConfig, sample_next
 
 
 def tiny(**kw):
