@@ -296,7 +296,16 @@ def test_rerun_of_a_finished_dataset_keeps_it_and_other_settings_are_refused(tmp
         prep.main(cfg_for(tmp_path, pattern, shard_size=3000))
 
 
-def test_hub_stream_is_pinned_and_resumes_from_the_iterator_state(tmp_path, corpus, monkeypatch):
+@pytest.fixture
+def hub(monkeypatch):
+    """Sets what hf.hub_unreachable_reason answers (None = reachable): no test asks the network."""
+    import hf
+    state = {"reason": None}
+    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: state["reason"])
+    return state
+
+
+def test_hub_stream_is_pinned_and_resumes_from_the_iterator_state(tmp_path, corpus, monkeypatch, hub):
     import datasets
     pattern, docs = corpus
     files = sorted(str(p) for p in pattern.parent.glob(pattern.name))
@@ -346,6 +355,27 @@ def test_missing_text_column_names_file_and_columns(tmp_path, corpus):
     write_jsonl(tmp_path / "x.jsonl", ["hello"], key="content")
     with pytest.raises(ValueError, match=r"x\.jsonl:1: no key 'text'.*\['content', 'id'\]"):
         prep.main(cfg_for(tmp_path, tmp_path / "x.jsonl"))
+
+
+def test_unreachable_hub_stops_at_once_pointing_to_data_files(tmp_path, monkeypatch, hub):
+    # FineWeb is streamed: offline there is no cache to try, and the hub libraries would retry for
+    # ~30 s. Neither the revision lookup nor the stream may be attempted.
+    import datasets
+    import huggingface_hub
+    hub["reason"] = "https://huggingface.co: [Errno -2] Name or service not known"
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda *a, **k: pytest.fail("asked the hub"))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("streamed from the hub"))
+    pinned = "0123456789abcdef" * 2 + "01234567"  # a commit: no lookup, straight to the stream
+    for revision in ("main", pinned):
+        out = tmp_path / f"out-{revision[:4]}"
+        with pytest.raises(ValueError) as e:
+            prep.main(prep.PrepareConfig(dataset="fineweb-edu", sample="10BT", revision=revision, num_proc=1,
+                                         out_dir=str(out)))
+        msg = str(e.value)
+        assert f"HuggingFaceFW/fineweb-edu is streamed from the Hugging Face hub, which is unreachable " \
+               f"({hub['reason']})" in msg
+        assert "--data_files='corpus/*.parquet'" in msg and "JSONL" in msg
+        assert not out.exists()  # nothing half-made left behind
 
 
 def test_no_matching_files_empty_and_too_small_inputs(tmp_path):

@@ -12,6 +12,9 @@ tokenised with tiktoken's GPT-2 BPE in a process pool, each one preceded by the 
 the rest, up to the training-token budget `--tokens` (3.2e9, or chinchilla:<params> = 20 x params;
 validation comes on top of it). Without --tokens the whole input is used.
 
+Offline (the hub unreachable, or HF_HUB_OFFLINE=1) --dataset stops at once, pointing to --data_files:
+FineWeb is streamed, so there is no cache to fall back on; parquet files copied over work the same.
+
 Where things go: shards are written to `<out_dir>/.partial/` with a progress file rewritten after
 every finished shard. Only when the last shard is done are they moved into `<out_dir>` and meta.json
 is written, so an interrupted preparation never looks like a dataset train.py could read.
@@ -134,16 +137,32 @@ def check_config(cfg):
         raise ValueError("\n  ".join(errors))
 
 
+OFFLINE_HINT = ("Without the hub, prepare local files instead: --data_files='corpus/*.parquet' "
+                "(parquet, JSONL or .txt; --text_column names the text field), e.g. FineWeb parquet "
+                "files copied from a machine with access.")
+
+
+def require_hub(repo):
+    """Stop at once when the hub is unreachable (or HF_HUB_OFFLINE=1): FineWeb is streamed, so no
+    local cache could stand in, and the libraries would retry for ~30 s before failing."""
+    from hf import hub_unreachable_reason  # the same check as GPT-2 weights and benchmarks
+    offline = hub_unreachable_reason()
+    if offline:
+        raise ValueError(f"{repo} is streamed from the Hugging Face hub, which is unreachable ({offline}).\n"
+                         f"{OFFLINE_HINT}")
+
+
 def resolve_hf_revision(repo, revision):
     """The commit a branch or tag points at now, so that a resumed run streams exactly the same rows."""
     if re.fullmatch(r"[0-9a-f]{40}", revision):
         return revision
+    require_hub(repo)
     from huggingface_hub import HfApi
     try:
         return HfApi().dataset_info(repo, revision=revision).sha
-    except Exception as e:  # offline, unknown revision, rate limit: all end here, with the hub's reason
+    except Exception as e:  # unknown revision, rate limit, a flaky proxy: all end here, with the hub's reason
         raise ValueError(f"could not resolve {repo} revision {revision!r} on the Hugging Face hub: "
-                         f"{type(e).__name__}: {e}") from e
+                         f"{type(e).__name__}: {e}\n{OFFLINE_HINT}") from e
 
 
 def local_files(pattern):
@@ -252,6 +271,7 @@ def _json_text(line, column, path, lineno):
 
 def load_hf_dataset(repo, config, revision):
     """The hub dataset as a `datasets` stream (rows are fetched as they are read, nothing is cached)."""
+    require_hub(repo)
     import datasets
     return datasets.load_dataset(repo, name=config, split="train", streaming=True, revision=revision)
 
