@@ -168,6 +168,22 @@ def test_jsonl_and_text_files(tmp_path, monkeypatch):
     assert meta["documents"] == sum(1 for x in ordered if x and x.strip())
 
 
+def test_jsonl_and_text_need_no_pyarrow(tmp_path, monkeypatch):
+    # pyarrow is imported only where parquet is read; None in sys.modules makes any import of it fail
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    docs = make_docs(40, seed=2)
+    write_jsonl(tmp_path / "a.jsonl", docs)
+    (tmp_path / "b.txt").write_text("a text file is one document", encoding="utf-8")
+    prep.main(cfg_for(tmp_path, tmp_path / "*.*", val_tokens=100))
+    val, _ = read_split(tmp_path / "out", "val")
+    train, _ = read_split(tmp_path / "out", "train")
+    assert np.array_equal(np.concatenate([val, train]), expected_stream(docs + ["a text file is one document"]))
+    (tmp_path / "c.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"c\.parquet: reading parquet needs pyarrow: pip install pyarrow"):
+        prep.main(cfg_for(tmp_path, tmp_path / "c.parquet", out_dir=str(tmp_path / "out2")))
+
+
 def test_endoftext_inside_a_document_is_ordinary_text(tmp_path):
     docs = ["before <|endoftext|> after", "<|endoftext|>", "plain"]
     write_jsonl(tmp_path / "eot.jsonl", docs)

@@ -209,11 +209,10 @@ def shard_name(prefix, split, index):
 def local_documents(files, column, skip=0):
     """Texts (None for a null value) of every document of the files in order, from document `skip` on.
     Skipped documents are not decoded: parquet skips row groups by the counts in its footer."""
-    import pyarrow.parquet as pq
     for info in files:
         path = info["path"]
         if path.endswith(PARQUET):
-            pf = pq.ParquetFile(path)
+            pf = _parquet_file(path)
             names = pf.schema_arrow.names
             if column not in names:
                 raise ValueError(f"{path}: no column {column!r}; available: {names}. Pass --text_column=<one of them>")
@@ -251,6 +250,16 @@ def local_documents(files, column, skip=0):
                 yield Path(path).read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8") from e
+
+
+def _parquet_file(path):
+    # pyarrow only where parquet is read: JSONL and text corpora prepare without it
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ValueError(f"{path}: reading parquet needs pyarrow: pip install pyarrow "
+                         f"(JSONL and .txt files need nothing extra)") from e
+    return pq.ParquetFile(path)
 
 
 def _json_text(line, column, path, lineno):
