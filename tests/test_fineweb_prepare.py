@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,28 @@ def test_token_budget_parsing_and_directory_names():
     b = prep.default_out_dir(prep.PrepareConfig(data_files="/x/corpus/*.jsonl"), None).name
     assert a.startswith("local-corpus-") and a != b  # two globs never share a directory
     assert prep.hf_config_name("10BT") == "sample-10BT" and prep.hf_config_name("") == "default"
+
+
+def test_missing_tokens_hint_prepares_the_same_directory():
+    # dataloader's "no train tokens" hint reverses default_out_dir: the command it names must write
+    # exactly the directory train.py looked in, for the configs' data_dirs and any budget
+    import shlex
+
+    from configurator import parse_config
+    from dataloader import prepare_command
+    settings = [("fineweb-edu", "10BT", ""), ("fineweb-edu", "10BT", "chinchilla:163e6"), ("fineweb", "", "3.2e9"),
+                ("fineweb", "CC-MAIN-2024-10", "chinchilla:124M"), ("fineweb-edu", "100BT", "1234567")]
+    dirs = [prep.default_out_dir(prep.PrepareConfig(dataset=d, sample=s), prep.parse_token_budget(t))
+            for d, s, t in settings]
+    for config in sorted((ROOT / "config").glob("train_gpt2*.py")):  # the recipes that read FineWeb
+        m = re.search(r'^data_dir = "(data/fineweb/[^"]+)"', config.read_text(), re.M)
+        assert m, f"{config.name}: no data/fineweb/ data_dir"
+        dirs.append(ROOT / m.group(1))
+    for d in dirs:
+        command = shlex.split(prepare_command(d))
+        assert command[:2] == ["python", str(SCRIPT)], command
+        cfg = parse_config(prep.PrepareConfig, command[2:])
+        assert prep.default_out_dir(cfg, prep.parse_token_budget(cfg.tokens)) == d, command
 
 
 # ----------------------------------------------------------------------------- same input, same bytes
