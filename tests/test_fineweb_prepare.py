@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -258,6 +259,37 @@ def test_two_runs_and_any_num_proc_give_identical_bytes(tmp_path, corpus, monkey
     a = dir_bytes(tmp_path / "a")
     assert len(a) > 3
     assert a == dir_bytes(tmp_path / "b") == dir_bytes(tmp_path / "c")
+
+
+def test_pool_stops_when_the_process_has_a_flag_only_sigterm_handler(tmp_path):
+    # train.main's StopFlag turns SIGTERM into a flag and stays installed (in-process tests, notebooks).
+    # Pool workers forked under it ignored Pool.terminate()'s SIGTERM, and one left waiting for the task
+    # queue's lock (which terminate takes) hung the run forever: a race, lost within 3 runs of 10 when
+    # measured. In a subprocess, so that a hang is a timeout here, not a stuck suite.
+    write_jsonl(tmp_path / "c.jsonl", make_docs(400, seed=3))
+    code = f"""
+import importlib.util, signal, sys
+signal.signal(signal.SIGTERM, lambda signum, frame: None)
+spec = importlib.util.spec_from_file_location("fineweb_prepare", {str(SCRIPT)!r})
+prep = importlib.util.module_from_spec(spec)
+sys.modules["fineweb_prepare"] = prep
+spec.loader.exec_module(prep)
+prep.BATCH_CHARS = 100  # many small tasks; the budget stops the stream with some still queued
+for run in range(10):
+    prep.main(prep.PrepareConfig(data_files={str(tmp_path / "c.jsonl")!r}, val_tokens=100, tokens="200",
+                                 shard_size=1000, num_proc=6, out_dir={str(tmp_path)!r} + f"/out{{run}}"))
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stuck workers too, not only their parent
+        proc.communicate()
+        pytest.fail("prepare.py hung: its pool workers survived Pool.terminate()")
+    assert proc.returncode == 0, err[-2000:]
+    assert [TokenData(tmp_path / f"out{run}", "train").n_tokens for run in range(10)] == [200] * 10
 
 
 # ----------------------------------------------------------------------------- interruption and resume

@@ -41,6 +41,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -641,6 +642,14 @@ def _recorded_sha(out_dir, stage, settings):
     return None
 
 
+def _worker_signals():
+    """Pool workers die on SIGTERM and leave Ctrl-C to the parent. A forked worker inherits the
+    parent's Python handlers: under a SIGTERM handler that only sets a flag (train.py's StopFlag, once
+    train.main ran in the same process) Pool.terminate() could not stop a worker and waited forever."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run(cfg, settings, stage, budget, progress):
     """Stream, tokenise and write from the recorded position; returns the document counts."""
     global _ENC
@@ -658,7 +667,7 @@ def _run(cfg, settings, stage, budget, progress):
     num_proc = cfg.num_proc or os.cpu_count() or 1
     # the pool forks before any reader thread or the shard buffer exists: workers start small and safe
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    pool = ctx.Pool(num_proc) if num_proc > 1 else None
+    pool = ctx.Pool(num_proc, initializer=_worker_signals) if num_proc > 1 else None
     reader = (HubDocuments if source["kind"] == "hub" else FileDocuments)(
         source, cfg.text_column, start["doc"], start["state"], start["state_doc"])
     total = cfg.val_tokens + budget if budget else _expected_tokens(cfg)
