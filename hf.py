@@ -210,8 +210,9 @@ def _probe(url, timeout):
         except OSError as e:  # a timeout while reading, a reset connection, a proxy refusing the tunnel
             answer.append(f"{url}: {e or type(e).__name__}")
 
-    # urlopen's timeout does not cover the DNS lookup, which can hang for 20 s and more without a
-    # resolver: a daemon thread bounds the whole probe, and is left to finish on its own
+    # urlopen's timeout does not cover the DNS lookup, which waits out glibc's resolver timeouts
+    # (5 s x 2 attempts per nameserver by default) when no resolver answers: a daemon thread bounds
+    # the whole probe, and is left to finish on its own
     t = threading.Thread(target=ask, name="hub-probe", daemon=True)
     t.start()
     t.join(timeout)
