@@ -18,6 +18,7 @@ Samplers keep their position in a small JSON-able state so a resumed run continu
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,34 @@ def load_meta(data_dir):
         raise ValueError(f"{p}: not valid JSON ({e}); prepare the dataset again") from e
 
 
+def prepare_command(data_dir):
+    """The command that prepares data_dir, for the "no tokens" error; it depends on data_dir alone.
+
+    data/<name>/ with its own prepare.py -> python data/<name>/prepare.py. A directory inside
+    data/fineweb/ that its prepare.py named (default_out_dir there: <dataset>[_<sample>][_<budget>],
+    e.g. fineweb-edu_10BT_3.26e9) -> the prepare.py call that writes it again; chinchilla:<params>
+    budgets are written as the token count they came to, which names the same directory.
+    """
+    d = Path(data_dir)
+    if (d / "prepare.py").is_file():
+        if d.name == "fineweb":  # it writes one subdirectory per dataset and budget, not data/fineweb itself
+            return (f"python {d / 'prepare.py'} --dataset=fineweb-edu --sample=10BT, then "
+                    f"data_dir=<the directory it prints>")
+        return f"python {d / 'prepare.py'}"
+    script = d.parent / "prepare.py"
+    if d.parent.name == "fineweb" and script.is_file():
+        parts = d.name.split("_")
+        budget = parts.pop() if len(parts) > 1 and re.fullmatch(r"\d+(\.\d+)?(e\d+)?", parts[-1]) else ""
+        tokens = f" --tokens={budget}" if budget else ""
+        if parts[0] in ("fineweb", "fineweb-edu"):
+            return f"python {script} --dataset={parts[0]} --sample={'_'.join(parts[1:]) or repr('')}{tokens}"
+        if parts[0].startswith("local-"):  # named after a hash of the glob, which cannot be recovered
+            return f"python {script} --data_files=<the same glob as before>{tokens}"
+        return f"python {script} --dataset=<fineweb or fineweb-edu> (or --data_files=...) --out_dir={d}"
+    return ("the prepare.py of its dataset (e.g. python data/shakespeare_char/prepare.py), "
+            "or point data_dir at a prepared directory")
+
+
 class TokenData:
     """The token files of one split of a prepared dataset directory, validated on open."""
 
@@ -181,7 +210,7 @@ class TokenData:
         if not files:
             raise FileNotFoundError(
                 f"no '{split}' tokens in {data_dir}: expected {split}.bin or *_{split}_NNNNNN.bin shards. "
-                f"Run the dataset's prepare.py first (e.g. python data/shakespeare_char/prepare.py)")
+                f"Prepare the dataset first: {prepare_command(data_dir)}")
         self.meta = load_meta(data_dir)
         self.files, self.offsets, self.lengths = [], [], []
         for f in files:

@@ -78,25 +78,35 @@ def check_config(cfg):
 
 
 def model_specs(cfg):
+    """[(model, the option that named it)]: an error about a model names the option the user typed."""
     if cfg.models:
-        return parse_list(cfg.models)
-    return [cfg.out_dir if cfg.init_from == "resume" else cfg.init_from]
+        return [(spec, "--models") for spec in parse_list(cfg.models)]
+    if cfg.init_from == "resume":
+        return [(cfg.out_dir, "--out_dir")]
+    return [(cfg.init_from, "--init_from")]
 
 
-def load_any(spec, device):
-    """(model, tokenizer, info) for an out_dir of ours, a GPT-2 name or a Hugging Face directory."""
+def load_any(spec, device, option="--models"):
+    """(model, tokenizer, info) for an out_dir of ours, a GPT-2 name or a Hugging Face directory.
+    Errors start with `option`, so that the hint to pass a path says where to pass it."""
     import checkpoint
     from dataloader import Tokenizer
     from model import GPT
     p = Path(spec)
-    if (p / "latest.json").is_file() or (p / "state.json").is_file():  # a run of ours, or one checkpoint
-        model, info = checkpoint.load_model(p, device=device)
-        return model, Tokenizer(info.get("data_meta") or {}), info
-    if spec in GPT2_NAMES or (p / "config.json").is_file():
-        model = GPT.from_pretrained(spec).to(device).eval()
-        return model, Tokenizer({"tokenizer": "gpt2"}), {"config": {}, "data_meta": {"tokenizer": "gpt2"}}
-    raise ValueError(f"model {spec!r}: not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging Face directory "
-                     f"(config.json) or an out_dir with a checkpoint (latest.json); "
+    try:
+        if (p / "latest.json").is_file() or (p / "state.json").is_file():  # a run of ours, or one checkpoint
+            model, info = checkpoint.load_model(p, device=device)
+            return model, Tokenizer(info.get("data_meta") or {}), info
+        if spec in GPT2_NAMES or (p / "config.json").is_file():
+            model = GPT.from_pretrained(spec).to(device).eval()
+            return model, Tokenizer({"tokenizer": "gpt2"}), {"config": {}, "data_meta": {"tokenizer": "gpt2"}}
+    except ValueError as e:  # hf.py and checkpoint.py name the model, not the option that named it
+        raise ValueError(f"{option}: {e}") from e
+    if option == "--out_dir":
+        raise ValueError(f"--out_dir={spec!r} holds no checkpoint (latest.json): train there first, or "
+                         f"name the model with --init_from=<gpt2 name or HF directory> or --models=...")
+    raise ValueError(f"{option}: model {spec!r} is not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging Face "
+                     f"directory (config.json) or an out_dir with a checkpoint (latest.json); "
                      f"train one first or check the path")
 
 
@@ -216,8 +226,8 @@ def main(cfg):
     # benchmark items are text, loaded once and encoded by each model's own tokenizer
     items = {t: load_task(t, cfg.data_file, cfg.limit) for t in tasks if t in BENCHMARK_TASKS}
     results = {}
-    for spec in model_specs(cfg):
-        model, tokenizer, info = load_any(spec, device)
+    for spec, option in model_specs(cfg):
+        model, tokenizer, info = load_any(spec, device, option)
         if cfg.block_size > model.config.block_size:
             raise ValueError(f"block_size={cfg.block_size} exceeds {spec}'s context of {model.config.block_size}")
         if cfg.block_size:

@@ -16,8 +16,12 @@ missing tensor is an error here instead of a silently random layer.
 The tokenizer: offline there is nothing to download, so vocab.json and merges.txt are rebuilt from
 tiktoken's GPT-2 ranks (the same 50,257 ids); see gpt2_vocab_and_merges.
 transformers is imported lazily: the rest of the toolkit runs without it.
+Offline (no route to the hub, or HF_HUB_OFFLINE=1) a GPT-2 name loads from the local Hugging Face cache
+or fails at once with what to do, instead of after ~30 s of retries; see hub_unreachable_reason, which
+evaluate.py and data/fineweb/prepare.py ask too.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -136,17 +140,84 @@ def _download(name):
         from transformers import GPT2LMHeadModel
     except ImportError as e:
         raise ValueError(f"loading {name!r} needs transformers: pip install transformers") from e
+    repo = HF_MODELS[name]
+    offline = hub_unreachable_reason()
     try:
-        hf = GPT2LMHeadModel.from_pretrained(HF_MODELS[name])
+        # offline, only the local cache is read: it answers at once, where a download would retry
+        # for ~30 s before failing (measured: 35 s for sample.py --init_from=gpt2 with no DNS)
+        hf = GPT2LMHeadModel.from_pretrained(repo, local_files_only=offline is not None)
     except OSError as e:  # transformers reports every failed download (DNS, HTTP, no cache) as OSError
+        why = (f"the hub is unreachable ({offline}) and it is not in the local Hugging Face cache" if offline
+               else f"the download failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        # no option name here: train.py and sample.py take it as --init_from, eval.py also as --models
         raise ValueError(
-            f"could not download {name!r} ({HF_MODELS[name]}) from the Hugging Face hub: the hub is "
-            f"unreachable from here or the download failed ({str(e).splitlines()[0]}).\n"
+            f"could not load {name!r} ({repo}) from the Hugging Face hub: {why}.\n"
             f"Instead give a local directory: on a machine with access run "
-            f"GPT2LMHeadModel.from_pretrained('{HF_MODELS[name]}').save_pretrained('{name}-hf'), copy "
-            f"the directory over and pass its path (e.g. --init_from=./{name}-hf)") from e
+            f"GPT2LMHeadModel.from_pretrained('{repo}').save_pretrained('{name}-hf'), copy the directory "
+            f"over and pass its path in place of {name!r} (e.g. ./{name}-hf)") from e
     sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
-    return hf.config.to_dict(), sd, f"{name!r} ({HF_MODELS[name]})"
+    return hf.config.to_dict(), sd, f"{name!r} ({repo})"
+
+
+# ----------------------------------------------------------------------------- is the hub there?
+
+# huggingface_hub's spelling of "true" for its offline switches (constants._is_true)
+_TRUE = ("1", "ON", "YES", "TRUE")
+# a round trip to the hub takes well under a second; 3 s leaves room for a slow proxy and still
+# fails far faster than the ~30 s of retries it replaces
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def hub_unreachable_reason(timeout=HUB_PROBE_TIMEOUT):
+    """None when the Hugging Face hub can be asked now, else why not, in a few words.
+
+    HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set to 1 (or on/yes/true) mean offline without asking.
+    Otherwise one HEAD request goes to the hub's endpoint (HF_ENDPOINT), through HTTPS_PROXY and
+    friends as urllib reads them, and at most `timeout` seconds are waited, DNS included. Only a
+    clear "not there" counts as unreachable (no DNS, connection refused, no route, no answer in
+    time); any HTTP answer, even 404 or 503, or a TLS error means something is there, and then the
+    real download is tried and reports its own error. Callers fall back to the local cache.
+    The answer is kept for the process: eval.py asks once per model and benchmark.
+    """
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in _TRUE:
+            return f"{var}={os.environ[var]} is set"
+    try:
+        from huggingface_hub import constants
+        endpoint = constants.ENDPOINT
+    except ImportError:  # the callers report the missing library themselves
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return _probe(endpoint.rstrip("/"), float(timeout))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(url, timeout):
+    import ssl
+    import threading
+    import urllib.error
+    import urllib.request
+    answer = []
+
+    def ask():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            answer.append(None)
+        except urllib.error.HTTPError:  # an HTTP status, whatever it is, came from a live server
+            answer.append(None)
+        except urllib.error.URLError as e:
+            answer.append(None if isinstance(e.reason, ssl.SSLError) else f"{url}: {e.reason}")
+        except ValueError:  # a malformed HF_ENDPOINT: let the library say what it makes of it
+            answer.append(None)
+        except OSError as e:  # a timeout while reading, a reset connection, a proxy refusing the tunnel
+            answer.append(f"{url}: {e or type(e).__name__}")
+
+    # urlopen's timeout does not cover the DNS lookup, which waits out glibc's resolver timeouts
+    # (5 s x 2 attempts per nameserver by default) when no resolver answers: a daemon thread bounds
+    # the whole probe, and is left to finish on its own
+    t = threading.Thread(target=ask, name="hub-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    return answer[0] if answer else f"{url}: no answer within {timeout:g} s"
 
 
 def _read_local(path):

@@ -4,7 +4,7 @@ token, greedy, on the baby GPT's shape, and whether both produce the same tokens
 
     python benchmarks/sampling.py                                   # block 256 and 1024, 500 new tokens
     python benchmarks/sampling.py --out_dir=out-shakespeare-char-cpu --block_sizes=0
-    python benchmarks/sampling.py --max_new_tokens=50 --n_layer=2 --n_embd=64 --block_sizes=32,128
+    python benchmarks/sampling.py --max_new_tokens=50 --n_layer=2 --n_head=2 --n_embd=64 --block_sizes=32,128
 
 Generation runs the way sample.py runs it: torch.inference_mode and runtime.autocast with the dtype
 from runtime.pick_dtype (float32 unless --dtype says otherwise). Two blocks are measured because they answer different questions. With the
@@ -88,6 +88,10 @@ def main(cfg):
     blocks = [int(b) for b in cfg.block_sizes.split(",") if b.strip()]
     if not blocks or (not cfg.out_dir and 0 in blocks):
         raise ValueError(f"block_sizes={cfg.block_sizes!r}: give positive context lengths, or out_dir with '0'")
+    if not cfg.out_dir and (cfg.n_head < 1 or cfg.n_embd % cfg.n_head):
+        # checked here, before any timing, rather than as model.py's assert deep inside the first build
+        raise ValueError(f"n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head}: each head gets "
+                         f"n_embd / n_head channels; set --n_head to a divisor (e.g. --n_head=2)")
     results = {}
     for block in blocks:
         model = build(cfg, block, device)
@@ -107,5 +111,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    from configurator import configure
-    main(configure(SamplingConfig))
+    from configurator import run
+    run(main, SamplingConfig)  # a bad setting ends with one line "error: ..." and exit status 1

@@ -6,6 +6,7 @@ No speed is asserted here (a shared CI machine is no place for timing); what is 
 the figures rest on: both sides of a comparison see the same data and produce the same results.
 """
 
+import dataclasses
 import importlib
 import json
 import math
@@ -81,10 +82,26 @@ def test_sampling_cache_matches_recompute_inside_and_past_the_block(bench, capsy
     assert "outgrows it after 15 new tokens" in out and "(fits)" in out
 
 
-def test_sampling_rejects_bad_block_list(bench):
+def test_sampling_documented_quick_check_runs(bench, capsys):
+    # the docstring's quick-check command, exactly as a reader would paste it (it once crashed:
+    # n_embd=64 with the default 6 heads)
+    from configurator import parse_config
+    sm = bench("sampling")
+    lines = [l.split() for l in sm.__doc__.splitlines() if "--block_sizes=32,128" in l]
+    assert len(lines) == 1 and lines[0][:2] == ["python", "benchmarks/sampling.py"], lines
+    cfg = parse_config(sm.SamplingConfig, lines[0][2:])
+    res = sm.main(dataclasses.replace(cfg, repeats=1))  # fewer timed rounds; the same model and tokens
+    out = capsys.readouterr().out
+    assert set(ratios(out)) == {"sampling block 32", "sampling block 128"}
+    assert all(first_diff is None for _, first_diff in res.values())
+
+
+def test_sampling_rejects_bad_block_list_and_head_split(bench):
     sm = bench("sampling")
     with pytest.raises(ValueError, match="block_sizes"):
         sm.main(sm.SamplingConfig(block_sizes="0"))
+    with pytest.raises(ValueError, match=r"^n_embd=64 is not a multiple of n_head=6: .*--n_head="):
+        sm.main(sm.SamplingConfig(n_embd=64, n_head=6))
 
 
 def test_eval_throughput_fast_loss_agrees_with_float32(bench, data_dir, capsys):

@@ -64,6 +64,34 @@ def test_empty_and_missing_files_are_refused(tmp_path):
         TokenData(tmp_path, "val")
 
 
+def test_missing_tokens_name_the_datasets_own_prepare_command(tmp_path):
+    # train.py's first error on a fresh checkout: it must name the command for *this* dataset
+    data = tmp_path / "data"
+    (data / "mine").mkdir(parents=True)
+    (data / "mine" / "prepare.py").write_text("")
+    (data / "fineweb").mkdir()
+    (data / "fineweb" / "prepare.py").write_text("")
+    cases = {
+        data / "mine": f"python {data / 'mine' / 'prepare.py'}",
+        data / "fineweb" / "fineweb-edu_10BT": f"python {data / 'fineweb' / 'prepare.py'} --dataset=fineweb-edu --sample=10BT",
+        data / "fineweb" / "fineweb-edu_10BT_3.26e9":
+            f"python {data / 'fineweb' / 'prepare.py'} --dataset=fineweb-edu --sample=10BT --tokens=3.26e9",
+        data / "fineweb" / "fineweb_3.2e9": f"python {data / 'fineweb' / 'prepare.py'} --dataset=fineweb --sample='' --tokens=3.2e9",
+        data / "fineweb" / "local-corpus-1a2b3c":
+            f"python {data / 'fineweb' / 'prepare.py'} --data_files=<the same glob as before>",
+        data / "fineweb": f"python {data / 'fineweb' / 'prepare.py'} --dataset=fineweb-edu --sample=10BT, "
+                          f"then data_dir=<the directory it prints>",
+        tmp_path / "elsewhere": "the prepare.py of its dataset",
+    }
+    for data_dir, command in cases.items():
+        with pytest.raises(FileNotFoundError) as e:
+            TokenData(data_dir, "val")
+        msg = str(e.value)
+        assert f"no 'val' tokens in {data_dir}:" in msg and f"Prepare the dataset first: {command}" in msg
+        if data_dir != tmp_path / "elsewhere":  # only the generic hint falls back on an example
+            assert "shakespeare_char" not in msg
+
+
 def test_tokens_outside_the_model_vocab_are_refused(tmp_path):
     data = TokenData(_dataset(tmp_path, np.arange(100)), "train")  # ids up to 99
     with pytest.raises(ValueError, match="token id 9\\d in .* is >= the model's vocab_size 50"):

@@ -150,6 +150,30 @@ def test_cli_bad_model_exits_nonzero_without_a_results_file(workdir):
     assert not (workdir / "bad.json").exists()
 
 
+@pytest.mark.parametrize("kw, option", [({"models": "gpt2"}, "--models"), ({"init_from": "gpt2"}, "--init_from")])
+def test_offline_hint_names_the_option_the_user_used(workdir, monkeypatch, kw, option):
+    # the hub unreachable and the cache cold: the way out is a local copy, passed where 'gpt2' was
+    transformers = pytest.importorskip("transformers")
+    import hf
+    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE=1 is set")
+
+    def cold_cache(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                      "in the cached files.")
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", cold_cache)
+    with pytest.raises(ValueError) as e:
+        eval_script.main(cfg_for(workdir, tasks="val", dataset="shakespeare", **kw))
+    msg = str(e.value)
+    assert msg.startswith(f"{option}: could not load 'gpt2'") and "in place of 'gpt2'" in msg
+    other = "--init_from" if option == "--models" else "--models"
+    assert other not in msg
+
+
+def test_missing_run_names_out_dir(workdir):
+    with pytest.raises(ValueError, match=r"^--out_dir='.*no-run' holds no checkpoint \(latest.json\)"):
+        eval_script.main(cfg_for(workdir, out_dir=str(workdir / "no-run"), tasks="val"))
+
+
 def test_generate_task_calls_sft(workdir, monkeypatch):
     calls = {}
 

@@ -264,26 +264,63 @@ def test_load_task_errors_name_the_file_and_field(tmp_path):
         load_task("mmlu")
 
 
-def test_hub_failure_suggests_a_local_file(monkeypatch):
+@pytest.fixture
+def hub(monkeypatch):
+    """Sets what hf.hub_unreachable_reason answers (None = reachable): no test asks the network."""
+    import hf
+    state = {"reason": None}
+    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: state["reason"])
+    return state
+
+
+def test_hub_failure_suggests_a_local_file(monkeypatch, hub):
     datasets = pytest.importorskip("datasets")
 
-    def offline(*args, **kwargs):
-        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (LocalEntryNotFoundError)")
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ValueError, match=r"(?s)Rowan/hellaswag.*--data_file=path.jsonl"):
+    def failed(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub (ReadTimeout)")
+    monkeypatch.setattr(datasets, "load_dataset", failed)
+    with pytest.raises(ValueError, match=r"(?s)Rowan/hellaswag.*ReadTimeout.*--data_file=path.jsonl"):
         load_task("hellaswag")
 
 
-def test_hub_rows_are_converted(monkeypatch):
+def test_unreachable_hub_reads_only_the_datasets_cache(monkeypatch, hub):
+    # offline, load_dataset must run in datasets' offline mode (cache only), never as the retrying
+    # download; a warm cache keeps working, a cold one ends in the clear message
+    datasets = pytest.importorskip("datasets")
+    hub["reason"] = "HF_HUB_OFFLINE=1 is set"
+    before = datasets.config.HF_HUB_OFFLINE
+    modes, cached = [], {"hit": True}
+    rows = [{"ctx": "a b", "endings": ["c", "d"], "label": "1"}] * 3
+
+    def load_dataset(name, config, split):
+        modes.append(datasets.config.HF_HUB_OFFLINE)
+        if cached["hit"]:
+            return rows
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert load_task("hellaswag", limit=2) == [Item("a b", [" c", " d"], 1)] * 2
+    cached["hit"] = False
+    with pytest.raises(ValueError) as e:
+        load_task("hellaswag")
+    assert modes == [True, True]
+    assert datasets.config.HF_HUB_OFFLINE == before  # put back for whatever runs next in the process
+    msg = str(e.value)
+    assert "unreachable (HF_HUB_OFFLINE=1 is set)" in msg and "not in the local datasets cache" in msg
+    assert "--data_file=path.jsonl" in msg and "ctx, endings, label" in msg
+
+
+def test_hub_rows_are_converted(monkeypatch, hub):
     datasets = pytest.importorskip("datasets")
     rows = [{"sentence": "The cup fell off _ table.", "option1": "the", "option2": "a", "answer": "1"}] * 5
-    seen = {}
+    seen, online = {}, datasets.config.HF_HUB_OFFLINE
 
     def fake(name, config, split):
-        seen.update(name=name, config=config, split=split)
+        seen.update(name=name, config=config, split=split, offline=datasets.config.HF_HUB_OFFLINE)
         return rows
     monkeypatch.setattr(datasets, "load_dataset", fake)
     items = load_task("winogrande", limit=2)
-    assert seen == {"name": "allenai/winogrande", "config": "winogrande_xl", "split": "validation"}
+    # reachable: datasets' own mode is left as the environment set it
+    assert seen == {"name": "allenai/winogrande", "config": "winogrande_xl", "split": "validation",
+                    "offline": online}
     assert items == [Item(["The cup fell off the", "The cup fell off a"], [" table."], 0)] * 2
     assert evaluate.BENCHMARKS["lambada"][0] == "EleutherAI/lambada_openai"

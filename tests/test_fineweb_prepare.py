@@ -8,6 +8,8 @@ import importlib.util
 import json
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +170,22 @@ def test_jsonl_and_text_files(tmp_path, monkeypatch):
     assert meta["documents"] == sum(1 for x in ordered if x and x.strip())
 
 
+def test_jsonl_and_text_need_no_pyarrow(tmp_path, monkeypatch):
+    # pyarrow is imported only where parquet is read; None in sys.modules makes any import of it fail
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    docs = make_docs(40, seed=2)
+    write_jsonl(tmp_path / "a.jsonl", docs)
+    (tmp_path / "b.txt").write_text("a text file is one document", encoding="utf-8")
+    prep.main(cfg_for(tmp_path, tmp_path / "*.*", val_tokens=100))
+    val, _ = read_split(tmp_path / "out", "val")
+    train, _ = read_split(tmp_path / "out", "train")
+    assert np.array_equal(np.concatenate([val, train]), expected_stream(docs + ["a text file is one document"]))
+    (tmp_path / "c.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"c\.parquet: reading parquet needs pyarrow: pip install pyarrow"):
+        prep.main(cfg_for(tmp_path, tmp_path / "c.parquet", out_dir=str(tmp_path / "out2")))
+
+
 def test_endoftext_inside_a_document_is_ordinary_text(tmp_path):
     docs = ["before <|endoftext|> after", "<|endoftext|>", "plain"]
     write_jsonl(tmp_path / "eot.jsonl", docs)
@@ -208,6 +226,28 @@ def test_token_budget_parsing_and_directory_names():
     assert prep.hf_config_name("10BT") == "sample-10BT" and prep.hf_config_name("") == "default"
 
 
+def test_missing_tokens_hint_prepares_the_same_directory():
+    # dataloader's "no train tokens" hint reverses default_out_dir: the command it names must write
+    # exactly the directory train.py looked in, for the configs' data_dirs and any budget
+    import shlex
+
+    from configurator import parse_config
+    from dataloader import prepare_command
+    settings = [("fineweb-edu", "10BT", ""), ("fineweb-edu", "10BT", "chinchilla:163e6"), ("fineweb", "", "3.2e9"),
+                ("fineweb", "CC-MAIN-2024-10", "chinchilla:124M"), ("fineweb-edu", "100BT", "1234567")]
+    dirs = [prep.default_out_dir(prep.PrepareConfig(dataset=d, sample=s), prep.parse_token_budget(t))
+            for d, s, t in settings]
+    for config in sorted((ROOT / "config").glob("train_gpt2*.py")):  # the recipes that read FineWeb
+        m = re.search(r'^data_dir = "(data/fineweb/[^"]+)"', config.read_text(), re.M)
+        assert m, f"{config.name}: no data/fineweb/ data_dir"
+        dirs.append(ROOT / m.group(1))
+    for d in dirs:
+        command = shlex.split(prepare_command(d))
+        assert command[:2] == ["python", str(SCRIPT)], command
+        cfg = parse_config(prep.PrepareConfig, command[2:])
+        assert prep.default_out_dir(cfg, prep.parse_token_budget(cfg.tokens)) == d, command
+
+
 # ----------------------------------------------------------------------------- same input, same bytes
 
 def test_two_runs_and_any_num_proc_give_identical_bytes(tmp_path, corpus, monkeypatch):
@@ -219,6 +259,37 @@ def test_two_runs_and_any_num_proc_give_identical_bytes(tmp_path, corpus, monkey
     a = dir_bytes(tmp_path / "a")
     assert len(a) > 3
     assert a == dir_bytes(tmp_path / "b") == dir_bytes(tmp_path / "c")
+
+
+def test_pool_stops_when_the_process_has_a_flag_only_sigterm_handler(tmp_path):
+    # train.main's StopFlag turns SIGTERM into a flag and stays installed (in-process tests, notebooks).
+    # Pool workers forked under it ignored Pool.terminate()'s SIGTERM, and one left waiting for the task
+    # queue's lock (which terminate takes) hung the run forever: a race, lost within 3 runs of 10 when
+    # measured. In a subprocess, so that a hang is a timeout here, not a stuck suite.
+    write_jsonl(tmp_path / "c.jsonl", make_docs(400, seed=3))
+    code = f"""
+import importlib.util, signal, sys
+signal.signal(signal.SIGTERM, lambda signum, frame: None)
+spec = importlib.util.spec_from_file_location("fineweb_prepare", {str(SCRIPT)!r})
+prep = importlib.util.module_from_spec(spec)
+sys.modules["fineweb_prepare"] = prep
+spec.loader.exec_module(prep)
+prep.BATCH_CHARS = 100  # many small tasks; the budget stops the stream with some still queued
+for run in range(10):
+    prep.main(prep.PrepareConfig(data_files={str(tmp_path / "c.jsonl")!r}, val_tokens=100, tokens="200",
+                                 shard_size=1000, num_proc=6, out_dir={str(tmp_path)!r} + f"/out{{run}}"))
+"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stuck workers too, not only their parent
+        proc.communicate()
+        pytest.fail("prepare.py hung: its pool workers survived Pool.terminate()")
+    assert proc.returncode == 0, err[-2000:]
+    assert [TokenData(tmp_path / f"out{run}", "train").n_tokens for run in range(10)] == [200] * 10
 
 
 # ----------------------------------------------------------------------------- interruption and resume
@@ -296,7 +367,16 @@ def test_rerun_of_a_finished_dataset_keeps_it_and_other_settings_are_refused(tmp
         prep.main(cfg_for(tmp_path, pattern, shard_size=3000))
 
 
-def test_hub_stream_is_pinned_and_resumes_from_the_iterator_state(tmp_path, corpus, monkeypatch):
+@pytest.fixture
+def hub(monkeypatch):
+    """Sets what hf.hub_unreachable_reason answers (None = reachable): no test asks the network."""
+    import hf
+    state = {"reason": None}
+    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: state["reason"])
+    return state
+
+
+def test_hub_stream_is_pinned_and_resumes_from_the_iterator_state(tmp_path, corpus, monkeypatch, hub):
     import datasets
     pattern, docs = corpus
     files = sorted(str(p) for p in pattern.parent.glob(pattern.name))
@@ -346,6 +426,27 @@ def test_missing_text_column_names_file_and_columns(tmp_path, corpus):
     write_jsonl(tmp_path / "x.jsonl", ["hello"], key="content")
     with pytest.raises(ValueError, match=r"x\.jsonl:1: no key 'text'.*\['content', 'id'\]"):
         prep.main(cfg_for(tmp_path, tmp_path / "x.jsonl"))
+
+
+def test_unreachable_hub_stops_at_once_pointing_to_data_files(tmp_path, monkeypatch, hub):
+    # FineWeb is streamed: offline there is no cache to try, and the hub libraries would retry for
+    # ~30 s. Neither the revision lookup nor the stream may be attempted.
+    import datasets
+    import huggingface_hub
+    hub["reason"] = "https://huggingface.co: [Errno -2] Name or service not known"
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda *a, **k: pytest.fail("asked the hub"))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("streamed from the hub"))
+    pinned = "0123456789abcdef" * 2 + "01234567"  # a commit: no lookup, straight to the stream
+    for revision in ("main", pinned):
+        out = tmp_path / f"out-{revision[:4]}"
+        with pytest.raises(ValueError) as e:
+            prep.main(prep.PrepareConfig(dataset="fineweb-edu", sample="10BT", revision=revision, num_proc=1,
+                                         out_dir=str(out)))
+        msg = str(e.value)
+        assert f"HuggingFaceFW/fineweb-edu is streamed from the Hugging Face hub, which is unreachable " \
+               f"({hub['reason']})" in msg
+        assert "--data_files='corpus/*.parquet'" in msg and "JSONL" in msg
+        assert not out.exists()  # nothing half-made left behind
 
 
 def test_no_matching_files_empty_and_too_small_inputs(tmp_path):

@@ -7,6 +7,7 @@ No network: the "pretrained" GPT-2 is a small random transformers model saved to
 
 import json
 import logging
+import types
 from pathlib import Path
 
 import pytest
@@ -91,14 +92,28 @@ def test_import_gives_transformers_logits_and_generations(tmp_path, fmt):
     assert torch.equal(greedy, expected)
 
 
-def test_hub_names_download_through_transformers(monkeypatch):
+@pytest.fixture
+def hub_online(monkeypatch):
+    """The hub probe answers "reachable" without asking anything (tests never touch the network)."""
+    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: None)
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    reason = "https://huggingface.co: [Errno -2] Name or service not known"
+    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: reason)
+    return reason
+
+
+def test_hub_names_download_through_transformers(monkeypatch, hub_online):
     # the hub is unreachable here: stand in for it with a random model, to check what the download
     # path does with a live GPT2LMHeadModel (prefixed names, the tied lm_head in its state dict)
     ref = make_hf_gpt2()
     asked = []
-    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", lambda name, **kw: asked.append(name) or ref)
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained",
+                        lambda name, **kw: asked.append((name, kw.get("local_files_only"))) or ref)
     model = GPT.from_pretrained("gpt2-large").eval()
-    assert asked == ["openai-community/gpt2-large"]
+    assert asked == [("openai-community/gpt2-large", False)]  # online: a real download, with its retries
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert (_all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
@@ -130,14 +145,154 @@ def test_unknown_name_and_missing_directory(tmp_path):
         GPT.from_pretrained(str(missing))
 
 
-def test_hub_unreachable_says_to_use_a_local_directory(monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
-    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", offline)
+def test_failed_download_says_to_use_a_local_directory(monkeypatch, hub_online):
+    def failed(*args, **kwargs):
+        raise OSError("503 Server Error: Service Unavailable for url: https://huggingface.co/...")
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", failed)
     with pytest.raises(ValueError) as e:
         GPT.from_pretrained("gpt2-medium")
     msg = str(e.value)
-    assert "unreachable" in msg and "save_pretrained" in msg and "openai-community/gpt2-medium" in msg
+    assert "download failed (503 Server Error" in msg and "openai-community/gpt2-medium" in msg
+    assert "save_pretrained('gpt2-medium-hf')" in msg and "in place of 'gpt2-medium'" in msg
+
+
+# ----------------------------------------------------------------------------- offline
+
+def test_unreachable_hub_reads_only_the_cache_then_says_what_to_do(monkeypatch, hub_offline):
+    # offline, the retrying download (~30 s of "Retrying in 8s") must not run: only the cache is read
+    calls = []
+
+    def from_pretrained(name, **kw):
+        calls.append((name, kw.get("local_files_only")))
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't "
+                      "find them in the cached files.")
+    monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", from_pretrained)
+    with pytest.raises(ValueError) as e:
+        GPT.from_pretrained("gpt2-medium")
+    assert calls == [("openai-community/gpt2-medium", True)]
+    msg = str(e.value)
+    assert f"unreachable ({hub_offline})" in msg and "not in the local Hugging Face cache" in msg
+    assert "save_pretrained('gpt2-medium-hf')" in msg and "(e.g. ./gpt2-medium-hf)" in msg
+    # hf.py is a library: which option took the name is for the script to say (eval.py: --models)
+    assert "--init_from" not in msg
+
+
+def _hf_cache(root, repo, model):
+    """The layout huggingface_hub's cache has after a download: refs/main -> snapshots/<commit>/."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    d = root / f"models--{repo.replace('/', '--')}"
+    model.save_pretrained(d / "snapshots" / commit)
+    (d / "refs").mkdir(parents=True)
+    (d / "refs" / "main").write_text(commit)
+
+
+def test_warm_cache_loads_offline_without_a_connection(tmp_path, monkeypatch, hub_offline):
+    import socket
+    from huggingface_hub import constants
+
+    ref = make_hf_gpt2(seed=4)
+    _hf_cache(tmp_path, "openai-community/gpt2", ref)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("offline loading tried to connect")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    model = GPT.from_pretrained("gpt2").eval()
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert (_all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
+
+
+@pytest.fixture
+def probe(monkeypatch):
+    """hub_unreachable_reason with no offline switch set and a fresh (uncached) probe."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    hf._probe.cache_clear()
+    yield hf.hub_unreachable_reason
+    hf._probe.cache_clear()
+
+
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_offline_switch_skips_the_probe(probe, monkeypatch, var):
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("probed although offline"))
+    monkeypatch.setenv(var, "1")
+    assert probe() == f"{var}=1 is set"
+    monkeypatch.setenv(var, "0")  # huggingface_hub's "false": the probe runs
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: types.SimpleNamespace(close=lambda: None))
+    assert probe() is None
+
+
+def _raise(e):
+    def urlopen(*args, **kwargs):
+        raise e
+    return urlopen
+
+
+def test_probe_counts_only_a_clear_no_as_unreachable(probe, monkeypatch):
+    import socket
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    url = "https://huggingface.co"
+    down = {"dns": urllib.error.URLError(socket.gaierror(-2, "Name or service not known")),
+            "refused": urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
+            "timeout": TimeoutError("timed out")}
+    up = {"404": urllib.error.HTTPError(url, 404, "Not Found", {}, None),
+          "503": urllib.error.HTTPError(url, 503, "Service Unavailable", {}, None),
+          "tls": urllib.error.URLError(ssl.SSLCertVerificationError("self-signed certificate"))}
+    for name, e in {**down, **up}.items():
+        hf._probe.cache_clear()
+        monkeypatch.setattr(urllib.request, "urlopen", _raise(e))
+        reason = probe()
+        assert (reason is not None) == (name in down), (name, reason)
+        if reason:
+            assert reason.startswith(url + ": ")  # the message says what was asked and what came back
+
+
+def test_probe_gives_up_after_its_timeout(probe, monkeypatch):
+    import time
+    import urllib.request
+
+    def hanging(*args, **kwargs):  # a DNS lookup with no resolver to answer it
+        time.sleep(3)
+        return types.SimpleNamespace(close=lambda: None)
+    monkeypatch.setattr(urllib.request, "urlopen", hanging)
+    start = time.perf_counter()
+    assert probe(timeout=0.2) == "https://huggingface.co: no answer within 0.2 s"
+    assert time.perf_counter() - start < 1.5
+
+
+def test_probe_over_real_sockets_on_localhost(probe, monkeypatch):
+    # the urllib path end to end, without leaving the machine: a server answering 404 is "reachable",
+    # the same port closed (connection refused) is not
+    import http.server
+    import threading
+    from huggingface_hub import constants
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    try:
+        assert probe() is None
+    finally:
+        server.server_close()
+    hf._probe.cache_clear()
+    reason = probe()
+    assert reason is not None and reason.startswith(url) and "refused" in reason.lower()
 
 
 def test_malformed_directories_name_the_path_and_the_problem(hf_dir, tmp_path):

@@ -12,6 +12,9 @@ tokenised with tiktoken's GPT-2 BPE in a process pool, each one preceded by the 
 the rest, up to the training-token budget `--tokens` (3.2e9, or chinchilla:<params> = 20 x params;
 validation comes on top of it). Without --tokens the whole input is used.
 
+Offline (the hub unreachable, or HF_HUB_OFFLINE=1) --dataset stops at once, pointing to --data_files:
+FineWeb is streamed, so there is no cache to fall back on; parquet files copied over work the same.
+
 Where things go: shards are written to `<out_dir>/.partial/` with a progress file rewritten after
 every finished shard. Only when the last shard is done are they moved into `<out_dir>` and meta.json
 is written, so an interrupted preparation never looks like a dataset train.py could read.
@@ -38,6 +41,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -134,16 +138,32 @@ def check_config(cfg):
         raise ValueError("\n  ".join(errors))
 
 
+OFFLINE_HINT = ("Without the hub, prepare local files instead: --data_files='corpus/*.parquet' "
+                "(parquet, JSONL or .txt; --text_column names the text field), e.g. FineWeb parquet "
+                "files copied from a machine with access.")
+
+
+def require_hub(repo):
+    """Stop at once when the hub is unreachable (or HF_HUB_OFFLINE=1): FineWeb is streamed, so no
+    local cache could stand in, and the libraries would retry for ~30 s before failing."""
+    from hf import hub_unreachable_reason  # the same check as GPT-2 weights and benchmarks
+    offline = hub_unreachable_reason()
+    if offline:
+        raise ValueError(f"{repo} is streamed from the Hugging Face hub, which is unreachable ({offline}).\n"
+                         f"{OFFLINE_HINT}")
+
+
 def resolve_hf_revision(repo, revision):
     """The commit a branch or tag points at now, so that a resumed run streams exactly the same rows."""
     if re.fullmatch(r"[0-9a-f]{40}", revision):
         return revision
+    require_hub(repo)
     from huggingface_hub import HfApi
     try:
         return HfApi().dataset_info(repo, revision=revision).sha
-    except Exception as e:  # offline, unknown revision, rate limit: all end here, with the hub's reason
+    except Exception as e:  # unknown revision, rate limit, a flaky proxy: all end here, with the hub's reason
         raise ValueError(f"could not resolve {repo} revision {revision!r} on the Hugging Face hub: "
-                         f"{type(e).__name__}: {e}") from e
+                         f"{type(e).__name__}: {e}\n{OFFLINE_HINT}") from e
 
 
 def local_files(pattern):
@@ -190,11 +210,10 @@ def shard_name(prefix, split, index):
 def local_documents(files, column, skip=0):
     """Texts (None for a null value) of every document of the files in order, from document `skip` on.
     Skipped documents are not decoded: parquet skips row groups by the counts in its footer."""
-    import pyarrow.parquet as pq
     for info in files:
         path = info["path"]
         if path.endswith(PARQUET):
-            pf = pq.ParquetFile(path)
+            pf = _parquet_file(path)
             names = pf.schema_arrow.names
             if column not in names:
                 raise ValueError(f"{path}: no column {column!r}; available: {names}. Pass --text_column=<one of them>")
@@ -234,6 +253,16 @@ def local_documents(files, column, skip=0):
                 raise ValueError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8") from e
 
 
+def _parquet_file(path):
+    # pyarrow only where parquet is read: JSONL and text corpora prepare without it
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ValueError(f"{path}: reading parquet needs pyarrow: pip install pyarrow "
+                         f"(JSONL and .txt files need nothing extra)") from e
+    return pq.ParquetFile(path)
+
+
 def _json_text(line, column, path, lineno):
     try:
         row = json.loads(line)
@@ -252,6 +281,7 @@ def _json_text(line, column, path, lineno):
 
 def load_hf_dataset(repo, config, revision):
     """The hub dataset as a `datasets` stream (rows are fetched as they are read, nothing is cached)."""
+    require_hub(repo)
     import datasets
     return datasets.load_dataset(repo, name=config, split="train", streaming=True, revision=revision)
 
@@ -612,6 +642,14 @@ def _recorded_sha(out_dir, stage, settings):
     return None
 
 
+def _worker_signals():
+    """Pool workers die on SIGTERM and leave Ctrl-C to the parent. A forked worker inherits the
+    parent's Python handlers: under a SIGTERM handler that only sets a flag (train.py's StopFlag, once
+    train.main ran in the same process) Pool.terminate() could not stop a worker and waited forever."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _run(cfg, settings, stage, budget, progress):
     """Stream, tokenise and write from the recorded position; returns the document counts."""
     global _ENC
@@ -629,7 +667,7 @@ def _run(cfg, settings, stage, budget, progress):
     num_proc = cfg.num_proc or os.cpu_count() or 1
     # the pool forks before any reader thread or the shard buffer exists: workers start small and safe
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    pool = ctx.Pool(num_proc) if num_proc > 1 else None
+    pool = ctx.Pool(num_proc, initializer=_worker_signals) if num_proc > 1 else None
     reader = (HubDocuments if source["kind"] == "hub" else FileDocuments)(
         source, cfg.text_column, start["doc"], start["state"], start["state_doc"])
     total = cfg.val_tokens + budget if budget else _expected_tokens(cfg)
