@@ -55,7 +55,7 @@ import torch
 import configurator
 import memory
 from checkpoint import build_base, library_versions
-from dataloader import write_json
+from fileio import write_json
 from model import GPT, GPTConfig
 from optimizers import OPTIMIZERS
 from runtime import (Dist, autocast, compile_reason, cpu_model, make_scaler, peak_flops, pick_device, pick_dtype,

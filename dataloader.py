@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fileio import atomic_write, file_sha256, fsync_dir, write_json  # noqa: F401  (the last three: TEMP re-export)
+from fileio import atomic_write
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1

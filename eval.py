@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configurator import run
-from dataloader import write_json
+from fileio import write_json
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 BENCHMARK_TASKS = ("hellaswag", "piqa", "winogrande", "lambada")

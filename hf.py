@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dataloader import fsync_dir
+from fileio import fsync_dir
 
 # the four checkpoints OpenAI released, by the short names everyone uses -> their hub repository
 HF_MODELS = {

@@ -307,8 +307,13 @@ class StopFlag:
 
     def __init__(self):
         self.signum = None
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        # the handlers to put back when training ends: a process that goes on (a test, a notebook, a
+        # multiprocessing pool forked later) must not inherit one that only sets a flag
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:

@@ -496,13 +496,12 @@ def evaluate_and_save(run, metrics, lr, last_step):
         ckpt_lib.save_run(run, is_best=improved)
 
 
-def train_loop(run, runner, metrics, peak):
+def train_loop(run, runner, metrics, peak, stop):
     """Phase 4, the loop: learning rate -> evaluate / checkpoint -> stop? -> micro-steps, clip and
-    step -> log. Returns the StopFlag (a Ctrl-C ends the process with status 130)."""
+    step -> log. stop: the runtime.StopFlag that SIGTERM and Ctrl-C set."""
     cfg, dist_info, device = run.cfg, run.dist, run.device
     accum = cfg.gradient_accumulation_steps // dist_info.world_size  # micro-steps per rank
     resumed_at = run.saved_at  # evaluated and saved before the run stopped: not again
-    stop = StopFlag()
     step_flops = functools.lru_cache(maxsize=None)(run.model.flops_per_token)  # per token, by sequence length
     bad_steps, skipped, stopping = 0, 0, False
     log_loss, log_steps, log_tokens, log_flops = torch.zeros((), device=device), 0, 0, 0
@@ -523,7 +522,7 @@ def train_loop(run, runner, metrics, peak):
         if last_step or cfg.eval_only or stopping:
             if stopping and run.saved_at != run.iter_num:
                 ckpt_lib.save_run(run, hash_files=False)  # on the way out: sizes only, no read-back (torchrun waits 30 s)
-            return stop
+            return
 
         # --- micro-steps, clip, step
         torch.manual_seed(step_seed(cfg.seed, dist_info.rank, run.iter_num))  # dropout masks resume exactly
@@ -584,8 +583,12 @@ def main(cfg):
                                    id=run.wandb_id, resume="allow")
             run.wandb_id = wandb_run.id
     metrics = ckpt_lib.MetricsFile(cfg.out_dir, dist_info.is_master, wandb_run)
-    stop = train_loop(run, runner, metrics, peak_flops(device, dtype)[0])
-    metrics.close()
+    stop = StopFlag()
+    try:
+        train_loop(run, runner, metrics, peak_flops(device, dtype)[0], stop)
+    finally:
+        stop.close()  # the signal handlers the process had before (it may go on: a test, a notebook)
+        metrics.close()
     barrier(dist_info, device)  # no rank leaves while rank 0 still writes the final checkpoint
     result = {"iter_num": run.iter_num, "best_val_loss": run.best_val}
     if dist_info.enabled:

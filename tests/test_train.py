@@ -228,3 +228,13 @@ def test_a_fine_tune_from_a_character_checkpoint_directory_reads_text_with_its_c
     model, info = checkpoint.load_model(tuned)
     assert info["data_meta"]["tokenizer"] == "char"
     assert model.config.vocab_size == checkpoint.load_model(base)[0].config.vocab_size == 58
+
+
+def test_training_puts_the_signal_handlers_back(tmp_path):
+    """A process that goes on after train.main (a test, a notebook, a multiprocessing pool forked
+    later) must not keep a SIGTERM handler that only sets a flag: pool workers ignored terminate()."""
+    import signal
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    data = char_dataset(tmp_path / "data", 20_000)
+    train.main(tiny_train_config(data, tmp_path / "out", max_iters=2, eval_interval=2))
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

@@ -51,7 +51,8 @@ import numpy as np
 
 try:
     from configurator import configure
-    from dataloader import file_sha256, gpt2_encoding, read_header, shard_header, write_json, write_shard
+    from dataloader import gpt2_encoding, read_header, shard_header, write_shard
+    from fileio import file_sha256, write_json
 except ImportError as e:  # run as a script, the project's modules come from the installed package
     raise SystemExit(f"{e}: install the project first (pip install -e . in the repo root)") from e
 
