@@ -125,7 +125,7 @@ def val_data_dir(cfg, info, spec):
 
 def eval_val(cfg, model, tokenizer, info, spec, device, ctx):
     from dataloader import TokenData, eval_batches
-    from evaluate import evaluate_loss
+    from evaluation import evaluate_loss
     data_dir = val_data_dir(cfg, info, spec)
     data = TokenData(data_dir, "val")
     kind = data.meta.get("tokenizer")
@@ -214,7 +214,7 @@ def format_table(results, tasks):
 
 def main(cfg):
     import torch
-    from evaluate import load_task, run_benchmark, run_lambada
+    from evaluation import load_task, run_benchmark, run_lambada
     from runtime import autocast, pick_device, pick_dtype, seed_everything, setup_backends
     tasks = check_config(cfg)
     seed_everything(cfg.seed)

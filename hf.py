@@ -18,7 +18,7 @@ tiktoken's GPT-2 ranks (the same 50,257 ids); see gpt2_vocab_and_merges.
 transformers is imported lazily: the rest of the toolkit runs without it.
 Offline (no route to the hub, or HF_HUB_OFFLINE=1) a GPT-2 name loads from the local Hugging Face cache
 or fails at once with what to do, instead of after ~30 s of retries; see hub_unreachable_reason, which
-evaluate.py and data/fineweb/prepare.py ask too.
+evaluation.py and data/fineweb/prepare.py ask too.
 """
 
 import functools

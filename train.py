@@ -384,10 +384,10 @@ def validate(run):
         return None
     val = None
     if run.dist.is_master or run.fsdp:
-        import evaluate
+        import evaluation
         model = NoInferenceMode(run.model) if run.fsdp else run.model
         batches = (to_device(b, run.device) for b in run.val_batches())
-        val = evaluate.evaluate_loss(model, batches, run.device, run.ctx)["loss"]
+        val = evaluation.evaluate_loss(model, batches, run.device, run.ctx)["loss"]
     return broadcast_object(val, run.dist)
 
 

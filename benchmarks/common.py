@@ -14,6 +14,12 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
+
+# every benchmark imports this first: the checkout's modules (model, train, ...) are not installed
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def machine_lines():

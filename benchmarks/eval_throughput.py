@@ -1,5 +1,5 @@
 """
-Evaluation throughput: evaluate.evaluate_loss (inference mode, runtime.autocast with the fast dtype),
+Evaluation throughput: evaluation.evaluate_loss (inference mode, runtime.autocast with the fast dtype),
 as train.py's validation and eval.py call it, against a plain float32 eager forward under no_grad
 (nanoGPT's estimate_loss on a CPU), over the same fixed validation windows.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-import evaluate
+import evaluation
 from dataloader import TokenData, eval_batches, to_device
 from model import GPT, GPTConfig
 from runtime import autocast, pick_device, pick_dtype
@@ -61,7 +61,7 @@ def float32_eager_loss(model, batches, device):
 def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    common.print_machine("evaluation: evaluate.evaluate_loss (fast dtype, inference mode) vs float32 eager")
+    common.print_machine("evaluation: evaluation.evaluate_loss (fast dtype, inference mode) vs float32 eager")
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.out_dir:
@@ -83,7 +83,7 @@ def main(cfg):
     fast_name = f"evaluate_loss {str(dtype).replace('torch.', '')}"
 
     def fast():
-        losses[fast_name] = evaluate.evaluate_loss(model, iter(batches), device, autocast(device, dtype))["loss"]
+        losses[fast_name] = evaluation.evaluate_loss(model, iter(batches), device, autocast(device, dtype))["loss"]
 
     def base():
         losses["float32 eager"] = float32_eager_loss(model, batches, device)

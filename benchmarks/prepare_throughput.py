@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+import common  # noqa: F401  (puts the checkout on sys.path)
 from configurator import configure
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -75,9 +75,9 @@ def test_best_is_kept_when_val_gets_worse_and_pruning_spares_it(tmp_path):
 
 
 def test_training_only_marks_improvements_as_best(data, tmp_path, monkeypatch):
-    import evaluate
+    import evaluation
     losses = iter([3.0, 2.0, 2.5, 2.6])
-    monkeypatch.setattr(evaluate, "evaluate_loss", lambda *a, **k: {"loss": next(losses)})
+    monkeypatch.setattr(evaluation, "evaluate_loss", lambda *a, **k: {"loss": next(losses)})
     out = tmp_path / "out"
     train.main(tiny_train_config(data, out, max_iters=6, eval_interval=2, always_save_checkpoint=True))
     assert json.loads((out / "best.json").read_text())["iter_num"] == 2

@@ -247,12 +247,12 @@ def test_every_rank_skips_a_step_that_is_non_finite_on_one_rank(data, tmp_path, 
 RANKS_DISAGREE = """
 import os, sys
 sys.path.insert(0, {root!r})
-import evaluate, train
+import evaluation, train
 from configurator import configure
 # rank 0 improves at iteration 2 and rank 1 does not: if each rank decided on its own number, rank 0
 # would enter save() (a collective) alone and the job would hang
 vals = {{"0": iter([3.0, 2.0, 2.5]), "1": iter([2.0, 3.0, 3.5])}}[os.environ["RANK"]]
-evaluate.evaluate_loss = lambda *a, **k: {{"loss": next(vals)}}
+evaluation.evaluate_loss = lambda *a, **k: {{"loss": next(vals)}}
 train.main(configure(train.TrainConfig))
 """
 

@@ -17,7 +17,7 @@ import torch
 
 import eval as eval_script
 from dataloader import TokenData, eval_batches, write_raw_tokens
-from evaluate import evaluate_loss
+from evaluation import evaluate_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "the cat sat on the mat. a dog ran to the log. " * 60

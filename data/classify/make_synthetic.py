@@ -20,10 +20,12 @@ the same seed writes the same bytes, so running it again is fine.
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from configurator import run
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: its modules are not installed
+from configurator import run  # noqa: E402
 
 PROMPT = "Classify the message as weather, sport or food.\nMessage: {text}\nLabel:"
 TOPICS = {

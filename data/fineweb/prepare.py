@@ -49,12 +49,10 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    from configurator import configure
-    from dataloader import gpt2_encoding, read_header, shard_header, write_shard
-    from fileio import file_sha256, write_json
-except ImportError as e:  # run as a script, the project's modules come from the installed package
-    raise SystemExit(f"{e}: install the project first (pip install -e . in the repo root)") from e
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: its modules are not installed
+from configurator import configure  # noqa: E402
+from dataloader import gpt2_encoding, read_header, shard_header, write_shard  # noqa: E402
+from fileio import file_sha256, write_json  # noqa: E402
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Evaluation library: validation loss, multiple-choice / partial / LAMBADA scoring, Wilson intervals,
 benchmark JSONL loading.
 
-    python -m pytest -q tests/test_evaluate.py
+    python -m pytest -q tests/test_evaluation.py
 """
 
 import contextlib
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluate
+import evaluation
 from dataloader import Tokenizer, TokenData, eval_batches, write_raw_tokens
-from evaluate import (Item, evaluate_loss, load_task, run_benchmark, run_lambada, score_choices,
+from evaluation import (Item, evaluate_loss, load_task, run_benchmark, run_lambada, score_choices,
                       score_pairs, score_partial, wilson_interval)
 from model import GPT, GPTConfig
 
@@ -323,4 +323,4 @@ def test_hub_rows_are_converted(monkeypatch, hub):
     assert seen == {"name": "allenai/winogrande", "config": "winogrande_xl", "split": "validation",
                     "offline": online}
     assert items == [Item(["The cup fell off the", "The cup fell off a"], [" table."], 0)] * 2
-    assert evaluate.BENCHMARKS["lambada"][0] == "EleutherAI/lambada_openai"
+    assert evaluation.BENCHMARKS["lambada"][0] == "EleutherAI/lambada_openai"
