@@ -56,11 +56,13 @@ import configurator
 import memory
 from checkpoint import build_base, library_versions
 from fileio import write_json
+from hf import GPT2_SHAPES
 from model import GPT, GPTConfig
-from optimizers import OPTIMIZERS
+from optimizers import optimizer_problems
 from runtime import (Dist, autocast, compile_reason, cpu_model, make_scaler, peak_flops, pick_device, pick_dtype,
                      seed_everything, setup_backends, synchronize)
 from train import TrainConfig, make_optimizer, train_step
+from configurator import UserError, parse_list
 
 
 @dataclass
@@ -99,8 +101,6 @@ class BenchConfig:
     out_file: str = "bench.json"  # every row plus machine, versions and peak FLOP/s
 
 
-GPT2_SHAPES = {  # (n_layer, n_head, n_embd) of OpenAI's checkpoints; vocab 50257, context 1024
-    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
 # messages of allocation failures that PyTorch raises as a plain RuntimeError
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
 
@@ -125,7 +125,7 @@ def parse_args(argv):
             args.append(arg)
             continue
         try:
-            values = configurator._read_config_file(arg)
+            values = configurator.read_config_file(arg)
         except ValueError as e:
             errors.append(str(e))
             continue
@@ -138,14 +138,10 @@ def parse_args(argv):
             else:
                 errors.append(f"{arg}: unknown config key '{key}' (neither a bench.py nor a train.py setting)")
     if errors:
-        raise SystemExit("error: invalid configuration:\n  " + "\n  ".join(errors))
+        raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
     if skipped:
         print(f"config: skipped train.py keys bench.py does not use: {', '.join(sorted(set(skipped)))}")
     return configurator.configure(BenchConfig, args), sorted(set(skipped))
-
-
-def parse_list(s):
-    return [p.strip() for p in str(s).split(",") if p.strip()]
 
 
 def check_config(cfg):
@@ -169,13 +165,12 @@ def check_config(cfg):
     if cfg.warmup < 0 or cfg.max_memory_gb < 0 or cfg.threads < 0:
         errors.append(f"warmup ({cfg.warmup}), max_memory_gb ({cfg.max_memory_gb}) and threads ({cfg.threads}) "
                       f"must be >= 0")
-    if cfg.optimizer not in OPTIMIZERS:
-        errors.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    errors += optimizer_problems(cfg.optimizer, cfg.device)
     if cfg.init_from != "scratch" and cfg.init_from not in GPT2_SHAPES and not Path(cfg.init_from).exists():
         errors.append(f"init_from={cfg.init_from!r}: expected 'scratch', one of {', '.join(GPT2_SHAPES)}, "
                       f"or an existing Hugging Face directory / out_dir")
     if errors:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+        raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
 def model_config(cfg):
@@ -193,7 +188,7 @@ def model_config(cfg):
                                               "tie_weights", "activation")} | {"max_block": base.block_size}
     max_block = args.pop("max_block", None)
     if max_block is not None and cfg.block_size > max_block:
-        raise ValueError(f"block_size={cfg.block_size} exceeds {cfg.init_from}'s context of {max_block}")
+        raise UserError(f"block_size={cfg.block_size} exceeds {cfg.init_from}'s context of {max_block}")
     return GPTConfig(block_size=cfg.block_size, dropout=cfg.dropout, **args)
 
 
@@ -486,7 +481,7 @@ def run(cfg):
     dtype_names = list(dict.fromkeys(parse_list(cfg.dtypes)))
     settings = compile_settings(cfg, device)
     if True in settings and cfg.warmup == 0:
-        raise ValueError("warmup=0 with compile would time the compilation itself; use --warmup=1 or more")
+        raise UserError("warmup=0 with compile would time the compilation itself; use --warmup=1 or more")
     sizes = None if cfg.batch_sizes == "auto" else [int(s) for s in parse_list(cfg.batch_sizes)]
     reason = compile_reason(device) if hasattr(torch, "compile") else "this PyTorch has no torch.compile"
     rows = report["rows"]
@@ -538,13 +533,11 @@ def run(cfg):
 
 
 def main(cfg):
-    try:
-        report = run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    report = run(cfg)
     if not any(r["status"] == "ok" for r in report["rows"]):
-        raise SystemExit("error: no configuration ran; see the status column")
+        raise UserError("no configuration ran; see the status column")
+    return report
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:])[0])
+    configurator.run(main, BenchConfig, parse=lambda argv: parse_args(argv)[0])

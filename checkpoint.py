@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fileio import file_sha256, fsync_dir, read_json_lines, write_json, write_json_lines
+from configurator import MissingFile, UserError
 
 FORMAT_VERSION = 1
 PREFIX = "ckpt-"
@@ -108,7 +109,7 @@ def _saved_by_name(ckpt_dir, state, current):
     saved = state["optimizer"]
     saved_names = [n for g in saved["param_groups"] for n in g["params"]]
     if sorted(current) != sorted(saved_names):
-        raise ValueError(f"{ckpt_dir}: the optimizer was saved for other parameters "
+        raise UserError(f"{ckpt_dir}: the optimizer was saved for other parameters "
                          f"(not saved: {sorted(set(current) - set(saved_names))[:5]}, "
                          f"not in this model: {sorted(set(saved_names) - set(current))[:5]})")
     by_name = {}
@@ -257,7 +258,7 @@ def _read_pointer(path):
     try:
         return json.loads(path.read_text())["checkpoint"]
     except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{path}: damaged pointer file ({e}); point it at a ckpt-* directory or delete it") from e
+        raise UserError(f"{path}: damaged pointer file ({e}); point it at a ckpt-* directory or delete it") from e
 
 
 def resolve(path, which="latest"):
@@ -273,7 +274,7 @@ def resolve(path, which="latest"):
         hint = ""
         if (path / "ckpt.pt").exists():
             hint = f"; {path / 'ckpt.pt'} is a nanoGPT checkpoint: python convert_nanogpt.py --ckpt={path / 'ckpt.pt'}"
-        raise FileNotFoundError(f"no checkpoint in {path}: expected {which}.json or state.json{hint}")
+        raise MissingFile(f"no checkpoint in {path}: expected {which}.json or state.json{hint}")
     return path / name
 
 
@@ -292,25 +293,25 @@ def read_checkpoint(path, which="latest", verify=True):
 def _validated_state(ckpt, verify):
     state_file = ckpt / "state.json"
     if not state_file.exists():
-        raise FileNotFoundError(f"{state_file}: missing; the checkpoint is incomplete")
+        raise MissingFile(f"{state_file}: missing; the checkpoint is incomplete")
     try:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{state_file}: corrupted JSON ({e})") from e
+        raise UserError(f"{state_file}: corrupted JSON ({e})") from e
     version = state.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{ckpt}: checkpoint format version {version!r}; this homegpt reads up to "
+        raise UserError(f"{ckpt}: checkpoint format version {version!r}; this homegpt reads up to "
                          f"{FORMAT_VERSION}: upgrade homegpt to load it")
     for fname, rec in state.get("files", {}).items():
         f = ckpt / fname
         if not f.exists():
-            raise FileNotFoundError(f"{f}: missing from the checkpoint")
+            raise MissingFile(f"{f}: missing from the checkpoint")
         size = f.stat().st_size
         if size != rec["bytes"]:
-            raise ValueError(f"{f}: {size:,} bytes, expected {rec['bytes']:,}: truncated or corrupted")
+            raise UserError(f"{f}: {size:,} bytes, expected {rec['bytes']:,}: truncated or corrupted")
         if verify and rec.get("sha256") is not None:  # None: saved in a hurry (SIGTERM), sizes only
             if file_sha256(f) != rec["sha256"]:
-                raise ValueError(f"{f}: sha256 mismatch: the file is corrupted")
+                raise UserError(f"{f}: sha256 mismatch: the file is corrupted")
     return state
 
 
@@ -338,7 +339,7 @@ def _load_tensors(path):
     except FileNotFoundError:
         raise  # gone, not damaged: a live run pruned it (load_model reads the pointer again)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read safetensors ({e})") from e
+        raise UserError(f"{path}: cannot read safetensors ({e})") from e
 
 
 def check_model_args(saved, current):
@@ -347,7 +348,7 @@ def check_model_args(saved, current):
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
             for k in GPTConfig.SHAPE_FIELDS if saved.get(k) != current.get(k)]
     if diff:
-        raise ValueError("the model shape differs from the checkpoint's:\n  " + "\n  ".join(diff) +
+        raise UserError("the model shape differs from the checkpoint's:\n  " + "\n  ".join(diff) +
                          "\nkeep the checkpoint's values (or start a new out_dir)")
 
 
@@ -363,7 +364,7 @@ def restore_model(model, ckpt_dir, state):
     if model.config.tie_weights:
         missing = [k for k in missing if k != "transformer.wte.weight"]
     if missing or unexpected:
-        raise ValueError(f"{ckpt_dir}/model.safetensors does not fit the model: missing {missing[:5]}, "
+        raise UserError(f"{ckpt_dir}/model.safetensors does not fit the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
 
 
@@ -439,7 +440,7 @@ def read_for_resume(out_dir, resume_from, dist_info):
             raise
     chosen = broadcast_object(chosen, dist_info)
     if chosen.startswith("error: "):
-        raise ValueError(chosen[len("error: "):])
+        raise UserError(chosen[len("error: "):])
     if not dist_info.is_master:
         try:
             ckpt_dir, state = read_checkpoint(chosen, verify=False)  # rank 0 checked the hashes
@@ -447,7 +448,7 @@ def read_for_resume(out_dir, resume_from, dist_info):
             ckpt_dir = None
     blind = [r for r, ok in enumerate(gather_objects(state is not None, dist_info)) if not ok]
     if blind:
-        raise ValueError(f"rank(s) {blind} cannot read {chosen}, which rank 0 resumes from: on several nodes, "
+        raise UserError(f"rank(s) {blind} cannot read {chosen}, which rank 0 resumes from: on several nodes, "
                          f"out_dir must be on a filesystem every node shares (NFS, Lustre, ...), or the checkpoint "
                          f"copied to the same path on each node")
     return ckpt_dir, state
@@ -520,6 +521,24 @@ def base_reference(init_from):
     if init_from == "scratch":
         return None
     return str(Path(init_from).resolve()) if Path(init_from).exists() else init_from
+
+
+def load_any(spec, device="cpu", which="latest"):
+    """(model in eval mode, its data meta, info) for whatever a user names as a model: one of our runs
+    or checkpoint directories (its latest or best checkpoint), a Hugging Face GPT-2 directory, or an
+    OpenAI GPT-2 name. The one loader behind sample.py, eval.py and export_hf.py."""
+    from hf import HF_MODELS
+    from model import GPT
+    if holds_checkpoint(spec):
+        model, info = load_model(spec, device=device, which=which)
+        return model, info.get("data_meta") or {"tokenizer": "gpt2", "vocab_size": 50257}, info
+    if spec in HF_MODELS or (Path(spec) / "config.json").is_file():
+        gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257}
+        return GPT.from_pretrained(spec).to(device).eval(), gpt2, {"config": {}, "data_meta": gpt2, "checkpoint": spec}
+    if Path(spec).is_dir():
+        raise MissingFile(f"{spec} holds no checkpoint (latest.json or state.json): train there first, or check the path")
+    raise MissingFile(f"model {spec!r} is not a GPT-2 name ({', '.join(HF_MODELS)}), a Hugging Face directory "
+                      f"(config.json) or one of our runs (an out_dir with latest.json); check the name or the path")
 
 
 def build_base(init_from):
@@ -610,7 +629,7 @@ def read_metrics(out_dir):
     """The records of a run's metrics.jsonl (readable while the run is still writing it)."""
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise ValueError(f"{path}: no metrics file; is {out_dir} a run's out_dir? (train.py writes out_dir/metrics.jsonl)")
+        raise UserError(f"{path}: no metrics file; is {out_dir} a run's out_dir? (train.py writes out_dir/metrics.jsonl)")
     return read_json_lines(path)
 
 

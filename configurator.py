@@ -61,7 +61,12 @@ def _coerce(key, value, tp, raw=None):
     if str in allowed and isinstance(value, str):
         return value
     names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
-    raise ValueError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
+    raise UserError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def parse_list(s):
+    """A comma-separated knob as a list: 'val, hellaswag,' -> ['val', 'hellaswag']."""
+    return [p.strip() for p in str(s).split(",") if p.strip()]
 
 
 def _unknown(key, valid):
@@ -70,41 +75,46 @@ def _unknown(key, valid):
     return f"unknown config key '{key}'{hint}"
 
 
-def _read_config_file(path):
+def read_config_file(path):
     """The public names a config file assigns."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"config file not found: {path} (config files are paths, overrides are --key=value)")
+        raise UserError(f"config file not found: {path} (config files are paths, overrides are --key=value)")
     namespace = {}
     try:
         exec(compile(p.read_text(), str(p), "exec"), namespace)
     except Exception as e:
-        raise ValueError(f"{path}: could not run the config file: {type(e).__name__}: {e}") from e
+        raise UserError(f"{path}: could not run the config file: {type(e).__name__}: {e}") from e
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
 
 
-def parse_config(cfg_cls, argv):
-    """Build cfg_cls from its defaults, the config files in argv, then the --key=value overrides."""
+def parse_config(cfg_cls, argv, positional=None):
+    """Build cfg_cls from its defaults, the config files in argv, then the --key=value overrides.
+    positional: the name of a list field that takes the bare arguments instead (plot.py's run
+    directories); config files are then not read."""
     hints = typing.get_type_hints(cfg_cls)
     valid = [f.name for f in dataclasses.fields(cfg_cls)]
     values, errors = {}, []
+    if positional:
+        values[positional] = [a for a in argv if not a.startswith("--")]
+        argv = [a for a in argv if a.startswith("--")]
     for arg in argv:
         try:
             if not arg.startswith("--"):
-                for key, value in _read_config_file(arg).items():
+                for key, value in read_config_file(arg).items():
                     try:
                         if key not in hints:
-                            raise ValueError(_unknown(key, valid))
+                            raise UserError(_unknown(key, valid))
                         values[key] = _coerce(key, value, hints[key])
                     except ValueError as e:
                         errors.append(f"{arg}: {e}")
                 continue
             if "=" not in arg:
-                raise ValueError(f"{arg}: overrides take the form --key=value")
+                raise UserError(f"{arg}: overrides take the form --key=value")
             key, raw = arg[2:].split("=", 1)
             if key not in hints:
-                raise ValueError(_unknown(key, valid))
+                raise UserError(_unknown(key, valid))
             try:
                 value = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
@@ -113,7 +123,7 @@ def parse_config(cfg_cls, argv):
         except ValueError as e:
             errors.append(str(e))
     if errors:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+        raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
     return cfg_cls(**values)
 
 
@@ -173,7 +183,7 @@ def help_text(cfg_cls, script):
     return "\n".join(lines)
 
 
-def configure(cfg_cls, argv=None):
+def configure(cfg_cls, argv=None, positional=None):
     """parse_config for a script: --help lists the keys, errors exit non-zero, the result is printed once."""
     import sys
     argv = sys.argv[1:] if argv is None else argv
@@ -181,19 +191,29 @@ def configure(cfg_cls, argv=None):
         print(help_text(cfg_cls, Path(sys.argv[0]).name))
         raise SystemExit(0)
     try:
-        cfg = parse_config(cfg_cls, argv)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        cfg = parse_config(cfg_cls, argv, positional)
+    except UserError as e:
+        exit_with(e)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, print once
         print("config: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
     return cfg
 
 
-def run(main, cfg_cls):
-    """A script's entry point: configure, then main(cfg); a wrong input (ValueError, a missing file)
-    ends with one line 'error: ...' and exit status 1 instead of a traceback."""
-    cfg = configure(cfg_cls)
+def exit_with(error):
+    """End the process with status 1 and the one line 'error: ...'. Under torchrun every rank meets the
+    same error: rank 0 says it, the others leave quietly."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        raise SystemExit(1)
+    raise SystemExit(f"error: {error}")
+
+
+def run(main, cfg_cls, parse=None, positional=None):
+    """A script's entry point: configure (or parse(argv) for a script with its own reading of the
+    command line), then main(cfg). A UserError, wrong input, ends with one line 'error: ...' and exit
+    status 1; any other exception is a bug and keeps its traceback."""
+    import sys
     try:
+        cfg = parse(sys.argv[1:]) if parse else configure(cfg_cls, positional=positional)
         return main(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except UserError as e:
+        exit_with(e)

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt_lib
-from configurator import run
+from configurator import MissingFile, UserError, run
 from model import GPT, GPTConfig
 
 
@@ -66,12 +66,12 @@ MACHINE_KEYS = ("device", "dtype", "compile", "backend")
 def read_nanogpt(path, trust_pickle=False):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such nanoGPT checkpoint")
+        raise MissingFile(f"{path}: no such nanoGPT checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError or others on foreign objects
         if not trust_pickle:
-            raise ValueError(f"{path}: cannot be read safely (weights_only): {str(e).splitlines()[0]}. If you made "
+            raise UserError(f"{path}: cannot be read safely (weights_only): {str(e).splitlines()[0]}. If you made "
                              f"this file yourself, rerun with --trust_pickle=True (unpickling can execute code)") from e
         print(f"warning: unpickling {path} with weights_only=False: this can execute code in the file")
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -99,11 +99,11 @@ def read_meta_pkl(path):
         with open(path, "rb") as f:
             return PlainUnpickler(f).load()
     except _Refused as e:
-        raise ValueError(f"{path}: refused: the pickle references {e}, and loading it could run code; a "
+        raise UserError(f"{path}: refused: the pickle references {e}, and loading it could run code; a "
                          f"nanoGPT meta.pkl holds only dicts, strings and numbers. Recreate it with nanoGPT's "
                          f"prepare.py or pass our meta.json (--dataset_meta=...)") from None
     except Exception as e:  # a damaged pickle raises EOFError, UnpicklingError, ValueError, KeyError, ...
-        raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); "
+        raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); "
                          f"recreate it with nanoGPT's prepare.py") from None
 
 
@@ -111,24 +111,24 @@ def char_meta(meta, path):
     """nanoGPT's {'vocab_size', 'itos': {id: char}, 'stoi': {char: id}} as our data_meta, what
     data/shakespeare_char/prepare.py writes: {"tokenizer": "char", "vocab_size": n, "itos": [char of id 0, ...]}."""
     if not isinstance(meta, dict) or not isinstance(meta.get("itos"), (dict, list)):
-        raise ValueError(f"{path}: expected nanoGPT's character vocabulary {{'vocab_size', 'itos', 'stoi'}}, "
+        raise UserError(f"{path}: expected nanoGPT's character vocabulary {{'vocab_size', 'itos', 'stoi'}}, "
                          f"got {type(meta).__name__} with keys {sorted(map(str, meta))[:5] if isinstance(meta, dict) else '-'}")
     itos = meta["itos"]
     if isinstance(itos, dict):  # {id: char}: the ids must be exactly 0..n-1 to become list positions
         if not all(type(i) is int for i in itos) or sorted(itos) != list(range(len(itos))):
-            raise ValueError(f"{path}: itos's ids are not 0..{len(itos) - 1}; the vocabulary is damaged")
+            raise UserError(f"{path}: itos's ids are not 0..{len(itos) - 1}; the vocabulary is damaged")
         itos = [itos[i] for i in range(len(itos))]
     bad = [t for t in itos if not (isinstance(t, str) and len(t) == 1)]
     if bad:
-        raise ValueError(f"{path}: tokens {bad[:3]} are not single characters; our 'char' tokenizer reads "
+        raise UserError(f"{path}: tokens {bad[:3]} are not single characters; our 'char' tokenizer reads "
                          f"one character per token, so this vocabulary cannot be used")
     if len(set(itos)) != len(itos):
-        raise ValueError(f"{path}: itos maps two ids to the same character; the vocabulary is damaged")
+        raise UserError(f"{path}: itos maps two ids to the same character; the vocabulary is damaged")
     if meta.get("vocab_size", len(itos)) != len(itos):
-        raise ValueError(f"{path}: vocab_size {meta['vocab_size']} but itos has {len(itos)} characters")
+        raise UserError(f"{path}: vocab_size {meta['vocab_size']} but itos has {len(itos)} characters")
     stoi = meta.get("stoi")
     if stoi is not None and stoi != {c: i for i, c in enumerate(itos)}:
-        raise ValueError(f"{path}: stoi and itos disagree; the vocabulary is damaged")
+        raise UserError(f"{path}: stoi and itos disagree; the vocabulary is damaged")
     return {"tokenizer": "char", "vocab_size": len(itos), "itos": itos}
 
 
@@ -136,7 +136,7 @@ def read_meta(path):
     """Our data_meta from a meta.json (ours) or a meta.pkl (nanoGPT's)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such meta.json / meta.pkl")
+        raise MissingFile(f"{path}: no such meta.json / meta.pkl")
     with open(path, "rb") as f:
         pickled = path.suffix in (".pkl", ".pickle") or f.read(1) == b"\x80"  # protocol 2+ opens with 0x80
     if pickled:
@@ -144,9 +144,9 @@ def read_meta(path):
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: neither JSON nor a pickle ({e}); pass a meta.json or nanoGPT's meta.pkl") from None
+        raise UserError(f"{path}: neither JSON nor a pickle ({e}); pass a meta.json or nanoGPT's meta.pkl") from None
     if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2"):
-        raise ValueError(f"{path}: not a dataset meta.json (expected \"tokenizer\": \"char\" or \"gpt2\")")
+        raise UserError(f"{path}: not a dataset meta.json (expected \"tokenizer\": \"char\" or \"gpt2\")")
     if meta["tokenizer"] == "char":
         return char_meta(meta, path)
     return meta
@@ -182,7 +182,7 @@ def dataset_meta(cfg, ncfg, gcfg):
     meta = read_meta(found)
     n = meta.get("vocab_size") or (50257 if meta["tokenizer"] == "gpt2" else len(meta["itos"]))
     if n > gcfg.vocab_size:
-        raise ValueError(f"{found}: {n} tokens, more than the model's vocab_size {gcfg.vocab_size}: "
+        raise UserError(f"{found}: {n} tokens, more than the model's vocab_size {gcfg.vocab_size}: "
                          f"it belongs to another dataset; pass the right one with --dataset_meta=...")
     print(f"data_meta: {found} ({meta['tokenizer']}, {n} tokens)")
     return meta
@@ -234,11 +234,11 @@ def convert(cfg):
     old = read_nanogpt(cfg.ckpt, cfg.trust_pickle)
     missing = [k for k in ("model", "model_args") if k not in old]
     if missing:
-        raise ValueError(f"{cfg.ckpt}: not a nanoGPT checkpoint (no {', '.join(missing)})")
+        raise UserError(f"{cfg.ckpt}: not a nanoGPT checkpoint (no {', '.join(missing)})")
     margs = old["model_args"]
     missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias") if k not in margs]
     if missing:
-        raise ValueError(f"{cfg.ckpt}: model_args lack {', '.join(missing)}; not a nanoGPT checkpoint this converter knows")
+        raise UserError(f"{cfg.ckpt}: model_args lack {', '.join(missing)}; not a nanoGPT checkpoint this converter knows")
     gcfg = GPTConfig(n_layer=margs["n_layer"], n_head=margs["n_head"], n_embd=margs["n_embd"],
                      block_size=margs["block_size"], vocab_size=margs["vocab_size"], bias=margs["bias"],
                      dropout=margs.get("dropout", 0.0), tie_weights=True, activation="gelu")
@@ -247,7 +247,7 @@ def convert(cfg):
           or k in dict(model.named_parameters())}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{cfg.ckpt}: weights do not match the model args (missing {missing[:5]}, "
+        raise UserError(f"{cfg.ckpt}: weights do not match the model args (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
     ncfg = old.get("config") or {}
     optimizer = None
@@ -261,7 +261,7 @@ def convert(cfg):
             for p in (p for g in optimizer.param_groups for p in g["params"]):
                 for key, value in optimizer.state.get(p, {}).items():
                     if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
-                        raise ValueError(f"state {key} of shape {tuple(value.shape)} for a parameter of {tuple(p.shape)}")
+                        raise UserError(f"state {key} of shape {tuple(value.shape)} for a parameter of {tuple(p.shape)}")
         except (ValueError, KeyError) as e:
             print(f"note: optimizer state not converted ({e}); resuming will restart the optimizer")
             optimizer = None

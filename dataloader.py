@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fileio import atomic_write
+from configurator import MissingFile, UserError
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -50,7 +51,7 @@ def gpt2_encoding():
         from tiktoken.load import load_tiktoken_bpe
         from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation regex
         if not GPT2_RANKS.is_file():
-            raise FileNotFoundError(f"{GPT2_RANKS}: GPT-2's BPE ranks are missing from the checkout; "
+            raise MissingFile(f"{GPT2_RANKS}: GPT-2's BPE ranks are missing from the checkout; "
                                     f"restore them with git checkout -- assets/")
         ranks = load_tiktoken_bpe(str(GPT2_RANKS), expected_hash=GPT2_RANKS_SHA256)
         _GPT2 = tiktoken.Encoding(name="r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks,
@@ -76,12 +77,12 @@ class Tokenizer:
             self.encode = enc.encode_ordinary
             self.decode = enc.decode
         else:
-            raise ValueError(f"unknown tokenizer {kind!r} in meta.json: expected 'char' or 'gpt2'")
+            raise UserError(f"unknown tokenizer {kind!r} in meta.json: expected 'char' or 'gpt2'")
 
 
 def _known(c, stoi):
     if c not in stoi:
-        raise ValueError(f"character {c!r} is not in the dataset's vocabulary; use characters of the training text")
+        raise UserError(f"character {c!r} is not in the dataset's vocabulary; use characters of the training text")
     return True
 
 
@@ -91,7 +92,7 @@ def write_shard(path, tokens):
     """Write tokens as an llm.c shard, atomically: a crash leaves either no file or the whole file."""
     tokens = np.asarray(tokens)
     if tokens.size and int(tokens.max()) > np.iinfo(TOKEN_DTYPE).max:
-        raise ValueError(f"token id {int(tokens.max())} does not fit uint16 shards (vocab too large)")
+        raise UserError(f"token id {int(tokens.max())} does not fit uint16 shards (vocab too large)")
     atomic_write(path, [shard_header(tokens.size).tobytes(), memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE))])
 
 
@@ -116,17 +117,17 @@ def read_header(path):
         head = np.frombuffer(raw[:len(raw) // 4 * 4], dtype=np.int32)
     if head.size >= 3 and head[0] == SHARD_MAGIC:
         if head[1] != SHARD_VERSION:
-            raise ValueError(f"{path}: shard version {head[1]}, expected {SHARD_VERSION}")
+            raise UserError(f"{path}: shard version {head[1]}, expected {SHARD_VERSION}")
         n = int(head[2])
         if size != HEADER_BYTES + 2 * n:
-            raise ValueError(f"{path}: header says {n:,} tokens ({HEADER_BYTES + 2 * n:,} bytes) but the file "
+            raise UserError(f"{path}: header says {n:,} tokens ({HEADER_BYTES + 2 * n:,} bytes) but the file "
                              f"has {size:,} bytes: truncated or corrupted, prepare it again")
         return HEADER_BYTES, n
     if "_train_" in path.name or "_val_" in path.name:
-        raise ValueError(f"{path}: not a token shard (magic {int(head[0]) if head.size else None}, "
+        raise UserError(f"{path}: not a token shard (magic {int(head[0]) if head.size else None}, "
                          f"expected {SHARD_MAGIC}); prepare the dataset again")
     if size % 2:
-        raise ValueError(f"{path}: odd size {size:,} bytes for uint16 tokens: truncated, prepare it again")
+        raise UserError(f"{path}: odd size {size:,} bytes for uint16 tokens: truncated, prepare it again")
     return 0, size // 2
 
 
@@ -169,7 +170,7 @@ def load_meta(data_dir):
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e}); prepare the dataset again") from e
+        raise UserError(f"{p}: not valid JSON ({e}); prepare the dataset again") from e
 
 
 def prepare_command(data_dir):
@@ -208,7 +209,7 @@ class TokenData:
         raw = data_dir / f"{split}.bin"
         files = [raw] if raw.exists() else sorted(data_dir.glob(f"*_{split}_*.bin"))
         if not files:
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"no '{split}' tokens in {data_dir}: expected {split}.bin or *_{split}_NNNNNN.bin shards. "
                 f"Prepare the dataset first: {prepare_command(data_dir)}")
         self.meta = load_meta(data_dir)
@@ -216,14 +217,14 @@ class TokenData:
         for f in files:
             offset, n = read_header(f)
             if n == 0:
-                raise ValueError(f"{f}: holds no tokens; prepare the dataset again")
+                raise UserError(f"{f}: holds no tokens; prepare the dataset again")
             self.files.append(f)
             self.offsets.append(offset)
             self.lengths.append(n)
         expected = self.meta.get(f"{split}_tokens")
         if expected is not None and expected != sum(self.lengths):
             where = raw if raw.exists() else f"{data_dir} ({len(files)} {split} shards)"
-            raise ValueError(f"{where}: {sum(self.lengths):,} tokens but meta.json records {expected:,}: "
+            raise UserError(f"{where}: {sum(self.lengths):,} tokens but meta.json records {expected:,}: "
                              f"truncated, missing shards or from another preparation; run prepare.py again")
         self.vocab_size = self.meta.get("vocab_size")
         self.n_tokens = sum(self.lengths)
@@ -238,7 +239,7 @@ class TokenData:
 
     def check_vocab(self, vocab_size):
         if self.vocab_size is not None and self.vocab_size > vocab_size:
-            raise ValueError(f"the dataset's vocab_size {self.vocab_size} (meta.json) exceeds the model's "
+            raise UserError(f"the dataset's vocab_size {self.vocab_size} (meta.json) exceeds the model's "
                              f"{vocab_size}: the data was prepared with another tokenizer")
 
 
@@ -251,14 +252,14 @@ class _Sampler:
         self.data, self.batch_size, self.block_size, self.vocab_size = data, batch_size, block_size, vocab_size
         too_short = [str(f) for f, n in zip(data.files, data.lengths) if n < block_size + 1]
         if len(too_short) == len(data.files):
-            raise ValueError(f"every token file is shorter than block_size+1 = {block_size + 1} tokens: "
+            raise UserError(f"every token file is shorter than block_size+1 = {block_size + 1} tokens: "
                              f"{too_short[:3]}; use a smaller block_size or more data")
 
     def _batch(self, windows):
         rows = [self.data.read(f, s, self.block_size + 1) for f, s in windows]
         buf = np.stack(rows)  # (B, T+1)
         if self.vocab_size is not None and int(buf.max()) >= self.vocab_size:
-            raise ValueError(f"token id {int(buf.max())} in {self.data.files[windows[0][0]].parent} is >= the "
+            raise UserError(f"token id {int(buf.max())} in {self.data.files[windows[0][0]].parent} is >= the "
                              f"model's vocab_size {self.vocab_size}: data and model use different tokenizers")
         return buf[:, :-1], buf[:, 1:]
 
@@ -339,7 +340,7 @@ class SequentialSampler(_Sampler):
     def load_state_dict(self, state):
         assert state["kind"] == "sequential", f"cannot resume a {state['kind']} sampler as a sequential one"
         if state["n_windows"] != self.n_windows:
-            raise ValueError(f"the dataset has {self.n_windows} windows but the checkpoint's sampler had "
+            raise UserError(f"the dataset has {self.n_windows} windows but the checkpoint's sampler had "
                              f"{state['n_windows']}: the data or block_size changed since the checkpoint")
         self.cursor, self.seed = state["cursor"], state["seed"]
         self.order = EpochOrder(self.n_windows, self.seed)  # the order of an epoch depends on the restored seed
@@ -350,7 +351,7 @@ def make_sampler(kind, data, batch_size, block_size, seed, rank=0, world_size=1,
         return RandomSampler(data, batch_size, block_size, seed, rank, vocab_size)
     if kind == "sequential":
         return SequentialSampler(data, batch_size, block_size, seed, rank, world_size, vocab_size)
-    raise ValueError(f"sampling must be 'random' or 'sequential', got {kind!r}")
+    raise UserError(f"sampling must be 'random' or 'sequential', got {kind!r}")
 
 
 def eval_batches(data, batch_size, block_size, max_batches=0, vocab_size=None):

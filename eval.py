@@ -16,12 +16,10 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from configurator import run
+from configurator import UserError, parse_list, run
 from fileio import write_json
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 BENCHMARK_TASKS = ("hellaswag", "piqa", "winogrande", "lambada")
 TASKS = ("val",) + BENCHMARK_TASKS + ("generate",)
 
@@ -30,6 +28,7 @@ TASKS = ("val",) + BENCHMARK_TASKS + ("generate",)
 class EvalConfig:
     init_from: str = "resume"  # 'resume' = out_dir's latest checkpoint; or gpt2[-medium|-large|-xl] or a HF dir
     out_dir: str = "out"  # the run evaluated when init_from='resume'
+    which: str = "best"  # a run's 'best' checkpoint (lowest validation loss; its latest if it never evaluated) or 'latest'
     models: str = ""  # comma-separated out_dirs / gpt2 names / HF dirs, side by side; '' = init_from
     tasks: str = "val"  # comma-separated: val, hellaswag, piqa, winogrande, lambada, generate
     dataset: str = ""  # prepared dataset for 'val' (data/<dataset>); '' = the checkpoint's own
@@ -47,10 +46,6 @@ class EvalConfig:
     max_new_tokens: int = 16  # 'generate': tokens generated per answer
     out_file: str = "eval_results.json"  # every number, per model and task
     progress: bool = True  # tqdm progress bars
-
-
-def parse_list(s):
-    return [p.strip() for p in s.split(",") if p.strip()]
 
 
 def check_config(cfg):
@@ -73,7 +68,7 @@ def check_config(cfg):
         if getattr(cfg, key) < 0 or (key in ("batch_size", "max_new_tokens") and getattr(cfg, key) == 0):
             errors.append(f"{key}={getattr(cfg, key)} must be {'positive' if key in ('batch_size', 'max_new_tokens') else '>= 0'}")
     if errors:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+        raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
     return tasks
 
 
@@ -86,28 +81,19 @@ def model_specs(cfg):
     return [(cfg.init_from, "--init_from")]
 
 
-def load_any(spec, device, option="--models"):
-    """(model, tokenizer, info) for an out_dir of ours, a GPT-2 name or a Hugging Face directory.
-    Errors start with `option`, so that the hint to pass a path says where to pass it."""
+def load_any(spec, device, option="--models", which="best"):
+    """(model, tokenizer, info) for an out_dir of ours, a GPT-2 name or a Hugging Face directory
+    (checkpoint.load_any). Errors start with `option`, so that a hint says where to pass a path."""
     import checkpoint
     from dataloader import Tokenizer
-    from model import GPT
-    p = Path(spec)
+    if option == "--out_dir" and not checkpoint.holds_checkpoint(spec):
+        raise UserError(f"--out_dir={spec!r} holds no checkpoint (latest.json): train there first, or "
+                        f"name the model with --init_from=<gpt2 name or HF directory> or --models=...")
     try:
-        if (p / "latest.json").is_file() or (p / "state.json").is_file():  # a run of ours, or one checkpoint
-            model, info = checkpoint.load_model(p, device=device)
-            return model, Tokenizer(info.get("data_meta") or {}), info
-        if spec in GPT2_NAMES or (p / "config.json").is_file():
-            model = GPT.from_pretrained(spec).to(device).eval()
-            return model, Tokenizer({"tokenizer": "gpt2"}), {"config": {}, "data_meta": {"tokenizer": "gpt2"}}
-    except ValueError as e:  # hf.py and checkpoint.py name the model, not the option that named it
-        raise ValueError(f"{option}: {e}") from e
-    if option == "--out_dir":
-        raise ValueError(f"--out_dir={spec!r} holds no checkpoint (latest.json): train there first, or "
-                         f"name the model with --init_from=<gpt2 name or HF directory> or --models=...")
-    raise ValueError(f"{option}: model {spec!r} is not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging Face "
-                     f"directory (config.json) or an out_dir with a checkpoint (latest.json); "
-                     f"train one first or check the path")
+        model, data_meta, info = checkpoint.load_any(spec, device, which)
+    except ValueError as e:  # checkpoint.py and hf.py name the model, not the option that named it
+        raise UserError(f"{option}: {e}") from e
+    return model, Tokenizer(data_meta), info
 
 
 def val_data_dir(cfg, info, spec):
@@ -120,23 +106,23 @@ def val_data_dir(cfg, info, spec):
         return run["data_dir"]
     if run.get("dataset"):
         return os.path.join("data", run["dataset"])
-    raise ValueError(f"'val' for {spec}: which data? pass --dataset=<name> or --data_dir=<prepared dir>")
+    raise UserError(f"'val' for {spec}: which data? pass --dataset=<name> or --data_dir=<prepared dir>")
 
 
 def eval_val(cfg, model, tokenizer, info, spec, device, ctx):
     from dataloader import TokenData, eval_batches
-    from evaluation import evaluate_loss
+    from evaluation import evaluate_loss, progress_bar
     data_dir = val_data_dir(cfg, info, spec)
     data = TokenData(data_dir, "val")
     kind = data.meta.get("tokenizer")
     if kind and kind != tokenizer.kind:
-        raise ValueError(f"{data_dir} was prepared with the {kind!r} tokenizer but {spec} uses {tokenizer.kind!r}; "
+        raise UserError(f"{data_dir} was prepared with the {kind!r} tokenizer but {spec} uses {tokenizer.kind!r}; "
                          f"pass --dataset/--data_dir of data in the model's tokenizer")
     if kind == "char" and data.meta.get("itos") != (info.get("data_meta") or {}).get("itos"):
-        raise ValueError(f"{data_dir}: its characters differ from the ones {spec} was trained on")
+        raise UserError(f"{data_dir}: its characters differ from the ones {spec} was trained on")
     data.check_vocab(model.config.vocab_size)
     batches = eval_batches(data, cfg.batch_size, model.config.block_size, cfg.eval_iters, model.config.vocab_size)
-    r = evaluate_loss(model, _progress(batches, cfg.progress, "val"), device, ctx)
+    r = evaluate_loss(model, progress_bar(batches, cfg.progress, "val"), device, ctx)
     return dict(r, data_dir=str(data_dir))
 
 
@@ -146,7 +132,7 @@ def eval_generate(cfg, model, tokenizer, device, ctx, train_config=None):
     except ModuleNotFoundError as e:
         if e.name != "sft":
             raise
-        raise ValueError("the 'generate' task needs sft.py (supervised fine-tuning), which is missing") from e
+        raise UserError("the 'generate' task needs sft.py (supervised fine-tuning), which is missing") from e
     template = (train_config or {}).get("sft_template") or None  # the prompt format the model was tuned on
     examples = sft.load_examples(cfg.data_file, template)
     if cfg.limit > 0:
@@ -156,13 +142,6 @@ def eval_generate(cfg, model, tokenizer, device, ctx, train_config=None):
                                      k_shot=cfg.k_shot, shots=shots, seed=cfg.seed)
     print(sft.format_generation_report(result))
     return result
-
-
-def _progress(iterable, enabled, desc):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, leave=False)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -227,9 +206,9 @@ def main(cfg):
     items = {t: load_task(t, cfg.data_file, cfg.limit) for t in tasks if t in BENCHMARK_TASKS}
     results = {}
     for spec, option in model_specs(cfg):
-        model, tokenizer, info = load_any(spec, device, option)
+        model, tokenizer, info = load_any(spec, device, option, cfg.which)
         if cfg.block_size > model.config.block_size:
-            raise ValueError(f"block_size={cfg.block_size} exceeds {spec}'s context of {model.config.block_size}")
+            raise UserError(f"block_size={cfg.block_size} exceeds {spec}'s context of {model.config.block_size}")
         if cfg.block_size:
             model.crop_block_size(cfg.block_size)
         print(f"{spec}: {model.get_num_params() / 1e6:.2f}M parameters, block_size {model.config.block_size}, "

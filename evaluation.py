@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch.nn import functional as F
+from configurator import UserError
 
 
 # ----------------------------------------------------------------------------- validation loss
@@ -53,7 +54,7 @@ def evaluate_loss(model, batches, device, ctx):
         model.train(was_training)
     n = int(count.item())
     if n == 0:
-        raise ValueError("evaluate_loss got no target tokens: the validation split is empty or shorter "
+        raise UserError("evaluate_loss got no target tokens: the validation split is empty or shorter "
                          "than block_size+1; use a smaller block_size or more validation data")
     loss = total.item() / n
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": n}
@@ -80,12 +81,12 @@ def score_pairs(model, pairs, device, ctx):
     for context, cont in pairs:
         context, cont = list(context), list(cont)
         if not context:
-            raise ValueError("a continuation needs at least one context token to be scored after "
+            raise UserError("a continuation needs at least one context token to be scored after "
                              "(with GPT-2, start the context with <|endoftext|>)")
         if not cont:
-            raise ValueError("empty continuation: every ending must encode to at least one token")
+            raise UserError("empty continuation: every ending must encode to at least one token")
         if len(cont) > T:
-            raise ValueError(f"continuation of {len(cont)} tokens does not fit the model's block_size {T}; "
+            raise UserError(f"continuation of {len(cont)} tokens does not fit the model's block_size {T}; "
                              f"evaluate a model with a longer context or shorter items")
         seq = (context + cont)[-(T + 1):]  # keep the most recent context (left crop)
         xs.append(seq[:-1])
@@ -141,7 +142,7 @@ def wilson_interval(k, n, z=1.96):
     """95% Wilson score interval for k successes in n trials. Unlike the normal approximation it
     stays inside [0, 1] and is sensible at 0% or 100% on small n (Wilson 1927)."""
     if n <= 0:
-        raise ValueError("the Wilson interval needs at least one item (n >= 1)")
+        raise UserError("the Wilson interval needs at least one item (n >= 1)")
     p = k / n
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
@@ -177,7 +178,7 @@ def _winogrande(d):
     sentence = d["sentence"]
     i = sentence.find("_")
     if i < 0:
-        raise ValueError(f"winogrande sentence has no '_' blank: {sentence!r}")
+        raise UserError(f"winogrande sentence has no '_' blank: {sentence!r}")
     contexts = [sentence[:i] + d["option1"], sentence[:i] + d["option2"]]
     return Item(contexts, [" " + sentence[i + 1:].strip()], int(d["answer"]) - 1)
 
@@ -186,7 +187,7 @@ def _lambada(d):
     # the target is the last space-separated word, scored with its leading space (as the harness)
     context, _, word = d["text"].rstrip().rpartition(" ")
     if not context or not word:
-        raise ValueError(f"lambada text needs a passage and a last word: {d['text'][:60]!r}")
+        raise UserError(f"lambada text needs a passage and a last word: {d['text'][:60]!r}")
     return Item(context, [" " + word], 0)
 
 
@@ -204,7 +205,7 @@ def load_task(task, data_file="", limit=0):
     """The items of a benchmark: from a local JSONL file in the dataset's schema when data_file is
     given, else from the Hugging Face hub. limit > 0 keeps the first `limit` items."""
     if task not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {task!r}; choose from {', '.join(BENCHMARKS)}")
+        raise UserError(f"unknown benchmark {task!r}; choose from {', '.join(BENCHMARKS)}")
     hf_name, hf_config, split, fields, convert = BENCHMARKS[task]
     if data_file:
         rows = _read_jsonl(data_file, fields, limit)
@@ -218,19 +219,19 @@ def load_task(task, data_file="", limit=0):
             item = convert(row)
             n_options = len(item.context) if isinstance(item.context, list) else len(item.endings)
             if not 0 <= item.label < n_options:
-                raise ValueError(f"label {item.label} is not the index of one of {n_options} options")
+                raise UserError(f"label {item.label} is not the index of one of {n_options} options")
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{source}, {where}: bad {task} item: {e}") from e
+            raise UserError(f"{source}, {where}: bad {task} item: {e}") from e
         items.append(item)
     if not items:
-        raise ValueError(f"{source}: no {task} items")
+        raise UserError(f"{source}: no {task} items")
     return items
 
 
 def _read_jsonl(path, fields, limit):
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data_file not found: {path}")
+        raise UserError(f"data_file not found: {path}")
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -239,10 +240,10 @@ def _read_jsonl(path, fields, limit):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e})") from e
             missing = [k for k in fields if not isinstance(row, dict) or k not in row]
             if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}; "
+                raise UserError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}; "
                                  f"each line needs {', '.join(fields)}")
             rows.append((f"line {lineno}", row))
             if limit > 0 and len(rows) >= limit:
@@ -254,7 +255,7 @@ def _download(task, hf_name, hf_config, split, fields, limit):
     try:
         import datasets
     except ImportError as e:
-        raise ValueError(f"downloading {task} needs the datasets library: pip install -e .[hf] "
+        raise UserError(f"downloading {task} needs the datasets library: pip install -e .[hf] "
                          f"(or pass --data_file=path.jsonl)") from e
     from hf import hub_unreachable_reason
     offline = hub_unreachable_reason()
@@ -265,7 +266,7 @@ def _download(task, hf_name, hf_config, split, fields, limit):
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         why = (f"the hub is unreachable ({offline}) and the split is not in the local datasets cache" if offline
                else first)
-        raise ValueError(
+        raise UserError(
             f"could not load {task} from the Hugging Face hub ({hf_name}, split {split}): {why}\n"
             f"Offline, save the split as JSON lines with the fields {', '.join(fields)} and pass "
             f"--data_file=path.jsonl") from e
@@ -305,7 +306,7 @@ def run_benchmark(model, tokenizer, items, device, ctx, progress=True, desc=""):
     """
     correct = correct_norm = 0
     with ctx:  # entered once for the whole run; the scorers get a no-op
-        for item in _progress(items, progress, desc):
+        for item in progress_bar(items, progress, desc):
             endings = [tokenizer.encode(e) for e in item.endings]
             if isinstance(item.context, str):
                 r = score_choices(model, _encode_context(tokenizer, item.context), endings,
@@ -332,7 +333,7 @@ def run_lambada(model, tokenizer, items, device, ctx, batch_size=8, progress=Tru
     correct, logprob, tokens = 0, 0.0, 0
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     with ctx:
-        for batch in _progress(batches, progress, desc):
+        for batch in progress_bar(batches, progress, desc):
             pairs = [(_encode_context(tokenizer, it.context), tokenizer.encode(it.endings[0])) for it in batch]
             r = score_pairs(model, pairs, device, contextlib.nullcontext())
             correct += sum(r["greedy"])
@@ -344,7 +345,7 @@ def run_lambada(model, tokenizer, items, device, ctx, batch_size=8, progress=Tru
             "word_perplexity": math.exp(-logprob / n), "tokens": tokens}
 
 
-def _progress(iterable, enabled, desc):
+def progress_bar(iterable, enabled, desc):
     if not enabled:
         return iterable
     from tqdm import tqdm

@@ -15,12 +15,13 @@ checkpoint's data_meta). The directory appears complete or not at all.
 from dataclasses import dataclass
 from pathlib import Path
 
-from configurator import run
+from configurator import UserError, run
 
 
 @dataclass
 class ExportConfig:
-    out_dir: str = "out"  # the run to export (its latest checkpoint), or one ckpt-NNNNNNN directory
+    out_dir: str = "out"  # the run to export, or one ckpt-NNNNNNN directory
+    which: str = "best"  # the run's 'best' checkpoint (lowest validation loss; its latest if it never evaluated) or 'latest'
     hf_dir: str = ""  # the Hugging Face directory to write; '' = <out_dir>-hf
     overwrite: bool = False  # replace an existing non-empty hf_dir
 
@@ -31,12 +32,12 @@ def main(cfg):
     hf_dir = Path(cfg.hf_dir or str(Path(cfg.out_dir)).rstrip("/\\") + "-hf")
     # refuse before the (possibly slow) load: an export must never clobber a directory by surprise
     if hf_dir.exists() and (not hf_dir.is_dir() or any(hf_dir.iterdir())) and not cfg.overwrite:
-        raise SystemExit(f"error: {hf_dir} already exists and is not empty: choose another --hf_dir "
-                         f"or pass --overwrite=True to replace it")
+        raise UserError(f"{hf_dir} already exists and is not empty: choose another --hf_dir "
+                        f"or pass --overwrite=True to replace it")
     try:
-        model, info = load_model(cfg.out_dir)  # on the CPU, LoRA merged
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: cannot load a checkpoint from {cfg.out_dir}: {e}") from None
+        model, info = load_model(cfg.out_dir, which=cfg.which)  # on the CPU, LoRA merged
+    except UserError as e:
+        raise UserError(f"cannot load a checkpoint from {cfg.out_dir}: {e}") from e
     tokenizer = "gpt2" if (info.get("data_meta") or {}).get("tokenizer") == "gpt2" else None
     export_hf(model, hf_dir, tokenizer=tokenizer, overwrite=cfg.overwrite)
     n = model.get_num_params()

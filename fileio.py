@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from configurator import UserError
 
 
 def atomic_write(path, chunks):
@@ -79,7 +80,7 @@ def read_json_lines(path):
             except json.JSONDecodeError as e:
                 if not line.endswith("\n"):
                     break
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e}); delete or repair that line") from e
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e}); delete or repair that line") from e
             if isinstance(rec, dict):
                 records.append(rec)
     return records

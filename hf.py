@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from fileio import fsync_dir
+from configurator import UserError
 
 # the four checkpoints OpenAI released, by the short names everyone uses -> their hub repository
 HF_MODELS = {
@@ -38,6 +39,8 @@ HF_MODELS = {
     "gpt2-large": "openai-community/gpt2-large",  # 774M: n_layer=36, n_head=20, n_embd=1280
     "gpt2-xl": "openai-community/gpt2-xl",  # 1558M: n_layer=48, n_head=25, n_embd=1600
 }
+GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+               "gpt2-xl": (48, 25, 1600)}  # (n_layer, n_head, n_embd); vocab 50257 and context 1024 for all
 GPT2_CONTEXT = 1024  # n_positions of all four
 
 # our name inside block i -> HF's name inside block i (both under "h.{i}."); listed, not pattern-matched
@@ -102,7 +105,7 @@ def load_hf_gpt2(cls, name_or_path, override_args):
     override_args = dict(override_args or {})
     unknown = sorted(set(override_args) - {"dropout", "block_size"})
     if unknown:
-        raise ValueError(f"from_pretrained can only override 'dropout' and 'block_size', not {unknown}: "
+        raise UserError(f"from_pretrained can only override 'dropout' and 'block_size', not {unknown}: "
                          f"the other shapes are fixed by the pretrained weights")
     hf_config, sd, source = read_hf_gpt2(name_or_path)
     config = gpt_config_from_hf(hf_config, source)
@@ -110,7 +113,7 @@ def load_hf_gpt2(cls, name_or_path, override_args):
     config = GPTConfig(**config, dropout=float(override_args.get("dropout", 0.0)))
     block_size = override_args.get("block_size")
     if block_size is not None and not 0 < block_size <= config.block_size:
-        raise ValueError(f"block_size={block_size} for {source}: must be between 1 and its "
+        raise UserError(f"block_size={block_size} for {source}: must be between 1 and its "
                          f"{config.block_size} positions (a pretrained model can only be cropped down)")
     model = cls(config)
     load_hf_state_dict(model, sd, source)
@@ -128,9 +131,9 @@ def read_hf_gpt2(name_or_path):
     if name_or_path in HF_MODELS:
         return _download(name_or_path)
     if path.exists():
-        raise ValueError(f"{path} is a file: give the directory that save_pretrained wrote "
+        raise UserError(f"{path} is a file: give the directory that save_pretrained wrote "
                          f"(holding config.json and model.safetensors or pytorch_model.bin)")
-    raise ValueError(f"{name_or_path!r} is neither a GPT-2 model name ({', '.join(HF_MODELS)}) nor an "
+    raise UserError(f"{name_or_path!r} is neither a GPT-2 model name ({', '.join(HF_MODELS)}) nor an "
                      f"existing directory: check the spelling, or give the path of a Hugging Face GPT-2 "
                      f"directory written by save_pretrained")
 
@@ -139,7 +142,7 @@ def _download(name):
     try:
         from transformers import GPT2LMHeadModel
     except ImportError as e:
-        raise ValueError(f"loading {name!r} needs transformers: pip install transformers") from e
+        raise UserError(f"loading {name!r} needs transformers: pip install transformers") from e
     repo = HF_MODELS[name]
     offline = hub_unreachable_reason()
     try:
@@ -150,7 +153,7 @@ def _download(name):
         why = (f"the hub is unreachable ({offline}) and it is not in the local Hugging Face cache" if offline
                else f"the download failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
         # no option name here: train.py and sample.py take it as --init_from, eval.py also as --models
-        raise ValueError(
+        raise UserError(
             f"could not load {name!r} ({repo}) from the Hugging Face hub: {why}.\n"
             f"Instead give a local directory: on a machine with access run "
             f"GPT2LMHeadModel.from_pretrained('{repo}').save_pretrained('{name}-hf'), copy the directory "
@@ -226,14 +229,14 @@ def _read_local(path):
     format): it is read with torch.load(weights_only=True), which refuses anything but tensors."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise ValueError(f"{path} has no config.json: not a Hugging Face model directory "
+        raise UserError(f"{path} has no config.json: not a Hugging Face model directory "
                          f"(write one with model.save_pretrained(dir))")
     try:
         hf_config = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e}); write it again with save_pretrained") from e
+        raise UserError(f"{cfg_file}: not valid JSON ({e}); write it again with save_pretrained") from e
     if not isinstance(hf_config, dict):
-        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(hf_config).__name__}")
+        raise UserError(f"{cfg_file}: expected a JSON object, got {type(hf_config).__name__}")
     files = []
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
@@ -243,12 +246,12 @@ def _read_local(path):
             try:
                 weight_map = json.loads((path / index).read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path / index}: not a valid shard index ({e!r})") from e
+                raise UserError(f"{path / index}: not a valid shard index ({e!r})") from e
             files = [path / f for f in sorted(set(weight_map.values()))]
         if files:
             break
     if not files:
-        raise ValueError(f"{path} has no weights: expected model.safetensors or pytorch_model.bin "
+        raise UserError(f"{path} has no weights: expected model.safetensors or pytorch_model.bin "
                          f"(or a sharded *.index.json), as save_pretrained writes")
     sd = {}
     for f in files:
@@ -260,7 +263,7 @@ def _read_local(path):
 
 def _read_weights(file):
     if not file.is_file():
-        raise ValueError(f"{file} is missing: the shard index lists it; copy the whole directory")
+        raise UserError(f"{file} is missing: the shard index lists it; copy the whole directory")
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -268,10 +271,10 @@ def _read_weights(file):
         # weights_only: a pickle file can run code on load; plain tensors never need that
         sd = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors, pickle and zip each raise their own types on a damaged file
-        raise ValueError(f"{file}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        raise UserError(f"{file}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                          f"the file is damaged or truncated: save or copy it again") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{file}: expected a dict of tensors (a state dict)")
+        raise UserError(f"{file}: expected a dict of tensors (a state dict)")
     return sd
 
 
@@ -302,7 +305,7 @@ def gpt_config_from_hf(hf, source):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             problems.append(f"{k} ({'n_positions' if k == 'block_size' else k}) is {v!r}: expected a positive integer")
     if problems:
-        raise ValueError(f"cannot load {source} exactly: " + "; ".join(problems))
+        raise UserError(f"cannot load {source} exactly: " + "; ".join(problems))
     # HF's GPT-2 always has biases (Linear and LayerNorm); the head is tied unless the config says not
     return dict(fields, bias=True, qkv_bias=True, tie_weights=bool(hf.get("tie_word_embeddings", True)),
                 activation=HF_ACTIVATIONS[act])
@@ -320,13 +323,13 @@ def load_hf_state_dict(model, sd, source):
         # some files store the tied head as its own tensor; it must really be wte
         head = sd.pop("lm_head.weight")
         if "wte.weight" in sd and not torch.equal(head, sd["wte.weight"]):
-            raise ValueError(f"{source}: lm_head.weight differs from wte.weight although the config says "
+            raise UserError(f"{source}: lm_head.weight differs from wte.weight although the config says "
                              f"tie_word_embeddings=true; set it to false in config.json if the head is separate")
     key_map = hf_key_map(cfg.n_layer, cfg.tie_weights)
     missing = sorted(set(key_map.values()) - set(sd))
     unexpected = sorted(set(sd) - set(key_map.values()))
     if missing or unexpected:
-        raise ValueError(f"{source}: the weights do not match a GPT-2 of its config.json "
+        raise UserError(f"{source}: the weights do not match a GPT-2 of its config.json "
                          f"(n_layer={cfg.n_layer}): missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                          f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     ours = model.state_dict()
@@ -337,7 +340,7 @@ def load_hf_state_dict(model, sd, source):
         if _is_transposed(our_key):
             src = src.t()
         if src.shape != ours[our_key].shape:
-            raise ValueError(f"{source}: {hf_key} has shape {tuple(sd[hf_key].shape)}, expected "
+            raise UserError(f"{source}: {hf_key} has shape {tuple(sd[hf_key].shape)}, expected "
                              f"{tuple(ours[our_key].shape)}{' transposed' if _is_transposed(our_key) else ''} "
                              f"for its config.json")
         ours[our_key].copy_(src)
@@ -353,7 +356,7 @@ def hf_state_dict(model):
     key_map = hf_key_map(cfg.n_layer, cfg.tie_weights)
     leftover = set(ours) - set(key_map) - ({"lm_head.weight"} if cfg.tie_weights else set())
     if leftover:
-        raise ValueError(f"the model has tensors a GPT-2 does not ({sorted(leftover)[:4]} ...): merge LoRA "
+        raise UserError(f"the model has tensors a GPT-2 does not ({sorted(leftover)[:4]} ...): merge LoRA "
                          f"adapters into the weights first (checkpoint.load_model does)")
     out = {}
     for our_key, hf_key in key_map.items():
@@ -393,14 +396,14 @@ def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False):
     """
     from safetensors.torch import save_file
     if tokenizer not in ("gpt2", None):
-        raise ValueError(f"tokenizer={tokenizer!r}: expected 'gpt2' (GPT-2 BPE) or None (no tokenizer files)")
+        raise UserError(f"tokenizer={tokenizer!r}: expected 'gpt2' (GPT-2 BPE) or None (no tokenizer files)")
     cfg = model.config
     if tokenizer == "gpt2" and cfg.vocab_size < GPT2_VOCAB:
-        raise ValueError(f"tokenizer='gpt2' but the model's vocab_size is {cfg.vocab_size} < {GPT2_VOCAB}: "
+        raise UserError(f"tokenizer='gpt2' but the model's vocab_size is {cfg.vocab_size} < {GPT2_VOCAB}: "
                          f"it was not trained on GPT-2 BPE; export with tokenizer=None")
     hf_dir = Path(hf_dir)
     if hf_dir.exists() and (not hf_dir.is_dir() or any(hf_dir.iterdir())) and not overwrite:
-        raise ValueError(f"{hf_dir} already exists and is not empty: choose a new directory or overwrite")
+        raise UserError(f"{hf_dir} already exists and is not empty: choose a new directory or overwrite")
     hf_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = hf_dir.with_name(f".{hf_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from fast_dropout import Dropout
+from configurator import UserError
 
 LORA_TARGETS = {
     "attn": ("attn.c_attn", "attn.c_proj"),
@@ -51,7 +52,7 @@ class LoRALinear(nn.Linear):
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank}")
+            raise UserError(f"LoRA rank must be a positive integer, got {rank}")
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
         # trainable state in float32 (or float64 when the base is float64, e.g. for gradcheck)
@@ -117,11 +118,11 @@ def apply_lora(model, rank, alpha, dropout, targets):
     Returns the names of the adapted modules.
     """
     if targets not in LORA_TARGETS:
-        raise ValueError(f"lora_targets must be one of {sorted(LORA_TARGETS)}, got {targets!r}")
+        raise UserError(f"lora_targets must be one of {sorted(LORA_TARGETS)}, got {targets!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"lora_rank must be a positive integer (0 disables LoRA), got {rank!r}")
+        raise UserError(f"lora_rank must be a positive integer (0 disables LoRA), got {rank!r}")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise ValueError("the model already has LoRA adapters; merge_lora(model) first to stack another")
+        raise UserError("the model already has LoRA adapters; merge_lora(model) first to stack another")
     suffixes = LORA_TARGETS[targets]
     names = [n for n, m in model.named_modules()
              if type(m) is nn.Linear and n.endswith(suffixes) and ".h." in f".{n}"]
@@ -165,7 +166,7 @@ def train_only_1d(model):
         p.requires_grad_(p.dim() == 1)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n == 0:
-        raise ValueError("train_1d_only: the model has no 1-D parameters to train")
+        raise UserError("train_1d_only: the model has no 1-D parameters to train")
     return n
 
 
@@ -179,7 +180,7 @@ def freeze_base_dtype(model, dtype):
     """
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"base_dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+            raise UserError(f"base_dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
         dtype = getattr(torch, dtype)
     for p in model.parameters():  # each shared (tied) tensor is visited once
         if not p.requires_grad and p.is_floating_point():
@@ -201,7 +202,7 @@ def load_trainable_state_dict(model, sd):
     shapes = [f"{n}: {tuple(sd[n].shape)} vs model {tuple(params[n].shape)}"
               for n in sorted(set(params) & set(sd)) if tuple(sd[n].shape) != tuple(params[n].shape)]
     if missing or unexpected or shapes:
-        raise ValueError("trainable state does not match the model (was it saved with other lora_rank / "
+        raise UserError("trainable state does not match the model (was it saved with other lora_rank / "
                          f"lora_targets / train_1d_only settings?): missing {missing}, unexpected {unexpected}, "
                          f"shape mismatch {shapes}")
     with torch.no_grad():

@@ -53,6 +53,7 @@ autograd really saves on the CPU.
 import os
 
 import torch
+from configurator import UserError
 
 GB = 1024 ** 3
 BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizers quantise states in blocks of 256, one fp32 scale each
@@ -77,9 +78,9 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
     """
     from optimizers import OPTIMIZERS
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        raise UserError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     if compute_dtype_bytes not in (2, 4):
-        raise ValueError(f"compute_dtype_bytes={compute_dtype_bytes}: expected 2 (bf16/fp16) or 4 (fp32)")
+        raise UserError(f"compute_dtype_bytes={compute_dtype_bytes}: expected 2 (bf16/fp16) or 4 (fp32)")
     if not isinstance(model, torch.nn.Module):
         from model import GPT
         with torch.device("meta"):  # shapes and counts only; gpt2-xl costs nothing

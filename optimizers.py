@@ -14,6 +14,22 @@ one torch optimizer numbers its parameters.
 OPTIMIZERS = ("adamw", "adamw8bit", "muon")  # the names train.py, bench.py and memory.py accept
 
 
+def optimizer_problems(name, device):
+    """What stops optimizer `name` on `device` ('auto', 'cpu', 'cuda', ...), as messages for a config
+    check made before any work: an unknown name, or 8-bit AdamW without CUDA or bitsandbytes."""
+    if name not in OPTIMIZERS:
+        return [f"optimizer must be {', '.join(map(repr, OPTIMIZERS[:-1]))} or {OPTIMIZERS[-1]!r}, got {name!r}"]
+    problems = []
+    if name == "adamw8bit":
+        import importlib.util
+        import torch
+        if str(device).split(":")[0] in ("cpu", "mps") or (device == "auto" and not torch.cuda.is_available()):
+            problems.append("optimizer='adamw8bit' needs a CUDA GPU (bitsandbytes' 8-bit states); use optimizer='adamw'")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes, or optimizer='adamw'")
+    return problems
+
+
 class ChainedOptimizer:
     """Several torch optimizers over disjoint parameters, stepped as one (see the module docstring)."""
 

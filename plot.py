@@ -9,9 +9,10 @@ Reads nothing but out_dir/metrics.jsonl, line by line, so it works on a run that
 training: a half-written last line is skipped. Needs matplotlib (pip install -e .[plot]).
 """
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from configurator import UserError, run
 
 
 @dataclass
@@ -35,9 +36,9 @@ def run_names(run_dirs):
 def plot_runs(run_dirs, out, x="tokens"):
     """Draw the runs and write the PNG to out (atomically); returns the matplotlib Figure."""
     if x not in ("tokens", "iter"):
-        raise ValueError(f"x must be 'tokens' or 'iter', got {x!r}")
+        raise UserError(f"x must be 'tokens' or 'iter', got {x!r}")
     if not run_dirs:
-        raise ValueError("no runs to plot: pass one or more out_dirs")
+        raise UserError("no runs to plot: pass one or more out_dirs")
     try:
         from matplotlib.figure import Figure  # a bare Figure draws with Agg: no display, no pyplot state
     except ImportError as e:
@@ -58,7 +59,7 @@ def plot_runs(run_dirs, out, x="tokens"):
         if xl:
             ax_lr.plot(xl, yl, color=color, lw=1.2, label=name)
         if not (xs or xv):
-            raise ValueError(f"{Path(run_dirs[i]) / 'metrics.jsonl'}: no train_loss or val_loss with '{x}' yet")
+            raise UserError(f"{Path(run_dirs[i]) / 'metrics.jsonl'}: no train_loss or val_loss with '{x}' yet")
     ax_loss.set_ylabel("loss (cross-entropy, nats/token)")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=8)
@@ -84,23 +85,10 @@ def _save_png(fig, out):
     atomic_write(out, [buf.getvalue()])
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Plot loss and learning rate from runs' metrics.jsonl.")
-    p.add_argument("run_dirs", nargs="+", metavar="out_dir", help="run directories holding metrics.jsonl")
-    p.add_argument("--out", default=PlotConfig.out, help="PNG to write (default: %(default)s)")
-    p.add_argument("--x", default=PlotConfig.x, choices=("tokens", "iter"), help="x axis (default: %(default)s)")
-    a = p.parse_args(argv)
-    return PlotConfig(run_dirs=a.run_dirs, out=a.out, x=a.x)
-
-
 def main(cfg):
     plot_runs(cfg.run_dirs, cfg.out, cfg.x)
     print(f"wrote {cfg.out} ({len(cfg.run_dirs)} run(s), x = {cfg.x})")
 
 
 if __name__ == "__main__":
-    _cfg = parse_args()
-    try:
-        main(_cfg)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    run(main, PlotConfig, positional="run_dirs")  # python plot.py out-a out-b --out=cmp.png

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from configurator import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,9 +45,9 @@ def pick_device(name):
             name = "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but this PyTorch has no usable CUDA; use --device=cpu or auto")
+        raise UserError(f"device={name!r} but this PyTorch has no usable CUDA; use --device=cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={name!r} but MPS is not available; use --device=cpu or auto")
+        raise UserError(f"device={name!r} but MPS is not available; use --device=cpu or auto")
     return device
 
 
@@ -101,7 +102,7 @@ def pick_dtype(name, device, decoding=False):
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
     dtype = DTYPES[name]
     if dtype == torch.bfloat16 and device.type == "cuda":
         native, why = cuda_has_bf16(device)
@@ -196,7 +197,7 @@ def init_distributed(device_name, backend="auto"):
     """Read torchrun's environment; start the process group. backend 'auto' = nccl on CUDA, gloo on
     CPU (and MPS). Returns (Dist, device). Outside torchrun: one process, device from pick_device."""
     if backend not in ("auto", "nccl", "gloo"):
-        raise ValueError(f"backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
+        raise UserError(f"backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist(), pick_device(device_name)
@@ -206,14 +207,14 @@ def init_distributed(device_name, backend="auto"):
     device = pick_device(device_name)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
+            raise UserError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
                              f"use --nproc_per_node={torch.cuda.device_count()} or fewer")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
-        raise ValueError(f"backend='nccl' needs CUDA devices, but device is {device.type}: use backend='gloo' or 'auto'")
+        raise UserError(f"backend='nccl' needs CUDA devices, but device is {device.type}: use backend='gloo' or 'auto'")
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=DIST_TIMEOUT_MIN),
                             device_id=device if backend == "nccl" else None)
@@ -271,7 +272,7 @@ def shard_model(model):
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError as e:
-        raise ValueError(f"fsdp=True needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard); this is "
+        raise UserError(f"fsdp=True needs PyTorch >= 2.6 (torch.distributed.fsdp.fully_shard); this is "
                          f"{torch.__version__} ({e}). Upgrade PyTorch or use DDP (fsdp=False)") from e
     for block in model.transformer.h:
         fully_shard(block)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from configurator import run
+from checkpoint import load_any
+from configurator import MissingFile, UserError, run
 from dataloader import Tokenizer
 from runtime import autocast, pick_device, pick_dtype, setup_backends
 
@@ -22,6 +23,7 @@ from runtime import autocast, pick_device, pick_dtype, setup_backends
 class SampleConfig:
     init_from: str = "resume"  # 'resume' (the checkpoint in out_dir) or 'gpt2', 'gpt2-xl', an HF dir, ...
     out_dir: str = "out"  # the run to sample from when init_from='resume'
+    which: str = "best"  # the run's 'best' checkpoint (lowest validation loss; its latest if it never evaluated) or 'latest'
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 3
     max_new_tokens: int = 500
@@ -34,31 +36,21 @@ class SampleConfig:
     use_cache: bool = True  # KV cache: each new token costs one position instead of the whole context
 
 
-def load(cfg, device):
-    """(model, tokenizer) for the config: one of our checkpoints or a pretrained GPT-2."""
-    if cfg.init_from == "resume":
-        from checkpoint import load_model
-        model, info = load_model(cfg.out_dir, device=device)
-        return model, Tokenizer(info.get("data_meta") or {"tokenizer": "gpt2"})
-    from model import GPT
-    model = GPT.from_pretrained(cfg.init_from).to(device).eval()
-    return model, Tokenizer({"tokenizer": "gpt2"})
-
-
 def main(cfg):
     device = pick_device(cfg.device)
     setup_backends(device)  # as train.py: TF32 float32 matmuls on CUDA
     dtype = pick_dtype(cfg.dtype, device, decoding=True)
-    model, tok = load(cfg, device)
+    model, data_meta, _ = load_any(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from, device, cfg.which)
+    tok = Tokenizer(data_meta)
     prompt = cfg.start
     if prompt.startswith("FILE:"):
         path = Path(prompt[5:])
         if not path.exists():
-            raise SystemExit(f"error: prompt file {path} not found")
+            raise MissingFile(f"prompt file {path} not found (--start=FILE:path reads the prompt from a file)")
         prompt = path.read_text(encoding="utf-8")
     ids = tok.encode(prompt)
     if not ids:
-        raise SystemExit("error: the prompt encodes to no tokens; give --start some text")
+        raise UserError("the prompt encodes to no tokens; give --start some text")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :].repeat(cfg.num_samples, 1)  # (B, T)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     with torch.inference_mode(), autocast(device, dtype):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from dataloader import EpochOrder
+from configurator import UserError
 
 # Stanford Alpaca's prompt format (Taori et al. 2023), with and without the optional input
 ALPACA_TEMPLATE = (
@@ -53,7 +54,7 @@ def _template_fields(template, allowed, what):
     fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     bad = sorted(fields - set(allowed))
     if bad:
-        raise ValueError(f"{what} {template!r} has unknown fields {bad}; it may use only "
+        raise UserError(f"{what} {template!r} has unknown fields {bad}; it may use only "
                          + ", ".join("{" + a + "}" for a in allowed))
     return fields
 
@@ -69,9 +70,9 @@ def load_examples(path, template=None):
     """
     path = Path(path)
     if template and "instruction" not in _template_fields(template, ("instruction", "input"), "sft_template"):
-        raise ValueError(f"sft_template {template!r} must contain {{instruction}}")
+        raise UserError(f"sft_template {template!r} must contain {{instruction}}")
     if not path.is_file():
-        raise ValueError(f"{path}: no such file; SFT data is JSONL with prompt/completion or "
+        raise UserError(f"{path}: no such file; SFT data is JSONL with prompt/completion or "
                          f"instruction/input/output records (see data/classify/make_synthetic.py)")
     text = path.read_text(encoding="utf-8")
     errors, records = [], []
@@ -79,7 +80,7 @@ def load_examples(path, template=None):
         try:
             records = [(f"record {i}", r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+            raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
     else:
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -96,31 +97,31 @@ def load_examples(path, template=None):
             errors.append(f"{where}: {e}")
     if errors:
         more = f"\n  ... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-        raise ValueError(f"{path}: {len(errors)} bad record(s); each needs prompt+completion or "
+        raise UserError(f"{path}: {len(errors)} bad record(s); each needs prompt+completion or "
                          f"instruction+output (Alpaca) string fields:\n  "
                          + "\n  ".join(errors[:MAX_ERRORS]) + more)
     if not examples:
-        raise ValueError(f"{path}: holds no examples")
+        raise UserError(f"{path}: holds no examples")
     return examples
 
 
 def _example(r, template):
     if not isinstance(r, dict):
-        raise ValueError(f"expected a JSON object, got {type(r).__name__}")
+        raise UserError(f"expected a JSON object, got {type(r).__name__}")
     if "prompt" in r or "completion" in r:
         fields = ("prompt", "completion")
     elif "instruction" in r or "output" in r:
         fields = ("instruction", "output")
     else:
-        raise ValueError(f"missing fields: found keys {sorted(r)[:8]}")
+        raise UserError(f"missing fields: found keys {sorted(r)[:8]}")
     missing = [f for f in fields if not isinstance(r.get(f), str)]
     if missing:
-        raise ValueError(f"missing or non-string fields {missing}")
+        raise UserError(f"missing or non-string fields {missing}")
     if fields[0] == "prompt":
         return {"prompt": r["prompt"], "completion": r["completion"]}
     inp = r.get("input") or ""
     if not isinstance(inp, str):
-        raise ValueError(f"field 'input' must be a string, got {type(inp).__name__}")
+        raise UserError(f"field 'input' must be a string, got {type(inp).__name__}")
     fmt = template or (ALPACA_TEMPLATE if inp.strip() else ALPACA_TEMPLATE_NO_INPUT)
     return {"prompt": fmt.format(instruction=r["instruction"], input=inp), "completion": r["output"]}
 
@@ -146,9 +147,9 @@ def tokenize_examples(examples, tokenizer, block_size):
             p = list(tokenizer.encode(ex["prompt"]))
             c = list(tokenizer.encode(ex["completion"])) + eot
         except ValueError as e:
-            raise ValueError(f"SFT example {i}: {e}") from e
+            raise UserError(f"SFT example {i}: {e}") from e
         if not c:
-            raise ValueError(f"SFT example {i} has an empty completion and the tokenizer has no end-of-text "
+            raise UserError(f"SFT example {i} has an empty completion and the tokenizer has no end-of-text "
                              f"token: nothing to learn; remove it or give it a completion")
         if len(p) + len(c) > L:
             n_truncated += 1
@@ -193,7 +194,7 @@ class SFTSampler:
 
     def __init__(self, tokenized, batch_size, block_size, seed, rank=0, world_size=1, packing=False):
         if not tokenized:
-            raise ValueError("no SFT examples to sample from (the file was empty or every example was "
+            raise UserError("no SFT examples to sample from (the file was empty or every example was "
                              "dropped by truncation; use a larger block_size)")
         longest = max(len(ids) for ids, _ in tokenized)
         assert longest <= block_size + 1, f"an example has {longest} tokens > block_size+1: tokenize_examples first"
@@ -247,7 +248,7 @@ class SFTSampler:
     def load_state_dict(self, state):
         assert state["kind"] == "sft", f"cannot resume a {state['kind']} sampler as an SFT one"
         if state["n_examples"] != self.n_examples:
-            raise ValueError(f"the SFT data has {self.n_examples} examples but the checkpoint's sampler had "
+            raise UserError(f"the SFT data has {self.n_examples} examples but the checkpoint's sampler had "
                              f"{state['n_examples']}: sft_train_file or block_size changed since the checkpoint")
         self.cursor, self.seed = state["cursor"], state["seed"]
         self._index = EpochOrder(self.n_examples, self.seed)
@@ -279,7 +280,7 @@ def choose_shots(shots, k, seed=0, exclude=()):
     exclude = set(exclude)
     pool = [s for s in shots if s["prompt"] not in exclude]
     if len(pool) < k:
-        raise ValueError(f"k_shot={k} but only {len(pool)} shot examples are available (outside the test set)")
+        raise UserError(f"k_shot={k} but only {len(pool)} shot examples are available (outside the test set)")
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
     groups = {}
@@ -300,7 +301,7 @@ def few_shot_prefix(chosen, template=None):
     template = template or SHOT_TEMPLATE
     fields = _template_fields(template, ("prompt", "completion"), "the shot template")
     if fields != {"prompt", "completion"}:
-        raise ValueError(f"the shot template {template!r} must contain {{prompt}} and {{completion}}")
+        raise UserError(f"the shot template {template!r} must contain {{prompt}} and {{completion}}")
     return "".join(template.format(prompt=s["prompt"], completion=s["completion"]) for s in chosen)
 
 
@@ -324,9 +325,9 @@ def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=
     Returns a JSON-able dict; format_generation_report(result) prints it.
     """
     if not examples:
-        raise ValueError("evaluate_generation: no examples")
+        raise UserError("evaluate_generation: no examples")
     if k_shot > 0 and not shots:
-        raise ValueError(f"k_shot={k_shot} needs shot examples (the training file), got none")
+        raise UserError(f"k_shot={k_shot} needs shot examples (the training file), got none")
     ctx = ctx if ctx is not None else nullcontext()
     device = torch.device(device)
     chosen = choose_shots(shots, k_shot, seed, exclude=[e["prompt"] for e in examples]) if k_shot > 0 else []
@@ -338,7 +339,7 @@ def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=
         ids = list(tokenizer.encode(prefix + ex["prompt"]))
         if not ids:  # generation needs a first token: GPT-2 documents start after <|endoftext|>
             if tokenizer.eot is None:
-                raise ValueError(f"example {i} has an empty prompt: give it a prompt to generate from")
+                raise UserError(f"example {i} has an empty prompt: give it a prompt to generate from")
             ids = [tokenizer.eot]
         if len(ids) > max_prompt:
             ids, n_cropped = ids[-max_prompt:], n_cropped + 1

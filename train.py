@@ -30,10 +30,11 @@ import configurator
 from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
                         prepare_shipped, resolve_data_dir, to_device)
 from model import GPT, GPTConfig
-from optimizers import OPTIMIZERS
+from optimizers import optimizer_problems
 from runtime import (Dist, NoInferenceMode, StopFlag, autocast, barrier, broadcast_object, close_distributed,
                      init_distributed, make_scaler, peak_flops, pick_dtype, print0, seed_everything, setup_backends,
                      shard_model, step_seed, wrap_for_training)
+from configurator import UserError
 
 @dataclass
 class TrainConfig:
@@ -147,12 +148,15 @@ def check_config(cfg, dist_info):
         errors.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head gets n_embd / n_head "
                       f"dimensions; e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
     choices = {"sampling": ("random", "sequential"), "lora_targets": ("attn", "all"),
-               "base_dtype": ("float32", "bfloat16"), "optimizer": OPTIMIZERS, "backend": ("auto", "nccl", "gloo"),
+               "base_dtype": ("float32", "bfloat16"), "backend": ("auto", "nccl", "gloo"),
                "activation": ("gelu_tanh", "gelu")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             names = [repr(a) for a in allowed]
             errors.append(f"{k} must be {', '.join(names[:-1])} or {names[-1]}, got {getattr(cfg, k)!r}")
+    errors += optimizer_problems(cfg.optimizer, cfg.device)
+    if not 0.0 <= cfg.dropout < 1.0:
+        errors.append(f"dropout must be at least 0 and below 1, got {cfg.dropout}")
     if cfg.train_1d_only and cfg.base_dtype != "float32":
         errors.append("train_1d_only trains the biases inside the base's layers, which must then stay float32: "
                       "use base_dtype='float32'")
@@ -177,7 +181,7 @@ def check_config(cfg, dist_info):
             errors.append("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
     errors += check_sources(cfg)
     if errors:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+        raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
 
 
 def check_sources(cfg):
@@ -274,7 +278,7 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, dev
         n_targets == 0, torch.isfinite(loss_sum), torch.isfinite(norm.to(loss_sum.device)), stops > 0, tokens)]).tolist()
     if no_targets:
         optimizer.zero_grad(set_to_none=True)
-        raise ValueError("an optimizer step has no target tokens: every example is masked out")
+        raise UserError("an optimizer step has no target tokens: every example is masked out")
     stepped = bool(finite_loss and (scaler.is_enabled() or finite_norm))
     if stepped:
         scaler.step(optimizer)  # with fp16 the scaler itself skips a step whose gradients overflowed
@@ -404,7 +408,7 @@ def open_runtime(cfg):
     if cfg.fsdp and not fsdp:
         print0("fsdp: off (one process: nothing to shard across; launch with torchrun --nproc_per_node=N)")
     if fsdp and dtype == torch.float16:
-        raise ValueError("fsdp=True with float16 is not supported (the GradScaler would check only this rank's "
+        raise UserError("fsdp=True with float16 is not supported (the GradScaler would check only this rank's "
                          "shard for overflow): use --dtype=bfloat16 (Ampere or newer) or float32, or fsdp=False")
     parallel = f" ({'FSDP' if fsdp else 'DDP'} over {torch.distributed.get_backend()})" if dist_info.enabled else ""
     print0(f"runtime: device={device}, dtype={str(dtype).replace('torch.', '')}, world_size={dist_info.world_size}"
@@ -426,7 +430,7 @@ def resume_point(cfg, dist_info, device):
         ckpt_dir, state = ckpt_lib.read_for_resume(cfg.out_dir, cfg.resume_from, dist_info)
         refused, changed = resume_changes(state["config"], cfg)
         if refused:
-            raise ValueError(f"cannot resume {ckpt_dir} with a different model, data or optimizer: " + ", ".join(
+            raise UserError(f"cannot resume {ckpt_dir} with a different model, data or optimizer: " + ", ".join(
                 f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in refused.items()) + "; keep them as they were")
         for k, (a, b) in changed.items():
             print0(f"resume: {k} changed from {a!r} to {b!r}")

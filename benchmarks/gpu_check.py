@@ -60,6 +60,7 @@ from model import GPT, GPTConfig  # noqa: E402
 from runtime import (autocast, compile_reason, peak_flops, pick_device, pick_dtype, setup_backends,  # noqa: E402
                      synchronize)
 from train import TrainConfig  # noqa: E402
+from configurator import UserError
 
 
 @dataclass
@@ -105,7 +106,7 @@ def check_config(cfg):
     if not cfg.device.startswith("cuda"):
         errors.append(f"device={cfg.device!r}: this checks a CUDA GPU (cuda or cuda:N)")
     if errors:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(errors))
+        raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
     return sorted(dict.fromkeys(parts), key=PARTS.index)
 
 

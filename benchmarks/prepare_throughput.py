@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import common  # noqa: F401  (puts the checkout on sys.path)
-from configurator import configure
+from configurator import UserError, configure
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data" / "fineweb" / "prepare.py"
@@ -104,7 +104,7 @@ def write_corpus(directory, cfg):
     elif cfg.format == "jsonl":
         handle = open(directory / "corpus-000.jsonl", "w")
     else:
-        raise ValueError(f"--format={cfg.format!r}: expected 'parquet' or 'jsonl'")
+        raise UserError(f"--format={cfg.format!r}: expected 'parquet' or 'jsonl'")
     while chars < target_chars:
         docs = documents(rng, forms, block)
         chars += sum(len(d) for d in docs)
@@ -138,7 +138,7 @@ def cpu_name():
 
 def main(cfg):
     if cfg.tokens < 1_000_000:
-        raise ValueError(f"--tokens={cfg.tokens}: use at least 1,000,000 (50M+ for a stable rate)")
+        raise UserError(f"--tokens={cfg.tokens}: use at least 1,000,000 (50M+ for a stable rate)")
     tmp = tempfile.TemporaryDirectory(prefix="prepare-bench-") if not cfg.work_dir else None
     work = Path(cfg.work_dir or tmp.name)
     (work / "corpus").mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ import torch
 import common
 from model import GPT, GPTConfig
 from runtime import autocast, pick_device, pick_dtype
+from configurator import UserError
 
 
 @dataclass
@@ -87,10 +88,10 @@ def main(cfg):
     dtype = pick_dtype(cfg.dtype, device)
     blocks = [int(b) for b in cfg.block_sizes.split(",") if b.strip()]
     if not blocks or (not cfg.out_dir and 0 in blocks):
-        raise ValueError(f"block_sizes={cfg.block_sizes!r}: give positive context lengths, or out_dir with '0'")
+        raise UserError(f"block_sizes={cfg.block_sizes!r}: give positive context lengths, or out_dir with '0'")
     if not cfg.out_dir and (cfg.n_head < 1 or cfg.n_embd % cfg.n_head):
         # checked here, before any timing, rather than as model.py's assert deep inside the first build
-        raise ValueError(f"n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head}: each head gets "
+        raise UserError(f"n_embd={cfg.n_embd} is not a multiple of n_head={cfg.n_head}: each head gets "
                          f"n_embd / n_head channels; set --n_head to a divisor (e.g. --n_head=2)")
     results = {}
     for block in blocks:

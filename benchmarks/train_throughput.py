@@ -35,7 +35,7 @@ import torch
 import common
 import runtime
 import train
-from configurator import parse_config
+from configurator import UserError, parse_config
 from dataloader import to_device
 from runtime import Dist, autocast, make_scaler, pick_device, pick_dtype, seed_everything, step_seed
 
@@ -90,7 +90,7 @@ def main(cfg):
     if cfg.batch_size:
         tcfg.batch_size = cfg.batch_size
     if cfg.steps <= cfg.warmup_steps:
-        raise ValueError(f"steps ({cfg.steps}) must exceed warmup_steps ({cfg.warmup_steps}) to time anything")
+        raise UserError(f"steps ({cfg.steps}) must exceed warmup_steps ({cfg.warmup_steps}) to time anything")
     log_every = cfg.log_interval or tcfg.log_interval
     device = pick_device(cfg.device)
     fast_dtype = pick_dtype(cfg.fast_dtype, device)

@@ -146,7 +146,7 @@ def test_memory_budget_rejects_rows_without_running_them(tmp_path, fixed_peak, m
     (row,) = report["rows"]
     assert row["status"] == "oom" and "estimated" in row["note"] and "max_memory_gb" in row["note"]
     assert row["peak_memory_bytes"] is None  # never ran: no measurement to show
-    with pytest.raises(SystemExit, match="no configuration ran"):
+    with pytest.raises(ValueError, match="no configuration ran"):
         bench.main(cfg)
 
 
@@ -225,7 +225,7 @@ def test_train_config_files_are_read_and_their_other_keys_skipped(capsys):
 def test_unknown_keys_are_errors(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("n_layer = 2\nn_layr = 3\n")
-    with pytest.raises(SystemExit, match=r"bad.py: unknown config key 'n_layr'"):
+    with pytest.raises(ValueError, match=r"bad.py: unknown config key 'n_layr'"):
         bench.parse_args([str(bad)])
     with pytest.raises(SystemExit, match="n_layr"):
         bench.parse_args(["--n_layr=2"])  # overrides stay strict

@@ -173,3 +173,35 @@ def test_help_from_the_command_line():
     r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("usage: python train.py")
     assert "  # data\n  --dataset='shakespeare_char'" in r.stdout
+
+
+def test_only_wrong_input_becomes_one_line_and_bugs_keep_their_traceback(monkeypatch):
+    from dataclasses import dataclass
+
+    import configurator
+
+    @dataclass
+    class C:
+        n: int = 1
+
+    monkeypatch.setattr("sys.argv", ["script.py", "--n=2"])
+
+    def wrong_input(cfg):
+        raise configurator.UserError(f"n={cfg.n} is wrong; use 3")
+    with pytest.raises(SystemExit) as e:
+        configurator.run(wrong_input, C)
+    assert e.value.code == "error: n=2 is wrong; use 3"  # printed as one line, exit status 1
+
+    def bug(cfg):
+        int("not a number")  # a ValueError that no user caused
+    with pytest.raises(ValueError, match="invalid literal"):
+        configurator.run(bug, C)  # not swallowed into 'error: ...': the traceback shows where
+
+    monkeypatch.setenv("RANK", "1")  # under torchrun every rank meets the same error; rank 0 alone says it
+    with pytest.raises(SystemExit) as e:
+        configurator.run(wrong_input, C)
+    assert e.value.code == 1
+    monkeypatch.setattr("sys.argv", ["script.py", "--n=x"])
+    with pytest.raises(SystemExit) as e:
+        configurator.run(wrong_input, C)
+    assert e.value.code == 1

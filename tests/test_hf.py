@@ -540,12 +540,12 @@ def test_export_script_writes_a_checkpoint_transformers_loads(tmp_path):
     # an existing export is not overwritten unless asked (in-process: the same main(), no interpreter start-up)
     import export_hf
     before = (hf_out / "model.safetensors").read_bytes()
-    with pytest.raises(SystemExit, match="--overwrite=True"):
+    with pytest.raises(ValueError, match="--overwrite=True"):
         export_hf.main(export_hf.ExportConfig(out_dir=str(out), hf_dir=str(hf_out)))
     assert (hf_out / "model.safetensors").read_bytes() == before
     export_hf.main(export_hf.ExportConfig(out_dir=str(out), hf_dir=str(hf_out), overwrite=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "hf", "out"]  # no temporary copies left
-    with pytest.raises(SystemExit, match="no-run"):
+    with pytest.raises(ValueError, match="no-run"):
         export_hf.main(export_hf.ExportConfig(out_dir=str(tmp_path / "no-run"), hf_dir=str(tmp_path / "hf2")))
     assert not (tmp_path / "hf2").exists()
 

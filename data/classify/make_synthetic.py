@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: its modules are not installed
-from configurator import run  # noqa: E402
+from configurator import UserError, run  # noqa: E402
 
 PROMPT = "Classify the message as weather, sport or food.\nMessage: {text}\nLabel:"
 TOPICS = {
@@ -74,7 +74,7 @@ def write_jsonl(path, text):
 def main(cfg):
     for key in ("n_train", "n_val", "n_test"):
         if getattr(cfg, key) < 1:
-            raise ValueError(f"{key}={getattr(cfg, key)}: each split needs at least one example")
+            raise UserError(f"{key}={getattr(cfg, key)}: each split needs at least one example")
     rng = random.Random(cfg.seed)
     out = Path(cfg.out_dir)
     splits = {}
@@ -85,7 +85,7 @@ def main(cfg):
     other = [str(p) for p, (_, text) in splits.items()
              if p.exists() and p.read_text(encoding="utf-8", errors="replace") != text]
     if other and not cfg.overwrite:
-        raise ValueError(f"{', '.join(other)} already hold other data (the real split?); "
+        raise UserError(f"{', '.join(other)} already hold other data (the real split?); "
                          f"pass --out_dir=<another directory> or --overwrite=True to replace them")
     out.mkdir(parents=True, exist_ok=True)
     for path, (rows, text) in splits.items():

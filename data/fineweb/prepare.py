@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: its modules are not installed
-from configurator import configure  # noqa: E402
+from configurator import UserError, run  # noqa: E402
 from dataloader import gpt2_encoding, read_header, shard_header, write_shard  # noqa: E402
 from fileio import file_sha256, write_json  # noqa: E402
 
@@ -97,7 +97,7 @@ def parse_token_budget(value):
     except ValueError:
         n = None
     if n is None or n < 1:
-        raise ValueError(f"--tokens={value!r}: {how}")
+        raise UserError(f"--tokens={value!r}: {how}")
     return int(round(n * ratio))
 
 
@@ -134,7 +134,7 @@ def check_config(cfg):
     except ValueError as e:
         errors.append(str(e))
     if errors:
-        raise ValueError("\n  ".join(errors))
+        raise UserError("\n  ".join(errors))
 
 
 OFFLINE_HINT = ("Without the hub, prepare local files instead: --data_files='corpus/*.parquet' "
@@ -148,7 +148,7 @@ def require_hub(repo):
     from hf import hub_unreachable_reason  # the same check as GPT-2 weights and benchmarks
     offline = hub_unreachable_reason()
     if offline:
-        raise ValueError(f"{repo} is streamed from the Hugging Face hub, which is unreachable ({offline}).\n"
+        raise UserError(f"{repo} is streamed from the Hugging Face hub, which is unreachable ({offline}).\n"
                          f"{OFFLINE_HINT}")
 
 
@@ -161,7 +161,7 @@ def resolve_hf_revision(repo, revision):
     try:
         return HfApi().dataset_info(repo, revision=revision).sha
     except Exception as e:  # unknown revision, rate limit, a flaky proxy: all end here, with the hub's reason
-        raise ValueError(f"could not resolve {repo} revision {revision!r} on the Hugging Face hub: "
+        raise UserError(f"could not resolve {repo} revision {revision!r} on the Hugging Face hub: "
                          f"{type(e).__name__}: {e}\n{OFFLINE_HINT}") from e
 
 
@@ -169,11 +169,11 @@ def local_files(pattern):
     """The sorted files a glob matches, each with its size; ValueError when none or of unknown type."""
     files = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
     if not files:
-        raise ValueError(f"--data_files={pattern!r} matches no files (relative to {os.getcwd()}); "
+        raise UserError(f"--data_files={pattern!r} matches no files (relative to {os.getcwd()}); "
                          f"check the path and quote the glob so the shell does not expand it")
     unknown = [f for f in files if not f.endswith(PARQUET + JSONL + TEXT)]
     if unknown:
-        raise ValueError(f"--data_files={pattern!r}: cannot read {unknown[:3]}: expected "
+        raise UserError(f"--data_files={pattern!r}: cannot read {unknown[:3]}: expected "
                          f"{', '.join(PARQUET + JSONL + TEXT)} files; narrow the glob")
     return [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)} for f in files]
 
@@ -215,10 +215,10 @@ def local_documents(files, column, skip=0):
             pf = _parquet_file(path)
             names = pf.schema_arrow.names
             if column not in names:
-                raise ValueError(f"{path}: no column {column!r}; available: {names}. Pass --text_column=<one of them>")
+                raise UserError(f"{path}: no column {column!r}; available: {names}. Pass --text_column=<one of them>")
             kind = pf.schema_arrow.field(column).type
             if str(kind) not in ("string", "large_string", "string_view"):
-                raise ValueError(f"{path}: column {column!r} holds {kind}, not text; "
+                raise UserError(f"{path}: column {column!r} holds {kind}, not text; "
                                  f"pass --text_column=<a text column>")
             first = 0  # whole row groups before the start are skipped from the footer's counts
             while first < pf.num_row_groups and skip >= pf.metadata.row_group(first).num_rows:
@@ -244,12 +244,12 @@ def local_documents(files, column, skip=0):
                 skip -= 1
                 continue
             if info["bytes"] > MAX_TEXT_FILE:
-                raise ValueError(f"{path}: {info['bytes']:,} bytes in one .txt document exceeds "
+                raise UserError(f"{path}: {info['bytes']:,} bytes in one .txt document exceeds "
                                  f"{MAX_TEXT_FILE:,}; split it into several files or convert it to JSONL")
             try:
                 yield Path(path).read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8") from e
+                raise UserError(f"{path}: not UTF-8 text ({e}); convert it to UTF-8") from e
 
 
 def _parquet_file(path):
@@ -257,7 +257,7 @@ def _parquet_file(path):
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise ValueError(f"{path}: reading parquet needs pyarrow: pip install pyarrow "
+        raise UserError(f"{path}: reading parquet needs pyarrow: pip install pyarrow "
                          f"(JSONL and .txt files need nothing extra)") from e
     return pq.ParquetFile(path)
 
@@ -266,15 +266,15 @@ def _json_text(line, column, path, lineno):
     try:
         row = json.loads(line)
     except ValueError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e}); one JSON object per line is expected") from e
+        raise UserError(f"{path}:{lineno}: not valid JSON ({e}); one JSON object per line is expected") from e
     if not isinstance(row, dict):
-        raise ValueError(f"{path}:{lineno}: a JSON {type(row).__name__}, expected an object with a {column!r} key")
+        raise UserError(f"{path}:{lineno}: a JSON {type(row).__name__}, expected an object with a {column!r} key")
     if column not in row:
-        raise ValueError(f"{path}:{lineno}: no key {column!r}; available: {sorted(row)}. "
+        raise UserError(f"{path}:{lineno}: no key {column!r}; available: {sorted(row)}. "
                          f"Pass --text_column=<one of them>")
     text = row[column]
     if text is not None and not isinstance(text, str):
-        raise ValueError(f"{path}:{lineno}: {column!r} holds a {type(text).__name__}, not text")
+        raise UserError(f"{path}:{lineno}: {column!r} holds a {type(text).__name__}, not text")
     return text
 
 
@@ -306,7 +306,7 @@ class HubDocuments:
     def __iter__(self):
         for row in self.ds:
             if not self.started and self.column not in row:
-                raise ValueError(f"{self.name}: no column {self.column!r}; available: {sorted(row)}. "
+                raise UserError(f"{self.name}: no column {self.column!r}; available: {sorted(row)}. "
                                  f"Pass --text_column=<one of them>")
             self.started = True
             self.doc += 1
@@ -314,7 +314,7 @@ class HubDocuments:
                 continue
             text = row[self.column]
             if text is not None and not isinstance(text, str):
-                raise ValueError(f"{self.name}: {self.column!r} holds a {type(text).__name__}, not text")
+                raise UserError(f"{self.name}: {self.column!r} holds a {type(text).__name__}, not text")
             yield text
 
 
@@ -514,7 +514,7 @@ def load_progress(stage, out_dir, settings):
         progress = json.loads(path.read_text())
         diff = settings_diff(progress["settings"], settings)
         if diff:
-            raise ValueError(f"{stage} holds an unfinished preparation with other settings ({'; '.join(diff)}); "
+            raise UserError(f"{stage} holds an unfinished preparation with other settings ({'; '.join(diff)}); "
                              f"rerun with the same settings to continue it, or delete {out_dir} to start over")
     good = []
     for record in progress["shards"]:
@@ -565,12 +565,12 @@ def check_finished(out_dir, settings):
     meta = json.loads(meta_path.read_text())
     diff = settings_diff(meta.get("settings", {}), settings)
     if diff:
-        raise ValueError(f"{out_dir} already holds a dataset prepared with other settings ({'; '.join(diff)}); "
+        raise UserError(f"{out_dir} already holds a dataset prepared with other settings ({'; '.join(diff)}); "
                          f"choose another --out_dir or delete it")
     for r in meta["shards"]:
         problem = verify_shard(out_dir / r["file"], r)
         if problem:
-            raise ValueError(f"{out_dir / r['file']}: {problem}; delete {out_dir} and prepare it again")
+            raise UserError(f"{out_dir / r['file']}: {problem}; delete {out_dir} and prepare it again")
     return meta
 
 
@@ -595,7 +595,7 @@ def main(cfg):
         return meta
     foreign = [n for n in token_files(out_dir) if not n.startswith(prefix + "_")]
     if foreign:  # another dataset's files would be read as part of this one
-        raise ValueError(f"{out_dir} holds token files that are not from this preparation ({foreign[:3]}); "
+        raise UserError(f"{out_dir} holds token files that are not from this preparation ({foreign[:3]}); "
                          f"choose another --out_dir or delete them")
     created = not stage.exists()
     stage.mkdir(parents=True, exist_ok=True)
@@ -727,7 +727,4 @@ def _print_done(out_dir, meta):
 
 
 if __name__ == "__main__":
-    try:
-        main(configure(PrepareConfig))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    run(main, PrepareConfig)
