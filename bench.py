@@ -75,7 +75,7 @@ class BenchConfig:
     block_size: int = 256  # tokens per sequence
     vocab_size: int = 65  # 65 = Shakespeare's characters; 50304 for GPT-2's BPE padded to a multiple of 64
     dropout: float = 0.0
-    fast_dropout: bool = True  # as train.py: model.fast_dropout's CPU masks and attention; False = torch's kernels
+    fast_dropout: bool = True  # as train.py: fast_dropout.py's CPU masks and attention; False = torch's kernels
     bias: bool = True
     qkv_bias: Optional[bool] = None  # None = same as bias
     tie_weights: bool = True
@@ -197,7 +197,6 @@ def compile_settings(cfg, device):
     if cfg.compile.lower() == "auto":
         settings = [False, True] if device.type == "cuda" else [False]
         if device.type != "cuda":
-            # measured: the baby GPT's training step took 47 s to compile on a 2-core Xeon, per row
             print(f"compile: auto -> False on {device.type} (compiling forward and backward takes about a "
                   f"minute per row here; --compile=False,True to include it)")
         return settings

@@ -147,7 +147,7 @@ def _download(name):
     offline = hub_unreachable_reason()
     try:
         # offline, only the local cache is read: it answers at once, where a download would retry
-        # for ~30 s before failing (measured: 35 s for sample.py --init_from=gpt2 with no DNS)
+        # for ~30 s before failing
         hf = GPT2LMHeadModel.from_pretrained(repo, local_files_only=offline is not None)
     except OSError as e:  # transformers reports every failed download (DNS, HTTP, no cache) as OSError
         why = (f"the hub is unreachable ({offline}) and it is not in the local Hugging Face cache" if offline

@@ -91,8 +91,7 @@ def pick_dtype(name, device, decoding=False):
     without it falls back to float16, visibly; any other choice the device cannot run is an error.
 
     decoding: one token at a time on a CPU is bound by reading the weights, and autocast re-casts
-    every weight for every token: 'auto' is float32 there (measured 6x faster than bf16 autocast
-    on an AMX Xeon, benchmarks/sampling.py)."""
+    every weight for every token: 'auto' is float32 there (benchmarks/sampling.py compares them)."""
     if name == "auto":
         if device.type == "cuda":
             native, why = cuda_has_bf16(device)

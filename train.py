@@ -73,7 +73,7 @@ class TrainConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0  # 0 for pretraining; 0.1+ for fine-tuning or small data
-    fast_dropout: bool = True  # on a CPU, model.fast_dropout's masks and attention (1.9x faster bf16 step); False = torch's
+    fast_dropout: bool = True  # on a CPU, fast_dropout.py's masks and written-out attention; False = torch's kernels
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
     qkv_bias: Optional[bool] = None  # None = same as bias
     tie_weights: bool = True  # lm_head shares wte, as GPT-2
