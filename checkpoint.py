@@ -264,6 +264,8 @@ def _read_pointer(path):
 def resolve(path, which="latest"):
     """A checkpoint directory from a run's out_dir (its latest or best; best falls back to latest in a
     run that never evaluated) or a checkpoint directory itself."""
+    if which not in ("latest", "best"):
+        raise UserError(f"which={which!r}: a run's checkpoint is 'latest' or 'best'")
     path = Path(path)
     if (path / "state.json").exists():
         return path

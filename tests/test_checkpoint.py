@@ -329,3 +329,21 @@ def test_resuming_a_finished_run_says_so_and_eval_only_evaluates_it(data, tmp_pa
     assert len(read_metrics(out)) == lines
     train.main(tiny_train_config(data, out, max_iters=2, init_from="resume", eval_only=True))
     assert "iter 2: val loss" in capsys.readouterr().out
+
+
+def test_a_run_ends_with_its_last_weights_and_readers_take_the_best(data, tmp_path, monkeypatch):
+    """always_save_checkpoint=False keeps the best; the run still ends with a checkpoint of its last
+    weights (latest), and sample.py / eval.py / export_hf.py read the best unless told otherwise."""
+    import evaluation
+    import eval as eval_script
+    import export_hf
+    import sample
+    losses = iter([3.0, 2.0, 2.5, 2.6])
+    monkeypatch.setattr(evaluation, "evaluate_loss", lambda *a, **k: {"loss": next(losses)})
+    out = tmp_path / "out"
+    train.main(tiny_train_config(data, out, max_iters=6, eval_interval=2, always_save_checkpoint=False))
+    assert json.loads((out / "best.json").read_text())["iter_num"] == 2
+    assert json.loads((out / "latest.json").read_text())["iter_num"] == 6  # the last weights, saved
+    assert ckpt_lib.load_any(str(out), which="best")[2]["iter_num"] == 2
+    assert ckpt_lib.load_any(str(out), which="latest")[2]["iter_num"] == 6
+    assert sample.SampleConfig.which == eval_script.EvalConfig.which == export_hf.ExportConfig.which == "best"
