@@ -457,11 +457,11 @@ def read_for_resume(out_dir, resume_from, dist_info):
 
 
 def rank_sampler_state(state, rank):
-    """The data position this rank resumes from: its own when the checkpoint has one. Otherwise
-    (a run saved with fewer ranks, or from before positions were kept per rank) the sequential
-    sampler's global cursor, which every rank shares, or None for a random stream: a rank that
-    copied rank 0's stream would read exactly rank 0's windows."""
-    ranks = state.get("sampler_ranks") or [state["sampler"]]
+    """The data position this rank resumes from: its own when the checkpoint has one. A run saved
+    with fewer ranks has none for the extra ranks: they share the sequential sampler's global cursor,
+    or start a random stream afresh (None), since a rank that copied rank 0's stream would read
+    exactly rank 0's windows."""
+    ranks = state["sampler_ranks"]
     if rank < len(ranks):
         return ranks[rank]
     return None if state["sampler"].get("kind") == "random" else state["sampler"]

@@ -193,7 +193,8 @@ def test_each_rank_resumes_its_own_data_position():
     assert ckpt_lib.rank_sampler_state(state, 1) == {"kind": "random", "rng": 1}
     # more ranks than were saved: a random stream starts afresh rather than duplicate rank 0's
     assert ckpt_lib.rank_sampler_state(state, 2) is None
-    seq = {"sampler": {"kind": "sequential", "cursor": 64}}  # one global cursor: every rank shares it
+    seq = {"sampler": {"kind": "sequential", "cursor": 64}, "sampler_ranks": [{"kind": "sequential", "cursor": 64}]}
+    # one global cursor: a rank the saved run did not have shares it
     assert ckpt_lib.rank_sampler_state(seq, 3) == seq["sampler"]
 
 
