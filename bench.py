@@ -447,6 +447,18 @@ def header():
 
 # ----------------------------------------------------------------------------- main
 
+def memory_budget(cfg, device):
+    """Bytes a row may need (0: no limit but the device's): max_memory_gb, else, when batch_sizes='auto'
+    searches on a CPU, 90% of the RAM available at start, so the search ends before the machine swaps."""
+    if cfg.max_memory_gb or cfg.batch_sizes != "auto" or device.type != "cpu":
+        return int(cfg.max_memory_gb * 2**30)
+    avail = memory.device_memory(device)
+    budget = int(memory.FIT_MARGIN * avail) if avail else 0
+    print(f"memory: batch_sizes=auto on cpu: budget {budget / 2**30:.1f} GB (90% of the available RAM); "
+          f"set --max_memory_gb to change it")
+    return budget
+
+
 def run(cfg):
     """The whole benchmark; returns the report (also written to cfg.out_file)."""
     check_config(cfg)
@@ -455,12 +467,7 @@ def run(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     mcfg = model_config(cfg)
-    budget = int(cfg.max_memory_gb * 2**30)
-    if not budget and cfg.batch_sizes == "auto" and device.type == "cpu":
-        avail = memory.device_memory(device)
-        budget = int(memory.FIT_MARGIN * avail) if avail else 0
-        print(f"memory: batch_sizes=auto on cpu: budget {budget / 2**30:.1f} GB (90% of the available RAM); "
-              f"set --max_memory_gb to change it")
+    budget = memory_budget(cfg, device)
     with torch.device("meta"):  # shapes and counts without allocating a big model
         shape_model = GPT(mcfg)
     n_params = shape_model.get_num_params()
@@ -494,13 +501,16 @@ def run(cfg):
         rows.append(row)
         print(format_row(row), flush=True)
 
+    def skip(name, compile_settings, note):
+        for use_compile in compile_settings:
+            for b in sizes or [None]:
+                emit(new_row(name, use_compile, b, mcfg.block_size) | {"status": "skipped", "note": note})
+
     for name in dtype_names:
         try:
             dtype = pick_dtype(name, device)
         except ValueError as e:  # e.g. bfloat16 on a T4: a row that says so, the others still run
-            for use_compile in settings:
-                for b in sizes or [None]:
-                    emit(new_row(name, use_compile, b, mcfg.block_size) | {"status": "skipped", "note": str(e)})
+            skip(name, settings, str(e))
             continue
         real = str(dtype).replace("torch.", "")
         if real not in report["peak_flops"]:
@@ -510,8 +520,7 @@ def run(cfg):
         pf = report["peak_flops"][real]["flops"]
         for use_compile in settings:
             if use_compile and reason:
-                for b in sizes or [None]:
-                    emit(new_row(real, True, b, mcfg.block_size) | {"status": "skipped", "note": reason})
+                skip(real, [True], reason)
                 continue
 
             def try_batch(b):
