@@ -55,6 +55,7 @@ import torch
 import configurator
 import memory
 from checkpoint import build_base, library_versions
+from configurator import UserError, parse_list
 from fileio import write_json
 from hf import GPT2_SHAPES
 from model import GPT, GPTConfig
@@ -62,7 +63,6 @@ from optimizers import optimizer_problems
 from runtime import (Dist, autocast, compile_reason, cpu_model, make_scaler, peak_flops, pick_device, pick_dtype,
                      seed_everything, setup_backends, synchronize)
 from train import TrainConfig, make_optimizer, train_step
-from configurator import UserError, parse_list
 
 
 @dataclass

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fileio import atomic_write
 from configurator import MissingFile, UserError
+from fileio import atomic_write
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1

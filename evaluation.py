@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch.nn import functional as F
+
 from configurator import UserError
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
 from configurator import UserError
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from fileio import fsync_dir
 from configurator import UserError
+from fileio import fsync_dir
 
 # the four checkpoints OpenAI released, by the short names everyone uses -> their hub repository
 HF_MODELS = {

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from fast_dropout import Dropout
 from configurator import UserError
+from fast_dropout import Dropout
 
 LORA_TARGETS = {
     "attn": ("attn.c_attn", "attn.c_proj"),

@@ -53,6 +53,7 @@ autograd really saves on the CPU.
 import os
 
 import torch
+
 from configurator import UserError
 
 GB = 1024 ** 3

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloader import EpochOrder
 from configurator import UserError
+from dataloader import EpochOrder
 
 # Stanford Alpaca's prompt format (Taori et al. 2023), with and without the optional input
 ALPACA_TEMPLATE = (

@@ -27,6 +27,7 @@ import torch
 
 import checkpoint as ckpt_lib
 import configurator
+from configurator import UserError
 from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
                         prepare_shipped, resolve_data_dir, to_device)
 from model import GPT, GPTConfig
@@ -34,7 +35,7 @@ from optimizers import optimizer_problems
 from runtime import (Dist, NoInferenceMode, StopFlag, autocast, barrier, broadcast_object, close_distributed,
                      init_distributed, make_scaler, peak_flops, pick_dtype, print0, seed_everything, setup_backends,
                      shard_model, step_seed, wrap_for_training)
-from configurator import UserError
+
 
 @dataclass
 class TrainConfig:
@@ -134,7 +135,7 @@ def get_lr(it, cfg):
 
 
 def check_config(cfg, dist_info):
-    """All problems of a config at once, as a ValueError, before any work (and before torchrun's
+    """All problems of a config at once, as a UserError, before any work (and before torchrun's
     process group starts, so that a wrong value is one line, not a hang)."""
     errors = []
     if cfg.gradient_accumulation_steps % dist_info.world_size:

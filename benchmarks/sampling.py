@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 
 import common
+from configurator import UserError
 from model import GPT, GPTConfig
 from runtime import autocast, pick_device, pick_dtype
-from configurator import UserError
 
 
 @dataclass

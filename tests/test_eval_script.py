@@ -195,7 +195,6 @@ def test_generate_task_calls_sft(workdir, monkeypatch):
         eval_script.main(cfg_for(workdir, tasks="generate", data_file="test.jsonl"))
 
 
-
 def test_generate_task_with_the_real_sft(workdir):
     pytest.importorskip("sft")
     rows = [{"prompt": "the cat sat on the", "completion": " mat."}, {"prompt": "a dog ran to the", "completion": " log."}]
