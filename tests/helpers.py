@@ -1,6 +1,5 @@
 """Small builders shared by the end-to-end tests: a char dataset and a tiny training config."""
 
-import json
 import sys
 from pathlib import Path
 
