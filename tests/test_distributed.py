@@ -284,6 +284,13 @@ def train_step(*a, **k):
     marks.append(syncs[0])
     return real_step(*a, **k)
 train.train_step = train_step
+bucket_view = []
+real_wrap = train.wrap_for_training
+def wrap_for_training(*a, **k):
+    runner = real_wrap(*a, **k)
+    bucket_view.append(getattr(runner, "gradient_as_bucket_view", None))
+    return runner
+train.wrap_for_training = wrap_for_training
 hashed = [0]
 real_hash = checkpoint.file_sha256
 def file_sha256(path):
@@ -297,7 +304,7 @@ if os.environ.get("BLIND_RANK") == os.environ["RANK"]:  # this rank's node canno
     checkpoint.read_checkpoint = read_checkpoint
 train.main(configure(train.TrainConfig))
 print("RANK", os.environ["RANK"], json.dumps({{"between_steps": [b - a for a, b in zip(marks, marks[1:])],
-                                              "hashed": hashed[0]}}), flush=True)
+                                              "hashed": hashed[0], "bucket_view": bucket_view}}), flush=True)
 """
 
 
@@ -314,6 +321,7 @@ def test_ddp_steps_sync_once_and_a_resume_is_verified_by_rank_0_alone(data, tmp_
     reports = _rank_reports(torchrun(cfg, script=str(script)))
     for rank in (0, 1):  # between two train_step calls, the previous step's one sync and nothing else
         assert reports[rank]["between_steps"] == [1] * 7, reports
+        assert reports[rank]["bucket_view"] == [True]  # DDP's buckets hold the gradients: no second copy
     cfg.max_iters = 10
     cfg.init_from = "resume"
     reports = _rank_reports(torchrun(cfg, script=str(script)))
