@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from fast_dropout import Dropout, causal_attention_with_dropout
-from optimizers import ChainedOptimizer
+from optimizers import ChainedOptimizer, Muon
 
 
 class KVCache:
@@ -239,7 +239,7 @@ class GPT(nn.Module):
         """AdamW with decay on >=2-D weights only (matmuls, embeddings), never on biases or LayerNorm gains.
 
         Frozen parameters (requires_grad False, e.g. a LoRA base) are left out entirely.
-        muon_lr > 0: the blocks' weight matrices go to torch.optim.Muon (momentum orthogonalised by
+        muon_lr > 0: the blocks' weight matrices go to Muon (optimizers.py: torch's, momentum orthogonalised by
         Newton-Schulz, Jordan et al. 2024) at muon_lr, and AdamW keeps the embeddings, lm_head,
         biases and gains; the two step as one ChainedOptimizer. Every group carries "lr_scale", its
         learning rate relative to learning_rate, so a schedule sets group["lr"] = lr * group["lr_scale"].
@@ -270,7 +270,7 @@ class GPT(nn.Module):
         if not muon:
             raise ValueError("optimizer='muon' needs trainable weight matrices in the blocks (none here: "
                              "train_1d_only?); use optimizer='adamw'")
-        return ChainedOptimizer(adamw, torch.optim.Muon(
+        return ChainedOptimizer(adamw, Muon(
             [{"params": muon, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
             momentum=muon_momentum, weight_decay=muon_weight_decay))
 

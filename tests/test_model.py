@@ -261,3 +261,42 @@ def test_fast_dropout_attention_is_causal_and_dropout_is_off_in_eval():
     assert torch.equal(a[:, :10], b[:, :10])  # same masks, and the future cannot leak into the past
     model.eval()
     assert torch.equal(model(idx, ignore)[0], model(idx, ignore)[0])
+
+
+def test_muon_orthogonalises_in_float32_where_bfloat16_is_emulated(monkeypatch):
+    """torch.optim.Muon's Newton-Schulz runs in bfloat16, emulated (several times slower than float32)
+    on CPUs without AVX512-BF16/AMX. optimizers.Muon runs it in float32 there, and torch's own path
+    where bf16 is native; if torch ever renames what is swapped, the spy below stops being called."""
+    import torch.optim._muon as impl
+    import optimizers
+    import runtime
+    calls = []
+    real = optimizers.newton_schulz_float32
+    monkeypatch.setattr(optimizers, "newton_schulz_float32", lambda *a: calls.append(1) or real(*a))
+    torch_ns = impl._zeropower_via_newtonschulz
+
+    def step_once():
+        """The update the first step makes to each of the blocks' matrices."""
+        torch.manual_seed(0)
+        model = tiny()
+        before = [p.detach().clone() for p in model.muon_matrices()]
+        opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+        x = torch.randint(0, 65, (2, 16))
+        model(x, x)[1].backward()
+        opt.step()
+        return [p.detach() - b for p, b in zip(model.muon_matrices(), before)]
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    emulated = step_once()
+    assert len(calls) == len(emulated) and impl._zeropower_via_newtonschulz is torch_ns  # swapped back
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    calls.clear()
+    native = step_once()
+    assert not calls  # torch's bfloat16 path
+    for a, b in zip(emulated, native):  # the same update, up to bfloat16's rounding inside torch's
+        cosine = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+        assert cosine > 0.99 and abs(a.norm() / b.norm() - 1) < 0.02, (cosine, a.norm(), b.norm())
+    g = torch.randn(96, 32)
+    o = real(g, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    s = torch.linalg.svdvals(o)
+    assert o.dtype == torch.float32 and 0.5 < s.min() and s.max() < 1.5  # near-orthogonal, as torch's
