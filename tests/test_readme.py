@@ -32,8 +32,8 @@ def readme_commands():
             argv = shlex.split(text)
             while argv and "=" in argv[0] and not argv[0].startswith("-"):  # OMP_NUM_THREADS=1 ...
                 argv = argv[1:]
-            if not argv or argv[0] not in ("python", "torchrun") or argv[1:2] in (["-m"], ["-c"]):
-                continue
+            if not argv or argv[0] not in ("python", "torchrun") or argv[1:2] in (["-m"], ["-c"]) or "..." in argv:
+                continue  # not a script, or a placeholder in prose
             script = next((i for i, a in enumerate(argv) if a.endswith(".py")), None)
             if script is not None:
                 found.append((lineno, argv[script:]))
@@ -72,6 +72,7 @@ def test_readme_command_parses(lineno, argv, monkeypatch):
     for a in args:
         if not a.startswith("--") and a.endswith(".py"):
             assert (ROOT / a).is_file(), f"README line {lineno}: config file {a} does not exist"
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python <script>` puts its folder first
     module = load_script(script)
     if script.name == "bench.py":
         module.parse_args(args)
