@@ -195,7 +195,7 @@ def budget_report(model, max_iters, tokens_per_iter, iters_left, device, peak_fl
     if device.type == "cpu" and floor_s > 1800:
         lines.append(f"note: this config needs at least {floor_s / 3600:,.1f} h on this CPU even at its peak matmul "
                      f"rate (real runs reach a fraction of it): it was written for a GPU. On a CPU, {CPU_RECIPE} "
-                     f"trains a character-level Shakespeare model in about 2 minutes")
+                     f"trains a character-level Shakespeare model in a few minutes")
     return "\n".join(lines)
 
 
