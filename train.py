@@ -2,7 +2,7 @@
 Train or fine-tune a GPT: one process, or many under torchrun (DDP, or FSDP with --fsdp=True).
 
     python train.py config/train_shakespeare_char_cpu.py
-    python train.py config/train_shakespeare_char.py --device=cpu --n_layer=4 --max_iters=100
+    python train.py config/train_shakespeare_char_cpu.py --n_layer=2 --max_iters=100 --out_dir=out-try
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
     python train.py --help                   # every key, its default and what it does
 
