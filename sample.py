@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_any
+from checkpoint import holds_checkpoint, load_any
 from configurator import MissingFile, UserError, run
 from dataloader import Tokenizer
 from runtime import autocast, pick_device, pick_dtype, setup_backends
@@ -40,6 +40,9 @@ def main(cfg):
     device = pick_device(cfg.device)
     setup_backends(device)  # as train.py: TF32 float32 matmuls on CUDA
     dtype = pick_dtype(cfg.dtype, device, decoding=True)
+    if cfg.init_from == "resume" and not holds_checkpoint(cfg.out_dir):
+        raise MissingFile(f"--out_dir={cfg.out_dir} holds no checkpoint (latest.json): train there first, or sample "
+                          f"a pretrained model with --init_from=gpt2 (or another GPT-2 name or HF directory)")
     model, data_meta, _ = load_any(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from, device, cfg.which)
     tok = Tokenizer(data_meta)
     prompt = cfg.start

@@ -238,3 +238,10 @@ def test_training_puts_the_signal_handlers_back(tmp_path):
     data = char_dataset(tmp_path / "data", 20_000)
     train.main(tiny_train_config(data, tmp_path / "out", max_iters=2, eval_interval=2))
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_sampling_a_run_that_is_not_there_says_where_it_looked(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={tmp_path / 'nothing'}", "--device=cpu"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"error: --out_dir={tmp_path / 'nothing'} holds no checkpoint (latest.json): train there first" in r.stderr
