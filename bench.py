@@ -5,6 +5,7 @@ that fits, across batch sizes, precisions and torch.compile on/off.
     python bench.py                                              # the baby Shakespeare GPT on this machine
     python bench.py --batch_sizes=auto --dtypes=bfloat16 --max_memory_gb=4
     python bench.py config/train_gpt2.py --device=cuda --batch_sizes=auto --dtypes=bfloat16,float16
+    python bench.py config/train_gpt2_chinchilla.py --plan     # size a train.py run: see plan.py
 
 What is timed is what train.py does: the model and optimizer are built the same way
 (GPT.configure_optimizers, runtime.pick_dtype / autocast / make_scaler) and each step is
@@ -60,8 +61,9 @@ from fileio import write_json
 from hf import GPT2_SHAPES
 from model import GPT, GPTConfig
 from optimizers import optimizer_problems
-from runtime import (Dist, autocast, compile_reason, cpu_model, make_scaler, peak_flops, pick_device, pick_dtype,
-                     seed_everything, setup_backends, synchronize)
+from plan import find_max_batch
+from runtime import (Dist, OverBudget, autocast, compile_reason, cpu_model, free_memory, is_oom, make_scaler,
+                     peak_flops, pick_device, pick_dtype, seed_everything, setup_backends, synchronize)
 from train import TrainConfig, make_optimizer, train_step
 
 
@@ -99,14 +101,6 @@ class BenchConfig:
     threads: int = 0  # CPU threads for torch (torch.set_num_threads); 0 = torch's default (one per core)
     seed: int = 1337
     out_file: str = "bench.json"  # every row plus machine, versions and peak FLOP/s
-
-
-# messages of allocation failures that PyTorch raises as a plain RuntimeError
-OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
-
-
-class OverBudget(RuntimeError):
-    """A row needs more memory than max_memory_gb: treated like an out-of-memory error."""
 
 
 # ----------------------------------------------------------------------------- parsing the knobs
@@ -205,16 +199,6 @@ def compile_settings(cfg, device):
 
 # ----------------------------------------------------------------------------- device memory and clock
 
-def free_memory(device):
-    gc.collect()  # an OOM traceback holds the failed step's tensors in reference cycles
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            import ctypes
-            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the next row's RSS starts low
-
-
 def _status_kb(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -260,13 +244,6 @@ MEMORY_MEASURES = {
     "cuda": "torch.cuda.max_memory_allocated during the row (tensors; not the CUDA context or allocator cache)",
     "cpu": "rise of the process's peak RSS (VmHWM, reset per row) above its RSS before the row's model was built",
 }
-
-
-def is_oom(err):
-    """Out-of-memory errors of every device: CUDA's class, MemoryError, a CPU allocator message, the budget."""
-    if isinstance(err, (MemoryError, OverBudget)) or isinstance(err, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in OOM_MESSAGES)
 
 
 # ----------------------------------------------------------------------------- one row
@@ -366,40 +343,6 @@ def _measure(row, cfg, mcfg, device, dtype, use_compile, batch_size, mem, budget
         runner.train()
         row["eval_ms_per_step"] = 1000 * sum(times) / len(times)
         row["eval_tokens_per_sec"] = row["tokens_per_step"] * len(times) / sum(times)
-
-
-def find_max_batch(try_batch, max_batch):
-    """Largest batch size <= max_batch whose row is "ok": 1, 2, 4, ... until the first failure, then a
-    binary search between the last size that fitted and the first that did not. A failure other than
-    out-of-memory (an error) ends the search there. Returns (largest fitting size or 0, rows tried)."""
-    rows = []
-
-    def attempt(b):
-        rows.append(try_batch(b))
-        return rows[-1]["status"]
-
-    good, bad, b = 0, None, 1
-    while True:
-        status = attempt(b)
-        if status != "ok":
-            bad = b
-            break
-        good = b
-        if b >= max_batch:
-            return good, rows  # everything up to the cap fitted
-        b = min(2 * b, max_batch)
-    if status != "oom":
-        return good, rows
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        status = attempt(mid)
-        if status == "ok":
-            good = mid
-        elif status == "oom":
-            bad = mid
-        else:
-            break
-    return good, rows
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -547,5 +490,15 @@ def main(cfg):
     return report
 
 
+def wants_plan(argv):
+    """--plan (or --plan=True) on the command line: plan a train.py run (plan.py) instead."""
+    return any(a == "--plan" or (a.startswith("--plan=") and a[7:].lower() == "true") for a in argv)
+
+
 if __name__ == "__main__":
-    configurator.run(main, BenchConfig, parse=lambda argv: parse_args(argv)[0])
+    if wants_plan(sys.argv[1:]):
+        import plan
+        argv = [a for a in sys.argv[1:] if a != "--plan"]
+        configurator.run(plan.main, plan.PlanConfig, parse=lambda _: configurator.configure(plan.PlanConfig, argv))
+    else:
+        configurator.run(main, BenchConfig, parse=lambda argv: parse_args(argv)[0])

@@ -47,8 +47,6 @@ def _coerce(key, value, tp, raw=None):
     allowed = _allowed(tp)
     if value is None and type(None) in allowed:
         return None
-    if str in allowed and raw is not None:
-        return value if isinstance(value, str) else raw  # --out_dir=123 means the string '123'
     if bool in allowed:
         if isinstance(value, bool):
             return value
@@ -60,7 +58,13 @@ def _coerce(key, value, tp, raw=None):
         return float(value)  # an int is fine for a float (--learning_rate=1 means 1.0)
     if str in allowed and isinstance(value, str):
         return value
-    names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
+    if str in allowed and raw is not None:  # --out_dir=123 means the string '123'
+        return raw
+    for lit in (a for a in allowed if typing.get_origin(a) is typing.Literal):  # batch_size: int | 'auto'
+        if value in typing.get_args(lit):
+            return value
+    names = " or ".join("None" if a is type(None) else " or ".join(map(repr, typing.get_args(a)))
+                        if typing.get_origin(a) is typing.Literal else a.__name__ for a in allowed)
     raise UserError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
 
 
@@ -96,6 +100,7 @@ def parse_config(cfg_cls, argv, positional=None):
     hints = typing.get_type_hints(cfg_cls)
     valid = [f.name for f in dataclasses.fields(cfg_cls)]
     values, errors = {}, []
+    from_files = {}  # what the config files set, for before_overrides
     if positional:
         values[positional] = [a for a in argv if not a.startswith("--")]
         argv = [a for a in argv if a.startswith("--")]
@@ -106,7 +111,7 @@ def parse_config(cfg_cls, argv, positional=None):
                     try:
                         if key not in hints:
                             raise UserError(_unknown(key, valid))
-                        values[key] = _coerce(key, value, hints[key])
+                        values[key] = from_files[key] = _coerce(key, value, hints[key])
                     except ValueError as e:
                         errors.append(f"{arg}: {e}")
                 continue
@@ -124,7 +129,18 @@ def parse_config(cfg_cls, argv, positional=None):
             errors.append(str(e))
     if errors:
         raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
-    return cfg_cls(**values)
+    cfg = cfg_cls(**values)
+    cfg.__dict__["_from_files"] = from_files  # not a field: asdict, printing and checkpoints leave it out
+    return cfg
+
+
+def before_overrides(cfg, key):
+    """The value key had before the command line's --key=value: the config files', else the default.
+    (train.py --batch_size=auto keeps the tokens per step of the batch_size it replaces.)"""
+    from_files = cfg.__dict__.get("_from_files", {})
+    if key in from_files:
+        return from_files[key]
+    return next(f.default for f in dataclasses.fields(cfg) if f.name == key)
 
 
 def field_comments(cfg_cls):

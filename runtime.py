@@ -13,6 +13,7 @@ and never calls a CUDA query on a machine without CUDA.
 
 import base64
 import contextlib
+import gc
 import os
 import platform
 import random
@@ -442,6 +443,33 @@ _GPU_TABLE = {
     "Tesla V100-PCIE-32GB": _V100_PCIE,
     "Tesla T4": (65e12, 8.1e12, "NVIDIA T4 data sheet: mixed precision (fp16, fp32 accumulate) 65, FP32 8.1 TFLOPS"),
 }
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+# messages of allocation failures that PyTorch raises as a plain RuntimeError
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
+
+
+class OverBudget(RuntimeError):
+    """A trial needs more memory than its budget (bench's and plan's max_memory_gb): out of memory too."""
+
+
+def free_memory(device):
+    gc.collect()  # an OOM traceback holds the failed step's tensors in reference cycles
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the next row's RSS starts low
+
+
+def is_oom(err):
+    """Out-of-memory errors of every device: CUDA's class, MemoryError, a CPU allocator message, the budget."""
+    if isinstance(err, (MemoryError, OverBudget)) or isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in OOM_MESSAGES)
 
 
 def normalize_gpu_name(name):

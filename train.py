@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -62,7 +62,9 @@ class TrainConfig:
     data_dir: str = ""  # '' = data/<dataset>; else any prepared directory (e.g. FineWeb shards)
     sampling: str = "random"  # 'random' windows (nanoGPT) or 'sequential' (every window once per epoch)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, summed over all ranks
-    batch_size: int = 12  # sequences per micro-step per rank
+    # sequences per micro-step per rank; 'auto' = the fastest micro-batch that fits (plan.py's search at
+    # start-up), the accumulation adapting so the tokens per step stay those of the config's batch_size
+    batch_size: Union[int, Literal["auto"]] = 12
     block_size: int = 1024  # context length
     # supervised fine-tuning on JSONL (instead of token files)
     sft_train_file: str = ""  # Alpaca or prompt/completion JSONL; '' = pretraining on token files
@@ -142,9 +144,16 @@ def check_config(cfg, dist_info):
         errors.append(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
                       f"{dist_info.world_size} ranks; use a multiple of {dist_info.world_size} (it is the total "
                       f"over all ranks, so the tokens per step stay what the config says)")
-    for k in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "log_interval"):
+    if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
+        errors.append(f"batch_size must be positive or 'auto', got {cfg.batch_size!r}")
+    for k in ("block_size", "gradient_accumulation_steps", "eval_interval", "log_interval"):
         if getattr(cfg, k) <= 0:
             errors.append(f"{k} must be positive, got {getattr(cfg, k)}")
+    if cfg.batch_size == "auto" and cfg.sft_train_file:
+        errors.append("batch_size='auto' times token-file batches; an SFT run's padded examples need a number")
+    if cfg.batch_size == "auto" and cfg.fsdp and dist_info.enabled:
+        errors.append("batch_size='auto' times the whole model on each GPU, which FSDP exists to avoid: set a number "
+                      "(python bench.py <config> --plan on one GPU gives an upper bound)")
     if cfg.init_from == "scratch" and cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
         errors.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head gets n_embd / n_head "
                       f"dimensions; e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
@@ -414,13 +423,18 @@ def open_runtime(cfg):
     parallel = f" ({'FSDP' if fsdp else 'DDP'} over {torch.distributed.get_backend()})" if dist_info.enabled else ""
     print0(f"runtime: device={device}, dtype={str(dtype).replace('torch.', '')}, world_size={dist_info.world_size}"
            f"{parallel}, torch {torch.__version__}, numpy {np.__version__}")
+    if cfg.batch_size != "auto":  # (else printed once the search has chosen)
+        print_tokens_per_iter(cfg, dist_info, device)
+    return dist_info, device, dtype, fsdp
+
+
+def print_tokens_per_iter(cfg, dist_info, device):
     accum = cfg.gradient_accumulation_steps // dist_info.world_size
     print0(f"tokens per iteration: {cfg.gradient_accumulation_steps} accum x {cfg.batch_size} batch x "
            f"{cfg.block_size} block = {cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size:,} "
            f"({accum} micro-steps on each of {dist_info.world_size} rank(s))")
     if device.type == "cpu" and accum > 1:
         print0("note: gradient accumulation gives no speed-up on a CPU; a larger batch_size does the same math")
-    return dist_info, device, dtype, fsdp
 
 
 def resume_point(cfg, dist_info, device):
@@ -455,7 +469,9 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
     if not cfg.sft_train_file and dist_info.is_master:
         prepare_shipped(resolve_data_dir(cfg.data_dir, cfg.dataset))  # Tiny Shakespeare: one command to a model
     barrier(dist_info, device)
-    sampler, val_batches, data_meta = load_data(cfg, dist_info, meta_hint)
+    # (batch_size='auto': a placeholder batch until the search below has chosen one)
+    sampler, val_batches, data_meta = load_data(cfg if cfg.batch_size != "auto" else dataclasses.replace(
+        cfg, batch_size=1), dist_info, meta_hint)
     build_from, model_args = origin, None
     if state and not state.get("trainable_only"):  # the checkpoint holds every weight: no base to fetch
         build_from, model_args = "scratch", dict(state["model_args"], dropout=cfg.dropout)
@@ -463,6 +479,12 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
         model_args = scratch_model_args(cfg, data_meta)
     base = state.get("base") if state else ckpt_lib.base_reference(origin)
     model, partial = build_model(cfg, build_from, model_args, base=base)
+    if cfg.batch_size == "auto":  # the search needs the model; the data then comes in the chosen batches
+        import plan
+        model.to(device)
+        cfg = plan.resolve_auto_batch(cfg, model, device, dtype, dist_info)
+        print_tokens_per_iter(cfg, dist_info, device)
+        sampler, val_batches, data_meta = load_data(cfg, dist_info, meta_hint)
     if isinstance(sampler, (RandomSampler, SequentialSampler)):  # token files: their ids must fit the model
         sampler.data.check_vocab(model.config.vocab_size)
         sampler.vocab_size = model.config.vocab_size

@@ -18,6 +18,9 @@ Parts, in this order (--parts picks some):
               "~45 h on a 24 GB card" can be replaced by a measured figure
   sampling    model.generate tokens/s with the KV cache, GPT-2 124M shape, random weights, batch 1,
               greedy, in the card's autocast dtype and in float32 (TF32 matmuls)
+  plan        `bench.py --plan` for the GPU baby GPT (config/train_shakespeare_char.py, plan_iters
+              iterations, eager), then train.py with the overrides it printed: its ETA against the
+              run's wall time from process start (Tiny Shakespeare ships with the checkout)
 
 Every training row is bench.run_row, the function behind bench.py: a fresh model and fused AdamW,
 train.train_step on random tokens already on the GPU, warm-up steps untimed (compilation happens
@@ -29,7 +32,7 @@ random tokens, and torch, numpy, safetensors, tiktoken, tqdm, plus pytest for th
 Time on one H100, estimated (not yet measured: no GPU was at hand when this was written): tests
 60-90 s (collecting the suite, three tiny training runs, one NCCL subprocess); gpt2 ~150 s (eager
 ~5 s, the compile row ~60-90 s of which nearly all is compiling, the batch search <= 60 s);
-chinchilla ~120 s (inductor's on-disk cache reuses most kernels); sampling ~10 s. About 6-7 min in
+chinchilla ~120 s (inductor's on-disk cache reuses most kernels); sampling ~10 s; plan ~2 min. About 8-9 min in
 all; each part prints its seconds, and --compile=False saves the two compilations.
 
 One table at the end, every number in out_file (JSON, rewritten after each part). Exit status 1 when
@@ -65,7 +68,7 @@ from train import TrainConfig  # noqa: E402
 
 @dataclass
 class GpuCheckConfig:
-    parts: str = "tests,gpt2,chinchilla,sampling"  # comma-separated; they run in this order
+    parts: str = "tests,gpt2,chinchilla,sampling,plan"  # comma-separated; they run in this order
     compile: bool = True  # also time torch.compile'd training (one compilation per model, ~1 min each)
     warmup: int = 2  # untimed training steps per row (compilation happens in the first)
     steps: int = 10  # timed training steps per row
@@ -73,17 +76,20 @@ class GpuCheckConfig:
     search_seconds: float = 60.0  # and tries no new size after this long, keeping the largest that fitted
     sample_tokens: int = 256  # new tokens per sampling measurement (1-token prompt; <= 1023 stays in the cache)
     tests_timeout: int = 300  # seconds before the test subprocess is stopped and counted as failed
+    plan_iters: int = 2000  # the planned and run baby GPT's max_iters (~1 min on an A100-class card, estimated)
+    plan_calibration_s: float = 30.0  # the plan's micro-batch search time
     device: str = "cuda"  # which GPU, e.g. cuda:1
     seed: int = 1337
     out_file: str = "gpu_check.json"
 
 
-PARTS = ("tests", "gpt2", "chinchilla", "sampling")
+PARTS = ("tests", "gpt2", "chinchilla", "sampling", "plan")
 MODELS = {"gpt2": ("config/train_gpt2.py", "GPT-2 124M"),
           "chinchilla": ("config/train_gpt2_chinchilla.py", "GPT-2 163M untied")}
 # TrainConfig keys that shape the timed step; bench.BenchConfig uses the same names
 STEP_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout", "fast_dropout", "bias",
              "qkv_bias", "tie_weights", "activation", "activation_checkpointing", "optimizer", "grad_clip")
+PLAN_CONFIG = "config/train_shakespeare_char.py"  # the run the plan part plans, then runs
 NO_CUDA = ("gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False); run it on a machine with an "
            "NVIDIA GPU and a CUDA build of PyTorch (this is torch {})")
 
@@ -94,7 +100,7 @@ def check_config(cfg):
     errors = []
     if not parts or any(p not in PARTS for p in parts):
         errors.append(f"parts={cfg.parts!r}: expected a comma-separated list of {', '.join(PARTS)}")
-    for key in ("steps", "max_batch", "sample_tokens", "tests_timeout"):
+    for key in ("steps", "max_batch", "sample_tokens", "tests_timeout", "plan_iters"):
         if getattr(cfg, key) <= 0:
             errors.append(f"{key} must be positive, got {getattr(cfg, key)}")
     if cfg.warmup < (1 if cfg.compile else 0):
@@ -195,6 +201,14 @@ def table_rows(report):
         for r in s.get("rows", []):
             rows.append(("sampling", f"KV cache, batch 1, {r['dtype']}", f"{r['tokens_per_sec']:,.0f} tok/s "
                                                                          f"({r['new_tokens']} new tokens)"))
+    if "plan" in parts:
+        p = parts["plan"]
+        if p.get("eta_s") is not None and p.get("wall_s") is not None:
+            rows.append(("plan", f"{p['config_file']}, {p['max_iters']} iters, {p['overrides']}",
+                         f"ETA {p['eta_s']:.0f} s vs {p['wall_s']:.0f} s run: {p['eta_s'] / p['wall_s']:.2f}x "
+                         f"(micro-batch {p['batch_size']}, largest {p['largest']})"))
+        if p.get("status") != "ok":
+            rows.append(("plan", p.get("status", "error"), p.get("note", "")))
     for part, seconds in report["elapsed_s"].items():
         rows.append(("time", part, f"{seconds:.0f} s"))
     return rows
@@ -328,6 +342,38 @@ def run_sampling(cfg, device, dtype):
 
 # ----------------------------------------------------------------------------- main
 
+def run_plan(cfg, device):
+    """bench.py --plan for the baby GPT on this GPU, then train.py with the plan's overrides, both in
+    subprocesses: the plan's ETA against the wall time of the run it planned."""
+    import json
+    import tempfile
+    config_file = PLAN_CONFIG
+    with tempfile.TemporaryDirectory() as tmp:
+        common = [str(ROOT / config_file), f"--max_iters={cfg.plan_iters}", f"--lr_decay_iters={cfg.plan_iters}",
+                  "--compile=False", f"--device={device}", f"--out_dir={tmp}/out"]
+        plan_file = Path(tmp) / "plan.json"
+        print(f"plan: bench.py {config_file} --plan, then train.py with its overrides", flush=True)
+        p = subprocess.run([sys.executable, str(ROOT / "bench.py"), *common, "--plan", f"--calibration_s={cfg.plan_calibration_s}",
+                            f"--plan_file={plan_file}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        print(p.stdout[-3000:] + p.stderr[-3000:])
+        if p.returncode:
+            return {"status": "failed", "note": f"bench.py --plan exit {p.returncode}: "
+                                                f"{(p.stderr.strip().splitlines() or [''])[-1]}"}
+        planned = json.loads(plan_file.read_text())
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *planned["overrides"].split()], cwd=ROOT,
+                           capture_output=True, text=True, timeout=1800)
+        wall = time.perf_counter() - t0
+        print("\n".join(r.stdout.strip().splitlines()[-5:]) + r.stderr[-3000:])
+    result = {"status": "ok" if r.returncode == 0 else "failed", "config_file": config_file,
+              "max_iters": cfg.plan_iters, "overrides": planned["overrides"], "batch_size": planned["batch_size"],
+              "largest": planned["largest_micro_batch"], "eta_s": planned["eta_seconds"], "wall_s": wall,
+              "calibration_s": planned["calibration_seconds"], "trials": planned["trials"]}
+    if r.returncode:
+        result["note"] = f"train.py exit {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1]}"
+    return result
+
+
 def main(cfg):
     if not torch.cuda.is_available():
         raise SystemExit(NO_CUDA.format(torch.__version__))
@@ -360,6 +406,8 @@ def main(cfg):
                 result = run_tests(cfg, device)
             elif part in MODELS:
                 result = run_model(cfg, part, device, dtype, peak)
+            elif part == "plan":
+                result = run_plan(cfg, device)
             else:
                 result = run_sampling(cfg, device, dtype)
         except Exception as e:  # noqa: BLE001 -- one broken part must not hide the others' numbers;

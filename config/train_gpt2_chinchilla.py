@@ -7,6 +7,8 @@
 #   python train.py config/train_gpt2_chinchilla.py
 # 6 batch x 1024 block x 80 accum = 491,520 tokens/iter (~0.5M, as GPT-3 small);
 # 3.26e9 / 491,520 = 6,632 iters, one epoch; sequential sampling reads every window once.
+# Plan it on your card first: python bench.py config/train_gpt2_chinchilla.py --plan (micro-batch,
+# accumulation, validation budget, disk, ETA), or let train.py pick the micro-batch: --batch_size=auto.
 # Time, assuming ~20k tokens/s (an RTX 3090 in bf16, compiled): 491,520 / 20,000 = 24.6 s/iter,
 # 6,632 x 24.6 s = 163,000 s ~ 45 h. Check your own tokens/s in the first log lines and scale.
 # Evaluation and a checkpoint every 75 iters = 75 x 24.6 s ~ 31 min of GPU time (88 in the run).

@@ -368,3 +368,26 @@ def test_the_parts_run_on_a_cpu_and_fill_the_table(gpu_check, monkeypatch, tmp_p
     assert gpu_check.problems(report) == ["tests: failed"]
     model["rows"][0] |= {"status": "error", "note": "RuntimeError: boom"}
     assert gpu_check.problems(report)[1] == "gpt2: float32 batch 2 compile=False: RuntimeError: boom"
+
+
+def test_the_plan_part_plans_a_run_then_runs_it(gpu_check, monkeypatch, tmp_path):
+    """gpu_check's plan part on the CPU: bench.py --plan, then train.py with the overrides it printed."""
+    import sys as _sys
+    _sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import char_dataset
+    data = char_dataset(tmp_path / "data", 60_000)
+    tiny_cfg = tmp_path / "tiny.py"
+    tiny_cfg.write_text(f"data_dir = {str(data)!r}\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 32\n"
+                        "batch_size = 4\ngradient_accumulation_steps = 2\neval_interval = 10\neval_iters = 2\n"
+                        "dropout = 0.0\nwarmup_iters = 2\n")
+    monkeypatch.setattr(gpu_check, "PLAN_CONFIG", str(tiny_cfg))
+    cfg = gpu_check.GpuCheckConfig(plan_iters=20, plan_calibration_s=2.0)
+    result = gpu_check.run_plan(cfg, torch.device("cpu"))
+    assert result["status"] == "ok", result.get("note")
+    assert result["eta_s"] > 0 and result["wall_s"] > 0 and result["overrides"].startswith("--batch_size=")
+    assert result["batch_size"] * int(result["overrides"].split("--gradient_accumulation_steps=")[1].split()[0]) == 8
+    report = {"gpu": {"name": "Test GPU", "capability": "9.0", "memory_bytes": 80 * 2**30}, "dtype": "float32",
+              "peak_flops": {}, "parts": {"plan": result}, "elapsed_s": {}}
+    (part, what, res), = [r for r in gpu_check.table_rows(report) if r[0] == "plan"]
+    assert what == f"{tiny_cfg}, 20 iters, {result['overrides']}" and res.startswith("ETA ")
+    assert f"{result['eta_s'] / result['wall_s']:.2f}x" in res and gpu_check.problems(report) == []

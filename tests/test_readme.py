@@ -74,7 +74,10 @@ def test_readme_command_parses(lineno, argv, monkeypatch):
             assert (ROOT / a).is_file(), f"README line {lineno}: config file {a} does not exist"
     monkeypatch.syspath_prepend(str(script.parent))  # as `python <script>` puts its folder first
     module = load_script(script)
-    if script.name == "bench.py":
+    if script.name == "bench.py" and module.wants_plan(args):
+        import plan
+        configurator.parse_config(plan.PlanConfig, [a for a in args if a != "--plan"])
+    elif script.name == "bench.py":
         module.parse_args(args)
     elif script.name == "plot.py":
         configurator.parse_config(module.PlotConfig, args, positional="run_dirs")
