@@ -92,7 +92,9 @@ def _readme_outputs():
         if "out_dir" in ns:
             paths.add(f"{ns['out_dir']}/x")
     import eval as eval_script
+    import plan
     paths.add(eval_script.EvalConfig().out_file)
+    paths.add(plan.PlanConfig().plan_file)  # bench.py --plan
     return paths | WRITTEN | {"out-shakespeare-hf/x", "gpt2-hf/x"}  # export_hf's default, the offline hint's copy
 
 
