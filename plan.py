@@ -579,6 +579,7 @@ def main(cfg):
         print("note: compile=True: the search times eager steps (compiling every micro-batch would take minutes); "
               "a compiled run is usually faster, so the ETA below is an upper bound")
 
+    t_calibration = time.perf_counter()
     result = search(model, cfg, device, dtype, per_rank, cfg.calibration_s, max_memory_gb=cfg.max_memory_gb)
     b, per_iter = compare_iterations(model, cfg, device, dtype, result["trials"], per_rank,
                                         CONFIRM * cfg.calibration_s)
@@ -591,10 +592,14 @@ def main(cfg):
           f"gradient_accumulation_steps={accum}, {tokens_per_step:,} tokens per step as configured; "
           f"{iter_s:.3f} s per iteration (the median of {n_timed} timed one after another)")
     evals = plan_validation(cfg, model, device, dtype, b, block, iter_s)
+    calibrated_s = time.perf_counter() - t_calibration
+    print(f"calibration: {calibrated_s:.0f} s in all (the search, the comparison, the iterations and validation "
+          f"timed; each takes a few steps at least, so a slow device runs past calibration_s={cfg.calibration_s:g})")
 
     plan = {"config": dataclasses.asdict(cfg), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "ranks": ranks, "n_params": model.get_num_params(), "trials": result["trials"],
-            "largest_micro_batch": result["largest"], "calibration_seconds": result["seconds"],
+            "largest_micro_batch": result["largest"], "search_seconds": result["seconds"],
+            "calibration_seconds": calibrated_s,
             "iteration_seconds_by_micro_batch": per_iter,
             "memory_budget_bytes": result["budget_bytes"], "batch_size": b, "gradient_accumulation_steps": accum,
             "tokens_per_step": tokens_per_step, "seconds_per_iter": iter_s, "tokens_per_sec": tokens_per_step / iter_s,

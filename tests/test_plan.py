@@ -143,6 +143,7 @@ def test_the_plan_adds_up_and_its_checkpoint_size_is_what_train_writes(tmp_path,
     assert p["cost"] == pytest.approx(p["eta_seconds"] / 3600 * 2.0)
     assert p["budget"]["max_iters"] == int(3600 * (1 - p["eval_seconds"] / p["eta_seconds"]) // p["seconds_per_iter"])
     assert p["disk_bytes"] == p["checkpoint_bytes"] * p["checkpoints_on_disk"]
+    assert p["calibration_seconds"] >= p["search_seconds"] > 0
     assert p["overrides"] == (f"--batch_size={b} --gradient_accumulation_steps={accum} --eval_iters={p['eval_iters']} "
                               f"--eval_interval={p['eval_interval']}")
     # the checkpoint train.py writes for this config holds what the plan counted (safetensors adds headers)
