@@ -63,7 +63,8 @@ from model import GPT, GPTConfig
 from optimizers import optimizer_problems
 from plan import find_max_batch
 from runtime import (Dist, OverBudget, autocast, compile_reason, cpu_model, free_memory, is_oom, make_scaler,
-                     peak_flops, pick_device, pick_dtype, seed_everything, setup_backends, synchronize)
+                     peak_flops, pick_device, pick_dtype, proc_status_bytes, reset_peak_rss, seed_everything,
+                     setup_backends, synchronize)
 from train import TrainConfig, make_optimizer, train_step
 
 
@@ -199,14 +200,6 @@ def compile_settings(cfg, device):
 
 # ----------------------------------------------------------------------------- device memory and clock
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
-
-
 class PeakMemory:
     """Peak memory of one row (see the file's docstring for what each device's number means)."""
 
@@ -216,26 +209,21 @@ class PeakMemory:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             self.baseline = 0  # max_memory_allocated counts tensors only: nothing of ours is alive now
-        elif device.type == "cpu":
-            try:  # '5' resets VmHWM to the current RSS (Linux >= 4.0)
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.baseline, self.rss_ok = _status_kb("VmRSS"), True
-            except OSError:
-                pass
+        elif device.type == "cpu" and reset_peak_rss():
+            self.baseline, self.rss_ok = proc_status_bytes("VmRSS"), True
 
     def peak(self):
         """Bytes this row has needed at most so far, or None where it cannot be measured."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return max(0, _status_kb("VmHWM") - self.baseline) if self.rss_ok else None
+        return max(0, proc_status_bytes("VmHWM") - self.baseline) if self.rss_ok else None
 
     def peak_rss(self):
         """The process's resident high-water mark: this row's when reset worked, else the lifetime's."""
         if self.device.type != "cpu":
             return None
         if self.rss_ok:
-            return _status_kb("VmHWM")
+            return proc_status_bytes("VmHWM")
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, kB on Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 

@@ -41,7 +41,8 @@ import torch
 import configurator
 import memory
 from configurator import UserError
-from runtime import Dist, OverBudget, autocast, free_memory, is_oom, make_scaler, synchronize
+from runtime import (Dist, OverBudget, autocast, free_memory, is_oom, make_scaler, proc_status_bytes,
+                     reset_peak_rss, synchronize)
 from train import TrainConfig, make_optimizer, train_step
 
 CONFIRM = 0.15  # then time whole iterations of the best candidates for this share of calibration_s
@@ -107,7 +108,7 @@ class MemoryGauge:
         self.device = device
         tensors = list(model.parameters()) + list(model.buffers())  # a tied weight once
         self.held = sum(t.numel() * t.element_size() for t in tensors)  # resident already
-        self.rss0 = _rss("VmRSS") if device.type == "cpu" else None
+        self.rss0 = proc_status_bytes("VmRSS") if device.type == "cpu" else None
         available = memory.device_memory(device)
         if max_memory_gb:
             self.budget = int(max_memory_gb * 2**30)
@@ -120,27 +121,14 @@ class MemoryGauge:
         free_memory(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.rss0 is not None:
-            try:  # '5' resets VmHWM to the current RSS (Linux >= 4.0)
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                self.rss0 = None
+        elif self.rss0 is not None and not reset_peak_rss():
+            self.rss0 = None
 
     def peak(self):
         """Bytes at most since reset(), or None where that cannot be measured (macOS, MPS)."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return None if self.rss0 is None else self.held + max(0, _rss("VmHWM") - self.rss0)
-
-
-def _rss(field):
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        return None if self.rss0 is None else self.held + max(0, proc_status_bytes("VmHWM") - self.rss0)
 
 
 def still_optimizer(model, cfg, device):
@@ -150,6 +138,16 @@ def still_optimizer(model, cfg, device):
     for group in optimizer.param_groups:
         group["lr"] = 0.0
     return optimizer
+
+
+def timed_step(model, optimizer, scaler, batches, ctx, grad_clip, device):
+    """Seconds of one train.train_step over batches, the device synchronised before each clock read
+    (CUDA work is asynchronous: PITFALLS 20)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    train_step(model, optimizer, scaler, batches, ctx, grad_clip, Dist(), device)
+    synchronize(device)
+    return time.perf_counter() - t0
 
 
 def random_batches(model, batch_size, block, n, device):
@@ -184,7 +182,7 @@ def search(model, cfg, device, dtype, sequences_per_rank, time_s, min_timed_s=1.
         elif gauge.budget and trial["estimate_bytes"] > gauge.budget:  # not tried: it could swap or kill the machine
             trial.update(status="oom", note=f"estimate over the {gauge.budget / 2**30:.2f} GB budget, not tried")
         else:
-            _time_trial(trial, model, optimizer, scaler, ctx, device, block, gauge, min_timed_s)
+            _time_trial(trial, model, optimizer, scaler, ctx, device, block, gauge, min_timed_s, cfg.grad_clip)
         log(format_trial(trial))
         return trial
 
@@ -207,7 +205,7 @@ def search(model, cfg, device, dtype, sequences_per_rank, time_s, min_timed_s=1.
             "budget_bytes": gauge.budget, "block_size": block}
 
 
-def _time_trial(trial, model, optimizer, scaler, ctx, device, block, gauge, min_timed_s):
+def _time_trial(trial, model, optimizer, scaler, ctx, device, block, gauge, min_timed_s, grad_clip):
     """One warm-up step, then timed steps until min_timed_s has passed (at least 2, at most 20).
     Out of memory, and over the budget, are the trial's result."""
     b = trial["batch_size"]
@@ -216,11 +214,7 @@ def _time_trial(trial, model, optimizer, scaler, ctx, device, block, gauge, min_
     times = []
     try:
         while len(times) < 21 and (len(times) < 3 or sum(times[1:]) < min_timed_s):
-            synchronize(device)
-            t0 = time.perf_counter()
-            train_step(model, optimizer, scaler, batches, ctx, 0.0, Dist(), device)
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
+            times.append(timed_step(model, optimizer, scaler, batches, ctx, grad_clip, device))
             peak = gauge.peak()
             if gauge.budget and peak and peak > gauge.budget:
                 raise OverBudget(f"measured {peak / 2**30:.2f} GB over the {gauge.budget / 2**30:.2f} GB budget")
@@ -286,12 +280,9 @@ def compare_iterations(model, cfg, device, dtype, trials, sequences_per_rank, ti
     while not runs[candidates[0]["batch_size"]][2] or time.perf_counter() - t_start < time_s:
         for batches, scale, times in runs.values():  # a turn: 3 steps, the first one untimed
             for i in range(3):
-                synchronize(device)
-                t0 = time.perf_counter()
-                train_step(model, optimizer, scaler, batches, ctx, cfg.grad_clip, Dist(), device)
-                synchronize(device)
+                seconds = timed_step(model, optimizer, scaler, batches, ctx, cfg.grad_clip, device)
                 if i:
-                    times.append((time.perf_counter() - t0) * scale)
+                    times.append(seconds * scale)
     del optimizer
     free_memory(device)
     per_iter = {b: statistics.median(times) for b, (_, _, times) in runs.items()}
@@ -312,11 +303,7 @@ def time_iterations(model, cfg, device, dtype, batch_size, sequences_per_rank, m
     batches = random_batches(model, batch_size, block, per_step, device)
     times, t_start = [], time.perf_counter()
     while len(times) < 4 or time.perf_counter() - t_start < time_s:
-        synchronize(device)
-        t0 = time.perf_counter()
-        train_step(model, optimizer, scaler, batches, ctx, cfg.grad_clip, Dist(), device)
-        synchronize(device)
-        times.append((time.perf_counter() - t0) * micro_steps / per_step)
+        times.append(timed_step(model, optimizer, scaler, batches, ctx, cfg.grad_clip, device) * micro_steps / per_step)
     del optimizer
     free_memory(device)
     return statistics.median(times[1:]), len(times) - 1
@@ -400,23 +387,21 @@ def eval_budget(cfg, iter_s, eval_batch_s, val_batches, share):
     return max(1, allowed(cfg.max_iters)), cfg.max_iters  # at iteration 0 and the end only
 
 
-def val_batch_count(cfg, batch_size, block_size):
-    """Batches of the whole validation split (eval_iters=0), or None when the data is not prepared yet."""
+def val_windows(cfg, block_size):
+    """Windows of the whole validation split (eval_iters=0) as dataloader.eval_batches cuts them, or None
+    when the data is not prepared yet."""
     from dataloader import TokenData, resolve_data_dir
     try:
         val = TokenData(resolve_data_dir(cfg.data_dir, cfg.dataset), "val")
     except (OSError, ValueError):
         return None
-    windows = sum(len(range(0, n - block_size, block_size)) for n in val.lengths)
-    return math.ceil(windows / batch_size)
+    return sum(len(range(0, n - block_size, block_size)) for n in val.lengths)
 
 
 def time_eval_batch(model, device, dtype, batch_size, block_size, n=3):
     """Seconds of one validation batch through evaluation.evaluate_loss, median of n after a warm-up."""
     import evaluation
-    vocab = model.config.vocab_size
-    g = torch.Generator(device=device).manual_seed(0)
-    batch = [(torch.randint(0, vocab, (batch_size, block_size), device=device, generator=g),) * 2]
+    batch = random_batches(model, batch_size, block_size, 1, device)
     ctx, times = autocast(device, dtype), []
     for i in range(n + 1):
         synchronize(device)
@@ -511,11 +496,13 @@ def check_disk(cfg, model, partial):
             "free_disk_bytes": free}
 
 
-def plan_validation(cfg, model, device, dtype, b, block, iter_s):
-    """Time a validation batch of b and fit eval_iters / eval_interval to eval_share (eval_budget)."""
+def plan_validation(cfg, model, device, dtype, b, block, iter_s, windows):
+    """Time a validation batch of b and fit eval_iters / eval_interval to eval_share (eval_budget).
+    windows: val_windows' count, or None."""
     eval_batch_s = time_eval_batch(model, device, dtype, b, block)
-    eval_iters, eval_interval = eval_budget(cfg, iter_s, eval_batch_s, val_batch_count(cfg, b, block), cfg.eval_share)
-    n_batches = eval_iters if eval_iters > 0 else val_batch_count(cfg, b, block)
+    whole = None if windows is None else math.ceil(windows / b)  # batches of the whole split
+    eval_iters, eval_interval = eval_budget(cfg, iter_s, eval_batch_s, whole, cfg.eval_share)
+    n_batches = eval_iters if eval_iters > 0 else whole
     n_evals = count_evaluations(cfg.max_iters, eval_interval)
     total = n_evals * n_batches * eval_batch_s
     print(f"validation: {eval_batch_s * 1000:.1f} ms per batch of {b}; eval_iters={eval_iters} ({n_batches} batches"
@@ -572,7 +559,8 @@ def main(cfg):
           f" trained) on {device}, {str(dtype).replace('torch.', '')}; {cfg.gradient_accumulation_steps} accum x "
           f"{configured} batch = {per_rank * ranks} sequences x {block} tokens per step over {ranks} rank(s)")
     disk = check_disk(cfg, model, partial)  # first: it needs no timing
-    if cfg.eval_iters <= 0 and val_batch_count(cfg, 1, block) is None:
+    windows = val_windows(cfg, block)
+    if cfg.eval_iters <= 0 and windows is None:
         raise UserError(f"eval_iters=0 evaluates the whole validation split, which is not prepared yet "
                         f"({cfg.data_dir or 'data/' + cfg.dataset}): prepare the data first, or set --eval_iters")
     if cfg.compile:
@@ -591,7 +579,7 @@ def main(cfg):
     print(f"micro-batch: {b} (largest that fits: {result['largest']}; searched in {result['seconds']:.1f} s) -> "
           f"gradient_accumulation_steps={accum}, {tokens_per_step:,} tokens per step as configured; "
           f"{iter_s:.3f} s per iteration (the median of {n_timed} timed one after another)")
-    evals = plan_validation(cfg, model, device, dtype, b, block, iter_s)
+    evals = plan_validation(cfg, model, device, dtype, b, block, iter_s, windows)
     calibrated_s = time.perf_counter() - t_calibration
     print(f"calibration: {calibrated_s:.0f} s in all (the search, the comparison, the iterations and validation "
           f"timed; each takes a few steps at least, so a slow device runs past calibration_s={cfg.calibration_s:g})")

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -463,6 +464,27 @@ def free_memory(device):
         with contextlib.suppress(OSError, AttributeError):
             import ctypes
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the next row's RSS starts low
+
+
+def proc_status_bytes(field):
+    """A memory field of /proc/self/status ('VmRSS', 'VmHWM') in bytes, or None where there is none (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss():
+    """Reset the process's resident high-water mark (VmHWM) to its current RSS: True where that worked
+    (Linux >= 4.0, writing '5' to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return proc_status_bytes("VmRSS") is not None
 
 
 def is_oom(err):

@@ -64,7 +64,7 @@ def test_a_memory_cap_stops_at_the_batch_the_estimate_allows(tmp_path, monkeypat
     cfg = plan_config(tmp_path)
     est = [memory.estimate_training_memory(model, b, 32)["total"] for b in range(1, 40)]
     cap = (est[10] + est[11]) / 2  # micro-batch 11 fits, 12 does not
-    monkeypatch.setattr(plan, "_rss", lambda field: None)  # estimates only: no CPU RSS measurement
+    monkeypatch.setattr(plan, "proc_status_bytes", lambda field: None)  # estimates only: no CPU RSS measurement
     result = plan.search(model, cfg, torch.device("cpu"), torch.float32, 64, time_s=60, min_timed_s=0.0,
                          max_memory_gb=cap / 2**30)
     assert result["largest"] == 11 and abs(result["budget_bytes"] - cap) <= 1

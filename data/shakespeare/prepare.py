@@ -2,7 +2,7 @@
 Tiny Shakespeare in GPT-2 BPE: train.bin / val.bin (uint16) and meta.json, for fine-tuning GPT-2.
 
     python data/shakespeare/prepare.py                                      # writes data/shakespeare/
-    python data/shakespeare/prepare.py --out_dir=/tmp/bpe --input=my_play.txt
+    python data/shakespeare/prepare.py --out_dir=data/my_play --input=my_play.txt
 
 The text is the copy that ships in data/shakespeare_char/input.txt, so nothing is downloaded;
 train.py runs this by itself when the token files are missing. The split is nanoGPT's: the first

@@ -2,7 +2,7 @@
 Tiny Shakespeare as characters: train.bin / val.bin (uint16) and meta.json, nanoGPT's 90/10 split.
 
     python data/shakespeare_char/prepare.py                                 # writes data/shakespeare_char/
-    python data/shakespeare_char/prepare.py --out_dir=/tmp/chars --input=my_play.txt
+    python data/shakespeare_char/prepare.py --out_dir=data/my_play_chars --input=my_play.txt
 
 The text ships beside this file (input.txt, 1,115,394 bytes), so nothing is downloaded; train.py runs
 this by itself when the token files are missing. Result: 65 symbols, 1,003,854 train and 111,540 val
