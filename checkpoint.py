@@ -385,6 +385,7 @@ def save_run(run, is_best=False, hash_files=True):
         return
     state = {"iter_num": run.iter_num, "tokens_seen": run.tokens_seen,
              "best_val_loss": run.best_val if math.isfinite(run.best_val) else None,
+             "best_iter": run.best_iter, "evals_since_best": run.evals_since_best,
              "config": dataclasses.asdict(run.cfg) | {"init_from": run.origin, "resume_from": ""},
              "model_args": dataclasses.asdict(run.model.config), "sampler": sampler_ranks[0],
              "sampler_ranks": sampler_ranks, "rng": rng_state(),
@@ -418,6 +419,7 @@ def restore_run(run, ckpt_dir, state):
         print0("resume: the checkpoint has no data position or RNG state; sampling starts afresh")
     run.iter_num, run.tokens_seen = state["iter_num"], state["tokens_seen"]
     run.best_val = state["best_val_loss"] if state["best_val_loss"] is not None else float("inf")
+    run.best_iter, run.evals_since_best = state.get("best_iter"), state.get("evals_since_best", 0)
     run.wandb_id = state.get("wandb_run_id")
     run.saved_at = run.iter_num
 

@@ -306,39 +306,57 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 generator=None, use_cache=True):
-        """Continue idx (B, T) by max_new_tokens tokens. temperature 0 is greedy decoding.
+                 generator=None, use_cache=True, stop_id=None):
+        """Continue idx (B, T) by up to max_new_tokens tokens. temperature 0 is greedy decoding.
 
         With use_cache the prompt is prefilled once and each new token costs one position; without
         it every step recomputes the (cropped) context. Both give identical tokens. Once the
         sequence outgrows block_size the positions shift every step, so it recomputes the window.
+        stop_id (e.g. <|endoftext|>): a row that has produced it is filled with it from then on, and
+        generation ends early once every row has (the result may then be shorter).
         """
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_id))
+        return torch.cat([idx] + new, dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+               use_cache=True, stop_id=None):
+        """generate() one token at a time: yields each new column (B, 1) as soon as it is chosen,
+        for chat that prints as it goes. The model is in eval mode while the generator runs."""
         was_training = self.training
         self.eval()
         cfg = self.config
         cache = None
-        for _ in range(max_new_tokens):
-            if use_cache and idx.size(1) <= cfg.block_size:
-                if cache is None:
-                    # the cache holds k and v as they arrive: in autocast's compute dtype when autocast
-                    # is on (c_attn's output is bf16/fp16 there, and a float32 cache would cost twice
-                    # the memory and a cast per token and layer), else in the weights' dtype
-                    dev = idx.device.type
-                    dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-                             else next(self.parameters()).dtype)
-                    cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_head, cfg.block_size,
-                                    cfg.n_embd // cfg.n_head, idx.device, dtype)
-                    logits, _ = self(idx, kv_cache=cache)  # prefill with the whole prompt
+        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device) if stop_id is not None else None
+        try:
+            for _ in range(max_new_tokens):
+                if use_cache and idx.size(1) <= cfg.block_size:
+                    if cache is None:
+                        # the cache holds k and v as they arrive: in autocast's compute dtype when autocast
+                        # is on (c_attn's output is bf16/fp16 there, and a float32 cache would cost twice
+                        # the memory and a cast per token and layer), else in the weights' dtype
+                        dev = idx.device.type
+                        dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                                 else next(self.parameters()).dtype)
+                        cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_head, cfg.block_size,
+                                        cfg.n_embd // cfg.n_head, idx.device, dtype)
+                        logits, _ = self(idx, kv_cache=cache)  # prefill with the whole prompt
+                    else:
+                        logits, _ = self(idx[:, -1:], kv_cache=cache)  # one new position
                 else:
-                    logits, _ = self(idx[:, -1:], kv_cache=cache)  # one new position
-            else:
-                logits, _ = self(idx[:, -cfg.block_size:])
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, next_id), dim=1)
-            if cache is not None and idx.size(1) > cfg.block_size:
-                cache = None  # the cropped window no longer starts at position 0
-        self.train(was_training)
-        return idx
+                    logits, _ = self(idx[:, -cfg.block_size:])
+                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                if done is not None:
+                    next_id = next_id.masked_fill(done, stop_id)
+                    done = done | (next_id == stop_id)
+                idx = torch.cat((idx, next_id), dim=1)
+                if cache is not None and idx.size(1) > cfg.block_size:
+                    cache = None  # the cropped window no longer starts at position 0
+                yield next_id
+                if done is not None and bool(done.all()):  # one host sync per token, only with stop_id
+                    break
+        finally:
+            self.train(was_training)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configurator import UserError
+from configurator import MissingFile, UserError
 from dataloader import EpochOrder
 
 # Stanford Alpaca's prompt format (Taori et al. 2023), with and without the optional input
@@ -68,12 +68,23 @@ def load_examples(path, template=None):
     `template`, a format string with {instruction} and {input} fields (None or '' for Alpaca's).
     Bad records raise one ValueError naming the file, the line and the missing fields.
     """
-    path = Path(path)
+    check_template(template)
+    return [format_example(r, template) for r in read_records(path)]
+
+
+def check_template(template):
+    """An instruction template (sft_template) must use {instruction} and may use {input}, nothing else."""
     if template and "instruction" not in _template_fields(template, ("instruction", "input"), "sft_template"):
         raise UserError(f"sft_template {template!r} must contain {{instruction}}")
+
+
+def read_records(path):
+    """The records of an SFT file, checked: {"prompt", "completion"} or {"instruction", "input", "output"}
+    ("input" '' when absent). load_examples formats them; the judge needs their fields apart."""
+    path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file; SFT data is JSONL with prompt/completion or "
-                         f"instruction/input/output records (see data/classify/make_synthetic.py)")
+        raise MissingFile(f"{path}: no such file; SFT data is JSONL with prompt/completion or "
+                          f"instruction/input/output records (python data/instruct/prepare.py writes some)")
     text = path.read_text(encoding="utf-8")
     errors, records = [], []
     if text.lstrip().startswith("["):
@@ -89,10 +100,10 @@ def load_examples(path, template=None):
                 records.append((f"line {lineno}", json.loads(line)))
             except json.JSONDecodeError as e:
                 errors.append(f"line {lineno}: not valid JSON ({e.msg})")
-    examples = []
+    checked = []
     for where, r in records:
         try:
-            examples.append(_example(r, template))
+            checked.append(_record(r))
         except ValueError as e:
             errors.append(f"{where}: {e}")
     if errors:
@@ -100,12 +111,12 @@ def load_examples(path, template=None):
         raise UserError(f"{path}: {len(errors)} bad record(s); each needs prompt+completion or "
                          f"instruction+output (Alpaca) string fields:\n  "
                          + "\n  ".join(errors[:MAX_ERRORS]) + more)
-    if not examples:
+    if not checked:
         raise UserError(f"{path}: holds no examples")
-    return examples
+    return checked
 
 
-def _example(r, template):
+def _record(r):
     if not isinstance(r, dict):
         raise UserError(f"expected a JSON object, got {type(r).__name__}")
     if "prompt" in r or "completion" in r:
@@ -122,8 +133,25 @@ def _example(r, template):
     inp = r.get("input") or ""
     if not isinstance(inp, str):
         raise UserError(f"field 'input' must be a string, got {type(inp).__name__}")
-    fmt = template or (ALPACA_TEMPLATE if inp.strip() else ALPACA_TEMPLATE_NO_INPUT)
-    return {"prompt": fmt.format(instruction=r["instruction"], input=inp), "completion": r["output"]}
+    return {"instruction": r["instruction"], "input": inp, "output": r["output"]}
+
+
+def prompt_templates(template=None):
+    """The prompt formats a run applies to instruction records, as recorded in its checkpoint (data_meta)
+    so that chat and the judge wrap an instruction exactly as training did: {"input": ..., "no_input": ...}."""
+    if template:
+        return {"input": template, "no_input": template}
+    return {"input": ALPACA_TEMPLATE, "no_input": ALPACA_TEMPLATE_NO_INPUT}
+
+
+def format_example(r, template=None):
+    """A record of read_records as {"prompt", "completion"}: instruction records through `template`
+    (prompt_templates: Alpaca's when None), prompt/completion records as they are."""
+    if "prompt" in r:
+        return {"prompt": r["prompt"], "completion": r["completion"]}
+    formats = prompt_templates(template)
+    fmt = formats["input"] if r["input"].strip() else formats["no_input"]
+    return {"prompt": fmt.format(instruction=r["instruction"], input=r["input"]), "completion": r["output"]}
 
 
 # ----------------------------------------------------------------------------- tokens and masks
@@ -309,11 +337,8 @@ def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=
                         template=None, batch_size=16, seed=0):
     """Greedy generation of each example's completion; exact-match accuracy, per-class table, confusion.
 
-    Generation: model.generate with temperature 0 (greedy, KV cache). Prompts of equal token length
-    share a batch (no padding, so a batch gives the same tokens as one at a time up to float rounding).
-    A prompt longer than block_size - max_new_tokens (but at least half the window) keeps its tail, so
-    the answer is generated without the window sliding; the count is reported as n_cropped.
-    Answer: the generated text up to the first end-of-text token; when the gold completion is one
+    Generation: generate_answers (greedy, KV cache, equal-length prompts batched; n_cropped counts the
+    prompts cut to fit the window). Answer: the text up to the first end-of-text token; when the gold completion is one
     line (labels, short answers), leading whitespace is dropped and the answer ends at the first
     newline. Prediction and gold are compared after normalize() (whitespace and case).
     Classes: when the gold completions take at most 20 distinct values, a per-class table (n,
@@ -328,41 +353,12 @@ def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=
         raise UserError("evaluate_generation: no examples")
     if k_shot > 0 and not shots:
         raise UserError(f"k_shot={k_shot} needs shot examples (the training file), got none")
-    ctx = ctx if ctx is not None else nullcontext()
-    device = torch.device(device)
     chosen = choose_shots(shots, k_shot, seed, exclude=[e["prompt"] for e in examples]) if k_shot > 0 else []
     prefix = few_shot_prefix(chosen, template) if k_shot > 0 else ""
-    block_size = model.config.block_size
-    max_prompt = max(block_size - max_new_tokens, block_size // 2)
-    prompts, n_cropped = [], 0
-    for i, ex in enumerate(examples):
-        ids = list(tokenizer.encode(prefix + ex["prompt"]))
-        if not ids:  # generation needs a first token: GPT-2 documents start after <|endoftext|>
-            if tokenizer.eot is None:
-                raise UserError(f"example {i} has an empty prompt: give it a prompt to generate from")
-            ids = [tokenizer.eot]
-        if len(ids) > max_prompt:
-            ids, n_cropped = ids[-max_prompt:], n_cropped + 1
-        prompts.append(ids)
-
-    generated = [None] * len(examples)
-    by_len = {}
-    for i, ids in enumerate(prompts):
-        by_len.setdefault(len(ids), []).append(i)
-    for n, idxs in sorted(by_len.items()):
-        for j in range(0, len(idxs), batch_size):
-            chunk = idxs[j:j + batch_size]
-            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
-            with ctx:
-                out = model.generate(idx, max_new_tokens, temperature=0.0)
-            for i, row in zip(chunk, out[:, n:].tolist()):
-                generated[i] = row
-
+    texts, n_cropped = generate_answers(model, tokenizer, [prefix + ex["prompt"] for ex in examples], device, ctx,
+                                        max_new_tokens, batch_size)
     predictions, golds = [], []
-    for ex, ids in zip(examples, generated):
-        if tokenizer.eot is not None and tokenizer.eot in ids:
-            ids = ids[:ids.index(tokenizer.eot)]
-        text = tokenizer.decode(ids)
+    for ex, text in zip(examples, texts):
         if "\n" not in ex["completion"].strip():
             text = text.lstrip().split("\n", 1)[0]
         predictions.append(normalize(text))
@@ -377,6 +373,50 @@ def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=
     if len(counts) <= MAX_LABELS:
         result.update(_classes(golds, predictions, counts))
     return result
+
+
+def generate_answers(model, tokenizer, prompts, device, ctx, max_new_tokens, batch_size=16):
+    """Greedy answers to text prompts: (texts, n_cropped). Each text is what the model generated up
+    to its first end-of-text token.
+
+    Prompts of equal token length share a batch (no padding, so a batch gives the same tokens as one
+    at a time up to float rounding), and a batch ends once every row has produced end-of-text. A
+    prompt longer than block_size - max_new_tokens (but at least half the window) keeps its tail, so
+    the answer is generated without the window sliding; n_cropped counts them. An empty prompt starts
+    from end-of-text, as GPT-2 documents do.
+    """
+    ctx = ctx if ctx is not None else nullcontext()
+    device = torch.device(device)
+    block_size = model.config.block_size
+    max_prompt = max(block_size - max_new_tokens, block_size // 2)
+    encoded, n_cropped = [], 0
+    for i, text in enumerate(prompts):
+        ids = list(tokenizer.encode(text))
+        if not ids:  # generation needs a first token: GPT-2 documents start after <|endoftext|>
+            if tokenizer.eot is None:
+                raise UserError(f"example {i} has an empty prompt: give it a prompt to generate from")
+            ids = [tokenizer.eot]
+        if len(ids) > max_prompt:
+            ids, n_cropped = ids[-max_prompt:], n_cropped + 1
+        encoded.append(ids)
+    generated = [None] * len(prompts)
+    by_len = {}
+    for i, ids in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    for n, idxs in sorted(by_len.items()):
+        for j in range(0, len(idxs), batch_size):
+            chunk = idxs[j:j + batch_size]
+            idx = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
+            with ctx:
+                out = model.generate(idx, max_new_tokens, temperature=0.0, stop_id=tokenizer.eot)
+            for i, row in zip(chunk, out[:, n:].tolist()):
+                generated[i] = row
+    texts = []
+    for ids in generated:
+        if tokenizer.eot is not None and tokenizer.eot in ids:
+            ids = ids[:ids.index(tokenizer.eot)]
+        texts.append(tokenizer.decode(ids))
+    return texts, n_cropped
 
 
 def _classes(golds, predictions, counts):

@@ -46,6 +46,7 @@ class TrainConfig:
     eval_iters: int = 200  # batches of the fixed validation set per evaluation; 0 = the whole split
     eval_only: bool = False  # evaluate once and exit
     always_save_checkpoint: bool = True  # save at each evaluation; False = only when val improved (and at the end)
+    early_stop_patience: int = 0  # stop once val has not improved for this many evaluations in a row; 0 = off
     save_interval: int = 0  # also save every this many iterations, independent of evaluation; 0 = off
     keep_last_n: int = 3  # checkpoints kept besides latest and best
     init_from: str = "scratch"  # 'scratch' | 'resume' | 'gpt2[-medium|-large|-xl]' | HF dir | one of our runs
@@ -176,6 +177,10 @@ def check_config(cfg, dist_info):
         errors.append("optimizer='muon' trains weight matrices, and train_1d_only has none: use optimizer='adamw'")
     if (cfg.lora_rank > 0 or cfg.train_1d_only) and cfg.init_from == "scratch":
         errors.append("LoRA / train_1d_only fine-tune a pretrained model: set init_from")
+    if cfg.early_stop_patience < 0:
+        errors.append(f"early_stop_patience must be >= 0 (0 = off), got {cfg.early_stop_patience}")
+    if cfg.early_stop_patience > 0 and cfg.sft_train_file and not cfg.sft_val_file:
+        errors.append("early_stop_patience needs validation data: set sft_val_file")
     if cfg.resume_from and cfg.init_from != "resume":
         errors.append(f"resume_from={cfg.resume_from!r} needs init_from='resume'")
     if cfg.fsdp and dist_info.enabled:
@@ -305,7 +310,10 @@ def load_data(cfg, dist_info, meta_hint=None):
         import sft
         tokenizer = Tokenizer(meta_hint or {"tokenizer": "gpt2"})
         template = cfg.sft_template or None
-        train_tok, n_cut = sft.tokenize_examples(sft.load_examples(cfg.sft_train_file, template), tokenizer, cfg.block_size)
+        sft.check_template(template)
+        records = sft.read_records(cfg.sft_train_file)
+        train_tok, n_cut = sft.tokenize_examples([sft.format_example(r, template) for r in records], tokenizer,
+                                                 cfg.block_size)
         print0(f"sft: {len(train_tok):,} training examples from {cfg.sft_train_file}, {n_cut} truncated to block_size")
         sampler = sft.SFTSampler(train_tok, cfg.batch_size, cfg.block_size, cfg.seed, dist_info.rank,
                                  dist_info.world_size, packing=cfg.sft_packing)
@@ -313,7 +321,11 @@ def load_data(cfg, dist_info, meta_hint=None):
         if cfg.sft_val_file:
             val_tok, _ = sft.tokenize_examples(sft.load_examples(cfg.sft_val_file, template), tokenizer, cfg.block_size)
         val = (lambda: sft.sft_eval_batches(val_tok, cfg.batch_size, cfg.block_size, cfg.eval_iters)) if val_tok else None
-        return sampler, val, meta_hint or {"tokenizer": "gpt2", "vocab_size": tokenizer.vocab_size}
+        meta = {k: v for k, v in (meta_hint or {"tokenizer": "gpt2", "vocab_size": tokenizer.vocab_size}).items()
+                if k != "prompt_template"}  # (a base tuned on other data may carry its own)
+        if any("instruction" in r for r in records):  # chat and the judge wrap instructions as training did
+            meta["prompt_template"] = sft.prompt_templates(template)
+        return sampler, val, meta
     data_dir = resolve_data_dir(cfg.data_dir, cfg.dataset)
     train = TokenData(data_dir, "train")
     valdata = TokenData(data_dir, "val")
@@ -383,6 +395,8 @@ class Run:
     iter_num: int = 0
     tokens_seen: int = 0
     best_val: float = float("inf")
+    best_iter: Optional[int] = None  # the iteration of best_val
+    evals_since_best: int = 0  # evaluations in a row without a better val loss (early_stop_patience)
     wandb_id: Optional[str] = None
     saved_at: Optional[int] = None  # the iteration of the last checkpoint written or resumed from
 
@@ -516,11 +530,21 @@ def evaluate_and_save(run, metrics, lr, last_step):
     val = validate(run)
     improved = val is not None and val < run.best_val
     if val is not None:
-        run.best_val = min(run.best_val, val)
+        if improved:
+            run.best_val, run.best_iter, run.evals_since_best = val, run.iter_num, 0
+        elif run.iter_num > 0:  # (the evaluation before any training is no missed chance)
+            run.evals_since_best += 1
         print0(f"iter {run.iter_num}: val loss {val:.4f}{' (best)' if improved else ''}")
         metrics.log({"iter": run.iter_num, "tokens": run.tokens_seen, "val_loss": val, "lr": lr})
-    if run.iter_num > 0 and not run.cfg.eval_only and (improved or run.cfg.always_save_checkpoint or last_step):
+    if run.iter_num > 0 and not run.cfg.eval_only and (improved or run.cfg.always_save_checkpoint or last_step
+                                                      or early_stop(run)):
         ckpt_lib.save_run(run, is_best=improved)
+
+
+def early_stop(run):
+    """True once val has not improved for early_stop_patience evaluations in a row. Fine-tuning on
+    small data overfits: val bottoms out and climbs while the train loss keeps falling."""
+    return 0 < run.cfg.early_stop_patience <= run.evals_since_best
 
 
 def train_loop(run, runner, metrics, peak, stop):
@@ -545,7 +569,16 @@ def train_loop(run, runner, metrics, peak, stop):
         if cfg.save_interval and run.iter_num % cfg.save_interval == 0 and 0 < run.iter_num != run.saved_at:
             ckpt_lib.save_run(run)
 
-        # --- stop: end of schedule, eval_only, or a signal (every rank learnt of it in the last step)
+        # --- stop: end of schedule, eval_only, a signal (every rank learnt of it in the last step), or
+        # early stopping (every rank holds the same val numbers)
+        if early_stop(run) and not last_step and not cfg.eval_only:
+            print0(f"early stop at iteration {run.iter_num}: val has not improved for {run.evals_since_best} "
+                   f"evaluations (early_stop_patience={cfg.early_stop_patience}); the best, val {run.best_val:.4f} "
+                   f"at iteration {run.best_iter}, is what best.json names and what sample.py, eval.py and "
+                   f"export_hf.py read; the last weights are in latest.json (a resume stops here again unless the patience grows)")
+            metrics.log({"iter": run.iter_num, "early_stop": True, "best_iter": run.best_iter,
+                         "best_val_loss": run.best_val})
+            return
         if last_step or cfg.eval_only or stopping:
             if stopping and run.saved_at != run.iter_num:
                 ckpt_lib.save_run(run, hash_files=False)  # on the way out: sizes only, no read-back (torchrun waits 30 s)
@@ -617,7 +650,8 @@ def main(cfg):
         stop.close()  # the signal handlers the process had before (it may go on: a test, a notebook)
         metrics.close()
     barrier(dist_info, device)  # no rank leaves while rank 0 still writes the final checkpoint
-    result = {"iter_num": run.iter_num, "best_val_loss": run.best_val}
+    result = {"iter_num": run.iter_num, "best_val_loss": run.best_val, "best_iter": run.best_iter,
+              "early_stopped": early_stop(run)}
     if dist_info.enabled:
         # FSDP and DDP keep gloo work objects (holding tensors) alive in their hooks; freed after the
         # process group is gone they abort the interpreter at exit ("terminate called without an
