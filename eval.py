@@ -1,10 +1,11 @@
 """
 Evaluate one or several models side by side: validation loss, HellaSwag, PIQA, Winogrande, LAMBADA,
-and generation accuracy of a fine-tune.
+generation accuracy of a fine-tune, and answers scored by a judge model (judge.py).
 
     python eval.py --out_dir=out-shakespeare-char --tasks=val
     python eval.py --models=gpt2,out-gpt2-ft --tasks=val,hellaswag,lambada --dataset=openwebtext --limit=1000
     python eval.py --init_from=gpt2 --tasks=piqa --data_file=piqa_validation.jsonl
+    python eval.py --out_dir=out-instruct --tasks=judge --judge_url=http://localhost:8000/v1 --judge_model=NAME
 
 A model is an out_dir of ours (its latest checkpoint), an OpenAI GPT-2 name or a local Hugging Face
 GPT-2 directory. Benchmarks download from the Hugging Face hub, or read a local JSONL file in the
@@ -16,12 +17,15 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from configurator import UserError, parse_list, run
 from fileio import write_json
 
 BENCHMARK_TASKS = ("hellaswag", "piqa", "winogrande", "lambada")
-TASKS = ("val",) + BENCHMARK_TASKS + ("generate",)
+TASKS = ("val",) + BENCHMARK_TASKS + ("generate", "judge")
+JUDGE_DATA = "data/instruct/test.jsonl"  # what data/instruct/prepare.py writes
+MAX_NEW_TOKENS = {"generate": 16, "judge": 256}  # a label or short answer; a whole response
 
 
 @dataclass
@@ -43,7 +47,16 @@ class EvalConfig:
     seed: int = 1337  # the evaluations are deterministic; 'generate' draws its k shots with it
     k_shot: int = 0  # 'generate': 0 = the fine-tuned model zero-shot; >0 = a k-shot prompt baseline
     shots_file: str = ""  # 'generate': JSONL the k examples are drawn from
-    max_new_tokens: int = 16  # 'generate': tokens generated per answer
+    max_new_tokens: int = 0  # 'generate' / 'judge': tokens per answer; 0 = 16 for generate, 256 for judge
+    # 'judge': a judge model scores each answer 0-100 against the reference (judge.py)
+    judge_url: str = ""  # an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 or https://api.openai.com/v1
+    judge_model: str = ""  # the model name the endpoint serves (with judge_url)
+    judge_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the endpoint's key (unset: no key sent)
+    judge: str = ""  # or a local Hugging Face model directory, run in this process
+    judge_workers: int = 4  # requests in flight at once
+    judge_timeout: float = 60.0  # seconds per request
+    judge_retries: int = 5  # tries after the first on 429, 5xx or a dropped connection
+    judge_file: str = ""  # answers and scores, appended as they come and reused by a rerun; '' = out_file's name + .judge.jsonl
     out_file: str = "eval_results.json"  # every number, per model and task
     progress: bool = True  # tqdm progress bars
 
@@ -62,11 +75,25 @@ def check_config(cfg):
                       f"evaluate them one per call")
     if "generate" in tasks and not cfg.data_file:
         errors.append("the 'generate' task needs --data_file=examples.jsonl")
+    if "judge" in tasks:
+        if bool(cfg.judge_url) == bool(cfg.judge):
+            errors.append("the 'judge' task needs one judge: --judge_url=http://host:port/v1 with --judge_model=NAME, "
+                          "or --judge=path/to/hf/model")
+        if cfg.judge_url and not cfg.judge_model:
+            errors.append("--judge_url needs --judge_model, the name of a model the endpoint serves")
+        if cfg.judge_url and "api.openai.com" in cfg.judge_url and not os.environ.get(cfg.judge_key_env):
+            errors.append(f"{cfg.judge_url} needs a key: export {cfg.judge_key_env}=sk-... (or name another "
+                          f"variable with --judge_key_env)")
+        for key in ("judge_workers", "judge_timeout"):
+            if getattr(cfg, key) <= 0:
+                errors.append(f"{key}={getattr(cfg, key)} must be positive")
+        if cfg.judge_retries < 0:
+            errors.append(f"judge_retries={cfg.judge_retries} must be >= 0")
     if "generate" in tasks and cfg.k_shot > 0 and not cfg.shots_file:
         errors.append(f"k_shot={cfg.k_shot} needs --shots_file=train.jsonl to draw the examples from")
     for key in ("batch_size", "block_size", "eval_iters", "limit", "k_shot", "max_new_tokens"):
-        if getattr(cfg, key) < 0 or (key in ("batch_size", "max_new_tokens") and getattr(cfg, key) == 0):
-            errors.append(f"{key}={getattr(cfg, key)} must be {'positive' if key in ('batch_size', 'max_new_tokens') else '>= 0'}")
+        if getattr(cfg, key) < 0 or (key == "batch_size" and getattr(cfg, key) == 0):
+            errors.append(f"{key}={getattr(cfg, key)} must be {'positive' if key == 'batch_size' else '>= 0'}")
     if errors:
         raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
     return tasks
@@ -138,9 +165,33 @@ def eval_generate(cfg, model, tokenizer, device, ctx, train_config=None):
     if cfg.limit > 0:
         examples = examples[:cfg.limit]
     shots = sft.load_examples(cfg.shots_file, template) if cfg.k_shot > 0 else None
-    result = sft.evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=cfg.max_new_tokens,
+    result = sft.evaluate_generation(model, tokenizer, examples, device, ctx,
+                                     max_new_tokens=cfg.max_new_tokens or MAX_NEW_TOKENS["generate"],
                                      k_shot=cfg.k_shot, shots=shots, seed=cfg.seed)
     print(sft.format_generation_report(result))
+    return result
+
+
+def make_judge(cfg, device):
+    import judge
+    if cfg.judge:
+        return judge.LocalJudge(cfg.judge, device)
+    return judge.HTTPJudge(cfg.judge_url, cfg.judge_model, os.environ.get(cfg.judge_key_env) or None,
+                           cfg.judge_timeout, cfg.judge_retries, cfg.judge_workers)
+
+
+def judge_file(cfg):
+    return cfg.judge_file or str(Path(cfg.out_file).with_suffix("")) + ".judge.jsonl"
+
+
+def eval_judge(cfg, spec, model, tokenizer, info, device, ctx, judge_, results):
+    import judge
+    # the prompt format the model was tuned with (its checkpoint's), else Alpaca's
+    template = (info.get("data_meta") or {}).get("prompt_template") or (info.get("config") or {}).get("sft_template")
+    items = judge.load_items(cfg.data_file or JUDGE_DATA, template or None, cfg.limit)
+    result = judge.judge_model(spec, model, tokenizer, items, judge_, results, device, ctx,
+                               cfg.max_new_tokens or MAX_NEW_TOKENS["judge"], progress=cfg.progress)
+    print(judge.format_judge_report(spec, result))
     return result
 
 
@@ -153,6 +204,7 @@ TABLE_ROWS = {
     "piqa": [("acc_norm", True), ("acc", True), ("n", False)],
     "winogrande": [("acc", True), ("acc_norm", True), ("n", False)],
     "lambada": [("acc", True), ("perplexity", False), ("word_perplexity", False), ("n", False)],
+    "judge": [("mean_score", False), ("n_scored", False), ("n_unparseable", False), ("n_failed", False)],
 }
 
 
@@ -204,6 +256,12 @@ def main(cfg):
     print(f"device={device}, dtype={str(dtype).replace('torch.', '')}")
     # benchmark items are text, loaded once and encoded by each model's own tokenizer
     items = {t: load_task(t, cfg.data_file, cfg.limit) for t in tasks if t in BENCHMARK_TASKS}
+    judge_, judge_results = None, None
+    if "judge" in tasks:  # one judge for every model, and one results file to resume from
+        import judge
+        judge_, judge_results = make_judge(cfg, device), judge.ResultsFile(judge_file(cfg))
+        print(f"judge: {judge_.name}; answers and scores in {judge_results.path} "
+              f"({len(judge_results.records)} reusable records)")
     results = {}
     for spec, option in model_specs(cfg):
         model, tokenizer, info = load_any(spec, device, option, cfg.which)
@@ -224,6 +282,8 @@ def main(cfg):
             elif task in BENCHMARK_TASKS:
                 res[task] = run_benchmark(model, tokenizer, items[task], device, ctx, progress=cfg.progress,
                                           desc=f"{spec} {task}")
+            elif task == "judge":
+                res[task] = eval_judge(cfg, spec, model, tokenizer, info, device, ctx, judge_, judge_results)
             else:
                 res[task] = eval_generate(cfg, model, tokenizer, device, ctx, info.get("config"))
         results[spec] = res

@@ -146,10 +146,11 @@ def prompt_templates(template=None):
 
 def format_example(r, template=None):
     """A record of read_records as {"prompt", "completion"}: instruction records through `template`
-    (prompt_templates: Alpaca's when None), prompt/completion records as they are."""
+    (a string, Alpaca's when None, or a checkpoint's prompt_templates dict), prompt/completion records
+    as they are."""
     if "prompt" in r:
         return {"prompt": r["prompt"], "completion": r["completion"]}
-    formats = prompt_templates(template)
+    formats = template if isinstance(template, dict) else prompt_templates(template)
     fmt = formats["input"] if r["input"].strip() else formats["no_input"]
     return {"prompt": fmt.format(instruction=r["instruction"], input=r["input"]), "completion": r["output"]}
 
