@@ -115,8 +115,10 @@ def parse_config(cfg_cls, argv, positional=None):
                     except ValueError as e:
                         errors.append(f"{arg}: {e}")
                 continue
+            if "=" not in arg and hints.get(arg[2:]) is bool:
+                arg += "=True"  # a bare switch: --chat is --chat=True
             if "=" not in arg:
-                raise UserError(f"{arg}: overrides take the form --key=value")
+                raise UserError(f"{arg}: overrides take the form --key=value (a bare --key only turns on a switch)")
             key, raw = arg[2:].split("=", 1)
             if key not in hints:
                 raise UserError(_unknown(key, valid))

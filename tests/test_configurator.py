@@ -205,3 +205,11 @@ def test_only_wrong_input_becomes_one_line_and_bugs_keep_their_traceback(monkeyp
     with pytest.raises(SystemExit) as e:
         configurator.run(wrong_input, C)
     assert e.value.code == 1
+
+
+def test_a_bare_switch_turns_a_bool_on_and_nothing_else():
+    from sample import SampleConfig
+    assert parse_config(SampleConfig, ["--chat"]).chat is True
+    assert parse_config(SampleConfig, ["--chat", "--chat=False"]).chat is False  # the last word wins
+    with pytest.raises(ValueError, match="a bare --key only turns on a switch"):
+        parse_config(SampleConfig, ["--max_new_tokens"])
