@@ -84,33 +84,49 @@ class HTTPJudge:
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.retries, self.workers, self.backoff = retries, workers, backoff
         self.name = f"{model} @ {url}"
+        # OpenAI's reasoning models refuse max_tokens (they take max_completion_tokens) and any
+        # temperature but 1: such a refusal names the parameter, and the request is sent again without it
+        self.rejected = set()
 
     def request_body(self, prompt):
-        return {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
                 "temperature": 0, "max_tokens": JUDGE_MAX_TOKENS, "stream": False}
+        for key in self.rejected:  # what this server refused by name (see ask)
+            if key == "max_tokens":
+                body["max_completion_tokens"] = body.pop("max_tokens")
+            else:
+                body.pop(key)
+        return body
 
     def ask(self, prompt):
         """The judge's reply text. Raises TransientError after the retries, JudgeError at once for a refusal."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(self.request_body(prompt)).encode()
-        last = None
-        for attempt in range(self.retries + 1):
-            if attempt:
+        last, attempt = None, 0
+        while attempt <= self.retries:
+            if last:
                 time.sleep(last[1])
+            data = json.dumps(self.request_body(prompt)).encode()
             req = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
+            attempt += 1
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     return self._content(json.loads(r.read().decode("utf-8", "replace")))
             except urllib.error.HTTPError as e:
                 detail = e.read()[:500].decode("utf-8", "replace")
+                refused = [k for k in ("max_tokens", "temperature") if e.code == 400 and f"'{k}'" in detail]
+                if refused and not set(refused) <= self.rejected:
+                    self.rejected.update(refused)
+                    print(f"judge: {self.endpoint} refuses {', '.join(refused)}; asking without it")
+                    last, attempt = None, attempt - 1  # not a failure of the server: no wait, no try used
+                    continue
                 if e.code != 429 and e.code < 500:
                     raise JudgeError(f"the judge at {self.endpoint} answered HTTP {e.code}: {detail} (check "
                                      f"--judge_model, the key in the environment variable, and the URL)") from e
-                last = (f"HTTP {e.code}: {detail}", self._wait(attempt, e.headers.get("Retry-After")))
+                last = (f"HTTP {e.code}: {detail}", self._wait(attempt - 1, e.headers.get("Retry-After")))
             except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
-                last = (f"{type(e).__name__}: {getattr(e, 'reason', e)}", self._wait(attempt, None))
+                last = (f"{type(e).__name__}: {getattr(e, 'reason', e)}", self._wait(attempt - 1, None))
         raise TransientError(f"{self.endpoint}: no reply after {self.retries + 1} tries; last: {last[0]}")
 
     def _wait(self, attempt, retry_after):
@@ -260,8 +276,6 @@ def judge_model(spec, model, tokenizer, items, judge, results, device, ctx, max_
             raise
     final = [results.get(spec, it["id"], max_new_tokens) for it in items]
     return summarise(final, judge.name, reused, len(to_score), str(results.path))
-
-
 
 
 def summarise(records, judge_name, reused_answers, asked, path):

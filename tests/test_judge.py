@@ -117,12 +117,14 @@ class Proxy:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 proxy.seen.append((dict(self.headers), json.loads(body)))
                 if proxy.fail:
-                    code = proxy.fail.pop(0)
+                    code, message = proxy.fail.pop(0), "injected"
+                    if isinstance(code, tuple):
+                        code, message = code
                     self.send_response(code)
                     if code in (429, 503):
                         self.send_header("Retry-After", "0")
                     self.end_headers()
-                    self.wfile.write(b'{"error": {"message": "injected"}}')
+                    self.wfile.write(json.dumps({"error": {"message": message}}).encode())
                     return
                 req = urllib.request.Request(proxy.target + self.path.removeprefix("/v1"), data=body,
                                              headers={"Content-Type": "application/json"}, method="POST")
@@ -213,6 +215,17 @@ def test_server_errors_are_retried(model_run, judges, proxy, tmp_path, monkeypat
     assert (r["n_scored"], r["n_failed"], r["mean_score"]) == (5, 0, 85)
     assert len(proxy.seen) == 9 and proxy.forwarded == 5  # 4 refused tries, then each item once
     assert waits == [0, 0, 4.0, 8.0]  # the server's Retry-After: 0, then doubling backoff from 1 s
+
+
+def test_a_parameter_the_server_refuses_by_name_is_sent_another_way(model_run, judges, proxy, tmp_path):
+    # what OpenAI's reasoning models answer to max_tokens
+    proxy.fail = [(400, "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                        "Use 'max_completion_tokens' instead.")]
+    r = evaluate(model_run, tmp_path, judge_url=proxy.url, judge_model=str(judges["85"]), judge_workers=1)
+    assert (r["n_scored"], r["n_failed"]) == (5, 0)
+    bodies = [b for _, b in proxy.seen]
+    assert "max_tokens" in bodies[0] and all("max_tokens" not in b for b in bodies[1:])
+    assert all(b["max_completion_tokens"] == judge.JUDGE_MAX_TOKENS for b in bodies[1:])
 
 
 def test_requests_that_keep_failing_are_counted_then_retried_alone_by_a_rerun(model_run, judges, proxy, tmp_path):
