@@ -1,15 +1,22 @@
 """
 Export one of our checkpoints as a Hugging Face GPT-2 directory, for transformers, lm-evaluation-harness,
-vLLM and the rest of that ecosystem.
+vLLM and the rest of that ecosystem; or a LoRA run as a PEFT adapter on its unmerged base.
 
     python export_hf.py --out_dir=out-shakespeare --hf_dir=hf-shakespeare
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('hf-shakespeare')"
+    python export_hf.py --out_dir=out-instruct-lora --hf_dir=hf-base --adapter_dir=hf-adapter
 
-The run's latest checkpoint is loaded with any LoRA adapter merged into the weights and written as
+The run's checkpoint is loaded with any LoRA adapter merged into the weights and written as
 config.json + model.safetensors (float32); a model trained on GPT-2 BPE also gets the tokenizer files
 (rebuilt offline from tiktoken's ranks), so AutoTokenizer.from_pretrained(hf_dir) works too. A
 character-level model gets none: Hugging Face has no tokenizer for it (its vocabulary is in the
-checkpoint's data_meta). The directory appears complete or not at all.
+checkpoint's data_meta). Each directory appears complete or not at all.
+
+With --adapter_dir, a LoRA run's adapter stays separate: adapter_config.json + adapter_model.safetensors
+in PEFT's format go to adapter_dir, the frozen base (without the adapter) to hf_dir, and
+peft.PeftModel.from_pretrained(base, adapter_dir) computes what our adapted model does. Without
+--hf_dir only the adapter is written, on the run's own base (a GPT-2 name or a Hugging Face directory);
+a base that is one of our runs is not loadable by transformers, so it needs --hf_dir.
 """
 
 from dataclasses import dataclass
@@ -22,31 +29,79 @@ from configurator import UserError, run
 class ExportConfig:
     out_dir: str = "out"  # the run to export, or one ckpt-NNNNNNN directory
     which: str = "best"  # the run's 'best' checkpoint (lowest validation loss; its latest if it never evaluated) or 'latest'
-    hf_dir: str = ""  # the Hugging Face directory to write; '' = <out_dir>-hf
-    overwrite: bool = False  # replace an existing non-empty hf_dir
+    hf_dir: str = ""  # the Hugging Face directory to write; '' = <out_dir>-hf (with adapter_dir: no base written)
+    adapter_dir: str = ""  # '' = merge LoRA into the exported model; else write the adapter here in PEFT's format and export the unmerged base to hf_dir
+    overwrite: bool = False  # replace an existing non-empty hf_dir / adapter_dir
+
+
+def _refuse_nonempty(path, option, overwrite):
+    # refuse before the (possibly slow) load: an export must never clobber a directory by surprise
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise UserError(f"{path} already exists and is not empty: choose another {option} "
+                        f"or pass --overwrite=True to replace it")
+
+
+def lora_base(cfg):
+    """The base a LoRA run builds on, as its checkpoint names it (a GPT-2 name, a Hugging Face
+    directory or one of our runs); refuses a run without LoRA, and a base of ours without --hf_dir."""
+    from checkpoint import holds_checkpoint, read_checkpoint
+    try:
+        _, state = read_checkpoint(cfg.out_dir, cfg.which, verify=False)  # state.json only: the load verifies
+    except UserError as e:
+        raise UserError(f"cannot load a checkpoint from {cfg.out_dir}: {e}") from e
+    rank = (state.get("config") or {}).get("lora_rank", 0)
+    if not rank or not state.get("base"):
+        raise UserError(f"--adapter_dir exports a LoRA adapter, but {cfg.out_dir} is not a LoRA run "
+                        f"(lora_rank={rank}): drop --adapter_dir to export its weights as one model")
+    base = state["base"]
+    if holds_checkpoint(base) and not cfg.hf_dir:
+        raise UserError(f"the run's base {base} is one of our runs, which transformers cannot load: pass "
+                        f"--hf_dir=<dir> to export the base there too (the adapter will point at it)")
+    return base
 
 
 def main(cfg):
     from checkpoint import load_model
-    from hf import export_hf
-    hf_dir = Path(cfg.hf_dir or str(Path(cfg.out_dir)).rstrip("/\\") + "-hf")
-    # refuse before the (possibly slow) load: an export must never clobber a directory by surprise
-    if hf_dir.exists() and (not hf_dir.is_dir() or any(hf_dir.iterdir())) and not cfg.overwrite:
-        raise UserError(f"{hf_dir} already exists and is not empty: choose another --hf_dir "
-                        f"or pass --overwrite=True to replace it")
+    from hf import export_hf, export_peft_adapter
+    from lora import count_params
+    adapter_dir = Path(cfg.adapter_dir) if cfg.adapter_dir else None
+    if adapter_dir is None:
+        hf_dir = Path(cfg.hf_dir or str(Path(cfg.out_dir)).rstrip("/\\") + "-hf")
+    else:
+        base = lora_base(cfg)
+        hf_dir = Path(cfg.hf_dir) if cfg.hf_dir else None  # None: the adapter applies to the run's own base
+        if hf_dir is not None and hf_dir.resolve() == adapter_dir.resolve():
+            raise UserError(f"--hf_dir and --adapter_dir are both {hf_dir}: give them different directories")
+        _refuse_nonempty(adapter_dir, "--adapter_dir", cfg.overwrite)
+    if hf_dir is not None:
+        _refuse_nonempty(hf_dir, "--hf_dir", cfg.overwrite)
     try:
-        model, info = load_model(cfg.out_dir, which=cfg.which)  # on the CPU, LoRA merged
+        # on the CPU; LoRA merged, unless the adapter is exported on its own
+        model, info = load_model(cfg.out_dir, which=cfg.which, merge_lora=adapter_dir is None)
     except UserError as e:
         raise UserError(f"cannot load a checkpoint from {cfg.out_dir}: {e}") from e
     tokenizer = "gpt2" if (info.get("data_meta") or {}).get("tokenizer") == "gpt2" else None
-    export_hf(model, hf_dir, tokenizer=tokenizer, overwrite=cfg.overwrite)
-    n = model.get_num_params()
-    print(f"exported {info.get('checkpoint')} (iter {info.get('iter_num')}, {n / 1e6:.2f}M parameters) -> {hf_dir}")
-    if tokenizer is None:
-        print("no tokenizer files: the model was not trained on GPT-2 BPE; decode its ids with the "
-              "checkpoint's data_meta (sample.py does)")
-    print(f"load it with: AutoModelForCausalLM.from_pretrained('{hf_dir}')")
-    return hf_dir
+    n_adapter, n_total = count_params(model) if adapter_dir else (0, model.get_num_params())
+    what = f"{info.get('checkpoint')} (iter {info.get('iter_num')})"
+    if hf_dir is not None:
+        export_hf(model, hf_dir, tokenizer=tokenizer, overwrite=cfg.overwrite, drop_lora=adapter_dir is not None)
+        print(f"exported {'the frozen base of ' if adapter_dir else ''}{what}, "
+              f"{(n_total - n_adapter) / 1e6:.2f}M parameters -> {hf_dir}")
+        if tokenizer is None:
+            print("no tokenizer files: the model was not trained on GPT-2 BPE; decode its ids with the "
+                  "checkpoint's data_meta (sample.py does)")
+    if adapter_dir is None:
+        print(f"load it with: AutoModelForCausalLM.from_pretrained('{hf_dir}')")
+        return hf_dir
+    # as given, not resolved: the pair of directories can move together
+    base_ref = cfg.hf_dir if hf_dir is not None else base
+    export_peft_adapter(model, adapter_dir, base_ref, overwrite=cfg.overwrite)
+    c = info.get("config") or {}
+    print(f"exported the LoRA adapter of {what}: rank {c.get('lora_rank')}, targets {c.get('lora_targets')!r}, "
+          f"{n_adapter:,} parameters -> {adapter_dir}, on the base {base_ref}")
+    print(f"load it with: python -c \"from transformers import AutoModelForCausalLM as M; from peft import "
+          f"PeftModel; m = PeftModel.from_pretrained(M.from_pretrained('{base_ref}'), '{adapter_dir}')\"")
+    return adapter_dir
 
 
 if __name__ == "__main__":

@@ -6,12 +6,16 @@ Hugging Face GPT-2 interop: import OpenAI's GPT-2 (or any HF GPT-2 directory), e
     from hf import export_hf
     export_hf(model, "hf-gpt2", tokenizer="gpt2")      # transformers.AutoModelForCausalLM loads it
     python export_hf.py --out_dir=out-shakespeare --hf_dir=hf-shakespeare   # the same from a checkpoint
+    python export_hf.py --out_dir=out-instruct-lora --hf_dir=hf-base --adapter_dir=hf-adapter  # LoRA for PEFT
 
 Hugging Face stores GPT-2 as OpenAI wrote it: the four matmuls of a block (attn.c_attn, attn.c_proj,
 mlp.c_fc, mlp.c_proj) are "Conv1D" modules whose weight is (in, out), the transpose of nn.Linear's
 (out, in) (PITFALLS 6). The files also carry the causal-mask buffers attn.bias / attn.masked_bias,
 which are not weights. Every name is mapped explicitly and every shape checked, so a renamed or
 missing tensor is an error here instead of a silently random layer.
+
+A LoRA run can also leave its adapter unmerged, as a PEFT adapter directory (export_peft_adapter):
+PEFT stores A (r, in) and B (out, r) as lora.py does, keyed by the adapted module's HF name.
 
 The tokenizer: offline there is nothing to download, so vocab.json and merges.txt are rebuilt from
 tiktoken's GPT-2 ranks (the same 50,257 ids); see gpt2_vocab_and_merges.
@@ -348,16 +352,23 @@ def load_hf_state_dict(model, sd, source):
 
 # ----------------------------------------------------------------------------- export
 
-def hf_state_dict(model):
+def hf_state_dict(model, drop_lora=False):
     """Our GPT's weights under GPT2LMHeadModel's names, float32 on the CPU, with zeros for every bias
-    HF expects but the model lacks (bias=False, qkv_bias=False): a zero bias computes the same thing."""
+    HF expects but the model lacks (bias=False, qkv_bias=False): a zero bias computes the same thing.
+
+    drop_lora: leave LoRA adapters out, keeping the frozen weights they sit on (the base that
+    export_peft_adapter's adapter applies to); without it, adapters are refused."""
+    from lora import ADAPTER_NAMES
     cfg = model.config
     ours = model.state_dict()
+    if drop_lora:
+        ours = {k: v for k, v in ours.items() if k.rsplit(".", 1)[-1] not in ADAPTER_NAMES}
     key_map = hf_key_map(cfg.n_layer, cfg.tie_weights)
     leftover = set(ours) - set(key_map) - ({"lm_head.weight"} if cfg.tie_weights else set())
     if leftover:
         raise UserError(f"the model has tensors a GPT-2 does not ({sorted(leftover)[:4]} ...): merge LoRA "
-                         f"adapters into the weights first (checkpoint.load_model does)")
+                         f"adapters into the weights first (checkpoint.load_model does), or pass drop_lora=True "
+                         f"to export the frozen base alone (its adapter goes out with export_peft_adapter)")
     out = {}
     for our_key, hf_key in key_map.items():
         if our_key in ours:
@@ -387,12 +398,13 @@ def hf_config(config, tokenizer):
         bos_token_id=eot, eos_token_id=eot, architectures=["GPT2LMHeadModel"])
 
 
-def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False):
+def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False, drop_lora=False):
     """Write `model` (our GPT) as a Hugging Face GPT2LMHeadModel directory: config.json,
     model.safetensors (float32) and, with tokenizer="gpt2", the GPT-2 tokenizer files.
 
     The directory appears complete or not at all (written beside it, then renamed into place).
-    An existing non-empty hf_dir is refused unless overwrite. Returns the directory as a Path.
+    An existing non-empty hf_dir is refused unless overwrite. drop_lora: write the frozen base of a
+    model that still has LoRA adapters (see hf_state_dict). Returns the directory as a Path.
     """
     from safetensors.torch import save_file
     if tokenizer not in ("gpt2", None):
@@ -401,38 +413,117 @@ def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False):
     if tokenizer == "gpt2" and cfg.vocab_size < GPT2_VOCAB:
         raise UserError(f"tokenizer='gpt2' but the model's vocab_size is {cfg.vocab_size} < {GPT2_VOCAB}: "
                          f"it was not trained on GPT-2 BPE; export with tokenizer=None")
-    hf_dir = Path(hf_dir)
-    if hf_dir.exists() and (not hf_dir.is_dir() or any(hf_dir.iterdir())) and not overwrite:
-        raise UserError(f"{hf_dir} already exists and is not empty: choose a new directory or overwrite")
-    hf_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = hf_dir.with_name(f".{hf_dir.name}.tmp-{os.getpid()}")
+
+    def write(tmp):
+        hf_config(cfg, tokenizer).save_pretrained(tmp)  # writes config.json
+        # the "format" metadata tells transformers these are PyTorch tensors
+        save_file(hf_state_dict(model, drop_lora), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer == "gpt2":
+            write_gpt2_tokenizer(tmp, model_max_length=cfg.block_size)
+
+    return _write_dir(hf_dir, write, overwrite)
+
+
+def _write_dir(target, write, overwrite):
+    """Fill a hidden directory beside `target` with write(tmp), fsync it and rename it into place:
+    `target` appears complete or not at all, and a failure leaves nothing behind. An existing
+    non-empty target is refused unless overwrite, and then replaced whole. Returns target as a Path."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise UserError(f"{target} already exists and is not empty: choose a new directory or overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        hf_config(cfg, tokenizer).save_pretrained(tmp)  # writes config.json
-        # the "format" metadata tells transformers these are PyTorch tensors
-        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer == "gpt2":
-            write_gpt2_tokenizer(tmp, model_max_length=cfg.block_size)
+        write(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
-        if hf_dir.exists():
-            old = hf_dir.with_name(f".{hf_dir.name}.old-{os.getpid()}")
-            os.replace(hf_dir, old)
-            os.replace(tmp, hf_dir)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
             if old.is_dir():
                 shutil.rmtree(old)
             else:
                 old.unlink()
         else:
-            os.replace(tmp, hf_dir)
-        fsync_dir(hf_dir.parent)
+            os.replace(tmp, target)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
         raise
-    return hf_dir
+    return target
+
+
+# ----------------------------------------------------------------------------- LoRA adapters for PEFT
+
+# PeftModelForCausalLM wraps the transformers model as .base_model (the LoraModel) .model: the
+# prefix of every key in adapter_model.safetensors (peft/utils/save_and_load.py drops the adapter name)
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_adapter(model):
+    """(adapter_config dict, tensors) in PEFT's LoRA format for a GPT whose LoRALinear layers are in
+    place (checkpoint.load_model(..., merge_lora=False)). Refuses what one LoraConfig cannot say."""
+    from lora import LoRALinear
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        raise UserError("the model has no LoRA adapters to export: was it trained with --lora_rank > 0, "
+                         "and loaded with checkpoint.load_model(path, merge_lora=False)?")
+    # one LoraConfig holds one rank, alpha and dropout; apply_lora always gives every layer the same
+    settings = {(m.rank, m.alpha, m.lora_dropout.p) for m in layers.values()}
+    if len(settings) > 1:
+        raise UserError(f"the adapters differ in (rank, alpha, dropout): {sorted(settings)}; PEFT's "
+                         f"adapter_config.json holds one setting for all of them")
+    rank, alpha, dropout = settings.pop()
+    # PEFT adapts a module when its name ends in ".<target>": 'attn.c_proj' (not 'c_proj', which would
+    # also catch mlp.c_proj) names exactly the layers we adapted, in every block
+    targets = sorted({n.split(".", 3)[3] for n in layers if n.startswith("transformer.h.")})
+    expected = {f"transformer.h.{i}.{t}" for i in range(model.config.n_layer) for t in targets}
+    if set(layers) != expected:
+        odd = sorted(set(layers) ^ expected)
+        raise UserError(f"PEFT adapts {targets} in every block, but this model's adapters differ there: "
+                         f"{odd[:4]}{' ...' if len(odd) > 4 else ''}")
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+        "lora_dropout": dropout, "target_modules": targets,
+        # HF's GPT-2 layers are Conv1D, weight (in, out): PEFT transposes B @ A when it merges. The
+        # adapter matrices themselves are nn.Linear-shaped, A (r, in) and B (out, r), as lora.py's
+        "fan_in_fan_out": True,
+        "bias": "none", "use_rslora": False, "use_dora": False,  # scale alpha / r, plain LoRA, no bias
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "base_model_name_or_path": None,
+    }
+    tensors = {}
+    for n, m in layers.items():
+        for part in ("lora_A", "lora_B"):
+            w = getattr(m, part).detach().to("cpu", torch.float32).contiguous().clone()
+            tensors[f"{PEFT_PREFIX}{n}.{part}.weight"] = w
+    return config, tensors
+
+
+def export_peft_adapter(model, adapter_dir, base_model_name_or_path, overwrite=False):
+    """Write the LoRA adapters of `model` as a PEFT adapter directory: adapter_config.json and
+    adapter_model.safetensors (float32). On the Hugging Face export of the frozen base
+    (export_hf(model, hf_dir, drop_lora=True)) it computes what our adapted model does:
+
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)
+
+    base_model_name_or_path: recorded in the config, what AutoPeftModelForCausalLM loads the base from.
+    Atomic and refusing a non-empty adapter_dir unless overwrite, as export_hf. Returns the Path.
+    """
+    from safetensors.torch import save_file
+    config, tensors = peft_adapter(model)
+    config["base_model_name_or_path"] = None if base_model_name_or_path is None else str(base_model_name_or_path)
+
+    def write(tmp):
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    return _write_dir(adapter_dir, write, overwrite)
 
 
 # ----------------------------------------------------------------------------- the GPT-2 tokenizer files
