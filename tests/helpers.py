@@ -19,6 +19,13 @@ def char_dataset(path, n_chars=200_000):
     return path
 
 
+def all_logits(model, idx):
+    """Our GPT's logits at every position (targets of -1 ask for the full sequence without a loss)."""
+    import torch
+    logits, _ = model(idx, targets=torch.full_like(idx, -1))
+    return logits
+
+
 def tiny_train_config(data_dir, out_dir, **overrides):
     from train import TrainConfig
     cfg = dict(out_dir=str(out_dir), data_dir=str(data_dir), device="cpu", dtype="float32", compile=False,

@@ -17,15 +17,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import hf  # noqa: E402
+from helpers import all_logits  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 VOCAB = 97
-
-
-def _all_logits(model, idx):
-    """Our logits at every position (targets of -1 ask for the full sequence without a loss)."""
-    logits, _ = model(idx, targets=torch.full_like(idx, -1))
-    return logits
 
 
 @torch.no_grad()
@@ -82,7 +77,7 @@ def test_import_gives_transformers_logits_and_generations(tmp_path, fmt):
     assert (model.config.block_size, model.config.vocab_size, model.config.n_layer) == (16, VOCAB, 2)
     idx = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = _all_logits(model, idx)
+        ours = all_logits(model, idx)
         theirs = ref(idx).logits
     assert (ours - theirs).abs().max().item() < 1e-5
     prompt = idx[:, :5]
@@ -116,7 +111,7 @@ def test_hub_names_download_through_transformers(monkeypatch, hub_online):
     assert asked == [("openai-community/gpt2-large", False)]  # online: a real download, with its retries
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        assert (_all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
+        assert (all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
 
 
 def test_block_size_crop_and_dropout_override(hf_dir):
@@ -129,7 +124,7 @@ def test_block_size_crop_and_dropout_override(hf_dir):
     idx = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         # a crop keeps the first positions' embeddings: the same logits for a short enough input
-        assert torch.allclose(_all_logits(cropped.eval(), idx), _all_logits(full, idx), atol=1e-6)
+        assert torch.allclose(all_logits(cropped.eval(), idx), all_logits(full, idx), atol=1e-6)
     with pytest.raises(ValueError, match="cropped down"):
         GPT.from_pretrained(str(hf_dir), {"block_size": 32})
     with pytest.raises(ValueError, match="n_layer"):
@@ -201,7 +196,7 @@ def test_warm_cache_loads_offline_without_a_connection(tmp_path, monkeypatch, hu
     model = GPT.from_pretrained("gpt2").eval()
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        assert (_all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
+        assert (all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
 
 
 @pytest.fixture
@@ -366,7 +361,7 @@ def test_other_gelus_import_exactly(tmp_path, act, ours):
     assert model.config.activation == ours
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        assert (_all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
+        assert (all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
 
 
 # ----------------------------------------------------------------------------- export
@@ -402,12 +397,12 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, kw, caplog)
         assert not torch.equal(loaded.lm_head.weight, loaded.transformer.wte.weight)
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        diff = (loaded.eval()(idx).logits - _all_logits(model, idx)).abs().max().item()
+        diff = (loaded.eval()(idx).logits - all_logits(model, idx)).abs().max().item()
     assert diff < 1e-5
     # and back: the exported directory imports to the same function
     back = GPT.from_pretrained(str(out)).eval()
     with torch.no_grad():
-        assert (_all_logits(back, idx) - _all_logits(model, idx)).abs().max().item() < 1e-5
+        assert (all_logits(back, idx) - all_logits(model, idx)).abs().max().item() < 1e-5
 
 
 def test_export_refuses_a_nonempty_directory_unless_overwrite(tmp_path):
@@ -522,7 +517,7 @@ def _check_export_matches_checkpoint(out, hf_out):
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        diff = (loaded.eval()(idx).logits - _all_logits(ours, idx)).abs().max().item()
+        diff = (loaded.eval()(idx).logits - all_logits(ours, idx)).abs().max().item()
     assert diff < 1e-5
     return loaded
 

@@ -20,17 +20,11 @@ import export_hf  # noqa: E402
 import hf  # noqa: E402
 import train  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from helpers import char_dataset, tiny_train_config  # noqa: E402
+from helpers import all_logits, char_dataset, tiny_train_config  # noqa: E402
 from lora import LoRALinear, apply_lora  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 VOCAB = 97
-
-
-def _all_logits(model, idx):
-    """Our logits at every position (targets of -1 ask for the full sequence without a loss)."""
-    logits, _ = model(idx, targets=torch.full_like(idx, -1))
-    return logits
 
 
 @torch.no_grad()
@@ -66,7 +60,7 @@ def _adapted(peft_model):
 def _max_diff(ours, theirs, vocab, seed=3):
     idx = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        return (theirs(idx).logits - _all_logits(ours, idx)).abs().max().item()
+        return (theirs(idx).logits - all_logits(ours, idx)).abs().max().item()
 
 
 # ----------------------------------------------------------------------------- hf.export_peft_adapter
@@ -92,6 +86,25 @@ def test_peft_on_the_exported_base_gives_our_logits(tmp_path, targets):
     assert diff < 1e-5, diff
     # and the adapter is what makes them equal: the bare base computes something else
     assert _max_diff(model, GPT2LMHeadModel.from_pretrained(str(tmp_path / "base")).eval(), VOCAB) > 1e-2
+
+
+def test_peft_saves_our_adapter_back_unchanged(tmp_path):
+    """Our files are what PEFT itself writes: loaded and saved again by PEFT, the tensors, their names
+    and the config fields we write come back the same."""
+    from safetensors.torch import load_file
+    model, _, _ = _lora_model("all")
+    hf.export_hf(model, tmp_path / "base", tokenizer=None, drop_lora=True)
+    ours = hf.export_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path="base")
+    _peft_model(tmp_path / "base", ours).save_pretrained(str(tmp_path / "again"))
+    a, b = load_file(str(ours / "adapter_model.safetensors")), load_file(str(tmp_path / "again/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    mine = json.loads((ours / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "again/adapter_config.json").read_text())
+    for key, value in mine.items():
+        if key == "target_modules":
+            assert sorted(value) == sorted(theirs[key])
+        else:
+            assert theirs[key] == value, key
 
 
 def test_a_model_without_adapters_is_refused(tmp_path):
