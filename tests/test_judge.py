@@ -76,13 +76,15 @@ def judges(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server():
-    """`transformers serve` on a free port, offline, CPU; the request's "model" names a local directory."""
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+def server(tmp_path_factory):
+    """`transformers serve` on a free port, offline, CPU; the request's "model" names a local directory.
+    An empty HF_HOME keeps the user's cache out; the log goes to a file (a full pipe would block it)."""
+    port, d = free_port(), tmp_path_factory.mktemp("serve")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_UPDATE_CHECK="1",
+               HF_HOME=str(d / "hf-home"), OMP_NUM_THREADS="1")
+    log = open(d / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", "--device", "cpu",
-                             "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -94,7 +96,7 @@ def server():
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            pytest.fail(f"transformers serve did not start: {proc.stdout.read()[-2000:]}")
+            pytest.fail(f"transformers serve did not start: {(d / 'serve.log').read_text()[-2000:]}")
         time.sleep(0.5)
     yield url + "/v1"
     proc.terminate()
@@ -102,6 +104,7 @@ def server():
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+    log.close()
 
 
 class Proxy:
