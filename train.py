@@ -572,10 +572,16 @@ def train_loop(run, runner, metrics, peak, stop):
         # --- stop: end of schedule, eval_only, a signal (every rank learnt of it in the last step), or
         # early stopping (every rank holds the same val numbers)
         if early_stop(run) and not last_step and not cfg.eval_only:
+            if run.best_iter:
+                best = (f"the best, val {run.best_val:.4f} at iteration {run.best_iter}, is what best.json names and "
+                        f"what sample.py, eval.py and export_hf.py read; the last weights are in latest.json")
+            else:  # iteration 0 is never saved: its weights are the ones the run started from
+                best = (f"no iteration beat the weights the run started from (val {run.best_val:.4f} at iteration 0, "
+                        f"init_from={run.origin}): training made them worse, so keep using those, or lower "
+                        f"learning_rate; latest.json holds the last weights")
             print0(f"early stop at iteration {run.iter_num}: val has not improved for {run.evals_since_best} "
-                   f"evaluations (early_stop_patience={cfg.early_stop_patience}); the best, val {run.best_val:.4f} "
-                   f"at iteration {run.best_iter}, is what best.json names and what sample.py, eval.py and "
-                   f"export_hf.py read; the last weights are in latest.json (a resume stops here again unless the patience grows)")
+                   f"evaluations (early_stop_patience={cfg.early_stop_patience}); {best} (a resume stops here "
+                   f"again unless the patience grows)")
             metrics.log({"iter": run.iter_num, "early_stop": True, "best_iter": run.best_iter,
                          "best_val_loss": run.best_val})
             return

@@ -173,6 +173,20 @@ def test_a_run_records_the_template_it_trained_with(assistant, tmp_path):
         assert got == (None if expect is None else {"input": expect, "no_input": expect})
 
 
+def test_early_stopping_says_when_no_iteration_beat_the_starting_weights(assistant, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", assistant_records(16))
+    out = tmp_path / "worse"
+    # a learning rate that can only wreck a converged model: every evaluation is worse than iteration 0's
+    r = train.main(tiny_train_config(tmp_path, out, init_from=str(assistant), sft_train_file=str(data),
+                                     sft_val_file=str(data), block_size=64, max_iters=100, eval_interval=2,
+                                     eval_iters=0, learning_rate=0.5, min_lr=0.5, warmup_iters=1, grad_clip=0.0,
+                                     early_stop_patience=2, always_save_checkpoint=False))
+    assert r["early_stopped"] and r["best_iter"] == 0 and r["iter_num"] == 4
+    out_text = capsys.readouterr().out
+    assert "no iteration beat the weights the run started from" in out_text and str(assistant) in out_text
+    assert not (out / "best.json").exists()  # nothing was better; the last weights are latest's alone
+
+
 def greedy_answer(model, tok, prompt, max_new_tokens):
     x = torch.tensor([tok.encode(prompt)])
     ids = model.generate(x, max_new_tokens, temperature=0.0)[0, x.size(1):].tolist()
