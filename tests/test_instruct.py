@@ -2,6 +2,7 @@
 best, the prompt template recorded in the checkpoint, and chat with the result (sample.py --chat)."""
 
 import dataclasses
+import importlib.util
 import io
 import json
 import random
@@ -18,10 +19,10 @@ from configurator import MissingFile, UserError
 from dataloader import Tokenizer
 from helpers import ROOT, read_metrics, tiny_train_config
 
-sys.path.insert(0, str(ROOT / "data" / "instruct"))
-import prepare as instruct_prepare  # noqa: E402
-
-sys.path.pop(0)
+# loaded under its own name: a bare `import prepare` would shadow the other data/*/prepare.py scripts
+_spec = importlib.util.spec_from_file_location("instruct_prepare", ROOT / "data" / "instruct" / "prepare.py")
+instruct_prepare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(instruct_prepare)
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "piano", "window", "candle", "garden",
          "silver", "rocket", "forest", "pencil", "butter", "dragon"]
