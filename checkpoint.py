@@ -18,6 +18,7 @@ A save writes a hidden temporary directory, fsyncs it and renames it into place,
 latest pointer: a crash, kill -9 or full disk mid-save leaves the previous checkpoint loadable.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -347,6 +348,10 @@ def _load_tensors(path):
 def check_model_args(saved, current):
     """Refuse to load weights into a model of another shape, naming the fields that differ."""
     from model import GPTConfig
+    # a field newer than the checkpoint takes its default there (every default is GPT-2's shape), as
+    # GPTConfig resolves it (attn_proj_bias None -> bias)
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    saved = vars(GPTConfig(**{k: v for k, v in saved.items() if k in fields}))
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
             for k in GPTConfig.SHAPE_FIELDS if saved.get(k) != current.get(k)]
     if diff:
@@ -375,7 +380,6 @@ def restore_model(model, ckpt_dir, state):
 def save_run(run, is_best=False, hash_files=True):
     """A checkpoint of a training run (train.Run): what state.json records of it is defined here.
     Every rank calls this (gathering data positions and FSDP shards are collectives); rank 0 writes."""
-    import dataclasses
     import math
     from runtime import gather_objects, print0, rng_state
     gathered = gather_sharded(run.model, run.optimizer) if run.fsdp else None

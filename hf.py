@@ -1,5 +1,5 @@
 """
-Hugging Face GPT-2 interop: import OpenAI's GPT-2 (or any HF GPT-2 directory), export ours to HF format.
+Hugging Face GPT-2 interop: import OpenAI's GPT-2 (or any HF GPT-2 or GPT-J directory), export ours to HF format.
 
     from model import GPT
     model = GPT.from_pretrained("gpt2")                # or "gpt2-xl", or a save_pretrained directory
@@ -283,10 +283,12 @@ def _read_weights(file):
 
 
 def gpt_config_from_hf(hf, source):
-    """GPTConfig fields from a HF GPT-2 config dict; refuses what model.py cannot reproduce exactly."""
+    """GPTConfig fields from a HF GPT-2 (or GPT-J) config dict; refuses what model.py cannot reproduce exactly."""
+    if hf.get("model_type") == "gptj":
+        return gptj_config_from_hf(hf, source)
     problems = []
     if hf.get("model_type", "gpt2") != "gpt2":
-        problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
+        problems.append(f"model_type is {hf.get('model_type')!r}, not 'gpt2' or 'gptj'")
     act = hf.get("activation_function", "gelu_new")
     if act not in HF_ACTIVATIONS:
         problems.append(f"activation_function {act!r}: model.py computes {' / '.join(map(repr, HF_ACTIVATIONS))} only")
@@ -320,6 +322,8 @@ def load_hf_state_dict(model, sd, source):
     """Copy HF-named tensors (no "transformer." prefix) into our GPT; every key and shape accounted for."""
     cfg = model.config
     sd = dict(sd)
+    if architecture(cfg) == "gptj":
+        return load_gptj_state_dict(model, sd, source)
     for i in range(cfg.n_layer):
         for buf in MASK_BUFFERS:
             sd.pop(f"h.{i}.{buf}", None)
@@ -350,6 +354,121 @@ def load_hf_state_dict(model, sd, source):
         ours[our_key].copy_(src)
 
 
+# ----------------------------------------------------------------------------- GPT-J
+
+# GPT-J (EleutherAI's GPT-J-6B, transformers' GPTJForCausalLM) in GPTConfig's terms: rotary positions
+# on the first rotary_dim dims of each head, a parallel block with one LayerNorm, no bias on the
+# attention projections, an untied lm_head with a bias. Its q/k/v are three nn.Linear (out, in):
+# stacked into our c_attn on import and split on export; nothing is transposed.
+GPTJ_LAYER_KEYS = {
+    "ln_1.weight": "ln_1.weight",
+    "ln_1.bias": "ln_1.bias",
+    "attn.c_proj.weight": "attn.out_proj.weight",
+    "mlp.c_fc.weight": "mlp.fc_in.weight",
+    "mlp.c_fc.bias": "mlp.fc_in.bias",
+    "mlp.c_proj.weight": "mlp.fc_out.weight",
+    "mlp.c_proj.bias": "mlp.fc_out.bias",
+}
+GPTJ_QKV = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight")  # -> attn.c_attn.weight
+
+
+def architecture(config):
+    """'gpt2' or 'gptj': the transformers class that computes exactly what a GPTConfig does. Refuses
+    the combinations that neither does (e.g. rotary positions in a sequential block)."""
+    gptj = (config.rotary_dim, config.parallel_residual)
+    if not any(gptj) and not config.lm_head_bias:
+        return "gpt2"  # (a missing bias exports as zeros: it computes the same)
+    if all(gptj) and not config.qkv_bias and not config.attn_proj_bias and config.activation == "gelu_tanh":
+        return "gptj"
+    raise UserError(f"transformers has no model class for this combination (rotary_dim={config.rotary_dim}, "
+                    f"parallel_residual={config.parallel_residual}, qkv_bias={config.qkv_bias}, attn_proj_bias="
+                    f"{config.attn_proj_bias}, lm_head_bias={config.lm_head_bias}, activation={config.activation!r}): "
+                    f"GPT-2 has learned positions and a sequential block; GPT-J has rotary positions, a parallel "
+                    f"block, no attention biases and gelu_new")
+
+
+def gptj_config_from_hf(hf, source):
+    problems = []
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        problems.append(f"activation_function {hf.get('activation_function')!r}: model.py's GPT-J MLP is gelu_new")
+    if abs(hf.get("layer_norm_epsilon", LAYER_NORM_EPS) - LAYER_NORM_EPS) > 1e-12:
+        problems.append(f"layer_norm_epsilon {hf.get('layer_norm_epsilon')}: model.py's LayerNorm uses {LAYER_NORM_EPS}")
+    n_embd, n_head = hf.get("n_embd"), hf.get("n_head")
+    if hf.get("n_inner") not in (None, 4 * (n_embd or 0)):
+        problems.append(f"n_inner {hf.get('n_inner')}: model.py's MLP is 4 * n_embd wide")
+    if hf.get("tie_word_embeddings", False):
+        problems.append("tie_word_embeddings is true: GPT-J's lm_head (with its bias) is its own matrix")
+    rotary = hf.get("rotary_dim")
+    if not isinstance(rotary, int) or isinstance(rotary, bool) or rotary <= 0 or rotary % 2:
+        problems.append(f"rotary_dim is {rotary!r}: expected a positive even integer (GPT-J-6B: 64)")
+    fields = {"n_layer": hf.get("n_layer"), "n_head": n_head, "n_embd": n_embd,
+              "block_size": hf.get("n_positions"), "vocab_size": hf.get("vocab_size")}
+    for k, v in fields.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            problems.append(f"{k} ({'n_positions' if k == 'block_size' else k}) is {v!r}: expected a positive integer")
+    if problems:
+        raise UserError(f"cannot load {source} exactly as GPT-J: " + "; ".join(problems))
+    return dict(fields, bias=True, qkv_bias=False, attn_proj_bias=False, tie_weights=False, lm_head_bias=True,
+                rotary_dim=rotary, parallel_residual=True, activation="gelu_tanh")
+
+
+@torch.no_grad()
+def load_gptj_state_dict(model, sd, source):
+    cfg = model.config
+    for i in range(cfg.n_layer):
+        for buf in MASK_BUFFERS:
+            sd.pop(f"h.{i}.{buf}", None)
+    wanted = {"wte.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight", "lm_head.bias"}
+    for i in range(cfg.n_layer):
+        wanted |= {f"h.{i}.{k}" for k in list(GPTJ_LAYER_KEYS.values()) + list(GPTJ_QKV)}
+    missing, unexpected = sorted(wanted - set(sd)), sorted(set(sd) - wanted)
+    if missing or unexpected:
+        raise UserError(f"{source}: the weights do not match a GPT-J of its config.json (n_layer={cfg.n_layer}): "
+                        f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                        f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    ours = {"transformer.wte.weight": sd["wte.weight"], "transformer.ln_f.weight": sd["ln_f.weight"],
+            "transformer.ln_f.bias": sd["ln_f.bias"], "lm_head.weight": sd["lm_head.weight"],
+            "lm_head.bias": sd["lm_head.bias"]}
+    for i in range(cfg.n_layer):
+        for our, theirs in GPTJ_LAYER_KEYS.items():
+            ours[f"transformer.h.{i}.{our}"] = sd[f"h.{i}.{theirs}"]
+        ours[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([sd[f"h.{i}.{k}"] for k in GPTJ_QKV], dim=0)
+    target = model.state_dict()
+    assert set(target) == set(ours), f"GPT-J keys out of step with model.py: {sorted(set(target) ^ set(ours))[:6]}"
+    for k, t in ours.items():
+        if t.shape != target[k].shape:
+            raise UserError(f"{source}: {k} has shape {tuple(t.shape)}, expected {tuple(target[k].shape)} "
+                            f"for its config.json")
+        target[k].copy_(t)
+
+
+def gptj_state_dict(ours, cfg):
+    """Our GPT-J-shaped weights under GPTJForCausalLM's names, float32 (zeros for a bias the model lacks)."""
+    f32 = lambda t: t.detach().to("cpu", torch.float32).contiguous().clone()
+    get = lambda k, like: f32(ours[k]) if k in ours else torch.zeros(ours[like].shape[0], dtype=torch.float32)
+    out = {"transformer.wte.weight": f32(ours["transformer.wte.weight"]),
+           "transformer.ln_f.weight": f32(ours["transformer.ln_f.weight"]),
+           "transformer.ln_f.bias": get("transformer.ln_f.bias", "transformer.ln_f.weight"),
+           # a tied head (trained that way) is written out as its own copy: GPT-J's is untied
+           "lm_head.weight": f32(ours["lm_head.weight"] if "lm_head.weight" in ours else ours["transformer.wte.weight"]),
+           "lm_head.bias": get("lm_head.bias", "transformer.wte.weight")}
+    known = set(out) | {"transformer.wte.weight"}
+    for i in range(cfg.n_layer):
+        pre = f"transformer.h.{i}."
+        for our, theirs in GPTJ_LAYER_KEYS.items():
+            like = pre + our.removesuffix(".bias") + ".weight"
+            out[pre + theirs] = get(pre + our, like)
+            known.add(pre + our)
+        for k, t in zip(GPTJ_QKV, f32(ours[pre + "attn.c_attn.weight"]).split(cfg.n_embd, dim=0)):
+            out[pre + k] = t.contiguous()
+        known.add(pre + "attn.c_attn.weight")
+    leftover = set(ours) - known
+    if leftover:
+        raise UserError(f"the model has tensors a GPT-J does not ({sorted(leftover)[:4]} ...): merge LoRA "
+                        f"adapters into the weights first (checkpoint.load_model does)")
+    return out
+
+
 # ----------------------------------------------------------------------------- export
 
 def hf_state_dict(model, drop_lora=False):
@@ -363,6 +482,8 @@ def hf_state_dict(model, drop_lora=False):
     ours = model.state_dict()
     if drop_lora:
         ours = {k: v for k, v in ours.items() if k.rsplit(".", 1)[-1] not in ADAPTER_NAMES}
+    if architecture(cfg) == "gptj":
+        return gptj_state_dict(ours, cfg)
     key_map = hf_key_map(cfg.n_layer, cfg.tie_weights)
     leftover = set(ours) - set(key_map) - ({"lm_head.weight"} if cfg.tie_weights else set())
     if leftover:
@@ -384,9 +505,17 @@ def hf_state_dict(model, drop_lora=False):
 
 
 def hf_config(config, tokenizer):
-    """A transformers GPT2Config equal to our GPTConfig."""
+    """A transformers GPT2Config (or GPTJConfig) equal to our GPTConfig."""
     from transformers import GPT2Config
     eot = EOT_ID if tokenizer == "gpt2" else None
+    if architecture(config) == "gptj":
+        from transformers import GPTJConfig
+        return GPTJConfig(
+            vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+            n_layer=config.n_layer, n_head=config.n_head, rotary_dim=config.rotary_dim, n_inner=None,
+            activation_function="gelu_new", layer_norm_epsilon=LAYER_NORM_EPS, tie_word_embeddings=False,
+            resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+            bos_token_id=eot, eos_token_id=eot, architectures=["GPTJForCausalLM"])
     return GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
         n_layer=config.n_layer, n_head=config.n_head, n_inner=None,

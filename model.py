@@ -7,7 +7,8 @@ GPT-2 style decoder-only Transformer, in one file.
 
 References: "Language Models are Unsupervised Multitask Learners" (GPT-2, 2019) for the architecture
 (pre-LayerNorm blocks, learned positions, GELU MLP, tied embeddings); "Attention Is All You Need"
-(2017) for attention. Parameter names follow OpenAI's GPT-2 checkpoint (wte wpe h ln_f c_attn c_proj
+(2017) for attention. GPT-J (Wang & Komatsuzaki 2021) is the same model with a few GPTConfig fields
+changed: rotary positions (Su et al. 2021) and a parallel block. Parameter names follow OpenAI's GPT-2 checkpoint (wte wpe h ln_f c_attn c_proj
 c_fc lm_head) so that weight import and export are key-by-key copies.
 This file imports torch (and two small torch-only helpers: fast_dropout.py for CPU training with
 dropout, optimizers.py for Muon + AdamW as one optimizer); transformers is imported lazily by hf.py.
@@ -56,16 +57,18 @@ class CausalSelfAttention(nn.Module):
         self.fast_dropout = True  # on a CPU, attention dropout through fast_dropout (see forward)
         # q, k, v projections for all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.attn_proj_bias)
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rotary=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if rotary is not None:  # positions turn q and k (the cache keeps k turned: its positions are fixed)
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None and kv_cache.pos > 0:
             # decoding: the new query (T == 1) may look at every cached position, so no mask is needed
             assert T == 1, f"the KV cache decodes one token at a time, got {T}"
@@ -83,6 +86,25 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh*hs) re-assembled heads
         return self.resid_dropout(self.c_proj(y))
+
+
+def rotary_angles(start, T, rotary_dim, base, device):
+    """cos and sin (T, rotary_dim / 2) of rotary position embeddings for positions start .. start+T-1
+    (Su et al. 2021, "RoFormer"): pair i of a head turns by position * base^(-2i / rotary_dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.float32) / rotary_dim))
+    angles = torch.arange(start, start + T, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Turn the first 2 * cos.size(-1) dims of x (B, nh, T, hs) in GPT-J's interleaved layout: dims
+    (0, 1), (2, 3), ... are the pairs (GPT-NeoX and Llama pair dim i with i + d/2 instead)."""
+    d = 2 * cos.size(-1)
+    x_rot, x_pass = x[..., :d], x[..., d:]
+    x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]  # (B, nh, T, d/2) each
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    turned = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)  # (B, nh, T, d)
+    return torch.cat((turned, x_pass), dim=-1)
 
 
 class MLP(nn.Module):
@@ -103,13 +125,18 @@ class Block(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
+        self.parallel = config.parallel_residual
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        if not self.parallel:  # (GPT-J's parallel block reads one LayerNorm for both branches)
+            self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, rotary=None):
+        if self.parallel:  # GPT-J: attention and MLP read the same normalised input, side by side
+            h = self.ln_1(x)
+            return x + self.attn(h, kv_cache, rotary) + self.mlp(h)
+        x = x + self.attn(self.ln_1(x), kv_cache, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -126,15 +153,30 @@ class GPTConfig:
     qkv_bias: Optional[bool] = None  # bias of the q/k/v projection; None means the same as `bias`
     tie_weights: bool = True  # lm_head shares wte's matrix, as GPT-2
     activation: str = "gelu_tanh"  # GPT-2's GELU; 'gelu' (exact erf) for checkpoints converted from nanoGPT
+    # GPT-J (Wang & Komatsuzaki 2021) is GPT-2 with these changed; the defaults keep GPT-2 exactly
+    rotary_dim: int = 0  # 0 = learned positions (wpe); >0 = rotary on the first rotary_dim dims of each head, no wpe
+    rotary_base: float = 10000.0  # the rotary wavelengths' base
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_1(x)): one LayerNorm per block, as GPT-J
+    attn_proj_bias: Optional[bool] = None  # bias of attention's output projection; None = same as `bias`
+    lm_head_bias: bool = False  # an untied lm_head with a bias, as GPT-J's
 
     def __post_init__(self):
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
+        if self.attn_proj_bias is None:
+            self.attn_proj_bias = self.bias
         if self.activation not in ("gelu_tanh", "gelu"):
             raise ValueError(f"activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
+        head = self.n_embd // self.n_head
+        if self.rotary_dim < 0 or self.rotary_dim % 2 or self.rotary_dim > head:
+            raise ValueError(f"rotary_dim must be 0 (learned positions) or an even number up to the head size "
+                             f"{head}, got {self.rotary_dim}")
+        if self.lm_head_bias and self.tie_weights:
+            raise ValueError("lm_head_bias needs an untied lm_head (tie_weights=False)")
 
     # fields that define the shapes of the weights: a checkpoint only loads into a model that agrees on these
-    SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias", "tie_weights")
+    SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias", "tie_weights",
+                    "rotary_dim", "parallel_residual", "attn_proj_bias", "lm_head_bias")
 
 
 class GPT(nn.Module):
@@ -146,12 +188,13 @@ class GPT(nn.Module):
         self.activation_checkpointing = False  # recompute block activations in backward to save memory
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if not config.rotary_dim:  # learned absolute positions (GPT-2); rotary ones have no weights
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_weights:
             # one matrix for reading tokens in and writing logits out (GPT-2; Press & Wolf 2017)
             self.transformer.wte.weight = self.lm_head.weight
@@ -173,7 +216,7 @@ class GPT(nn.Module):
         """Number of parameters, each shared tensor counted once. non_embedding drops wpe (and wte when untied)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            n -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
             if not self.config.tie_weights:
                 n -= self.transformer.wte.weight.numel()
         return n
@@ -189,13 +232,18 @@ class GPT(nn.Module):
         start = kv_cache.pos if kv_cache is not None else 0
         assert start + T <= self.config.block_size, \
             f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.config.rotary_dim:
+            rotary = rotary_angles(start, T, self.config.rotary_dim, self.config.rotary_base, idx.device)
+        else:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x = activation_checkpoint(block, x, use_reentrant=False)
+                x = activation_checkpoint(block, x, None, rotary, use_reentrant=False)
             else:
-                x = block(x, kv_cache)
+                x = block(x, kv_cache, rotary)
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
@@ -226,7 +274,8 @@ class GPT(nn.Module):
         assert block_size <= self.config.block_size, \
             f"can only crop the block size down: {block_size} > {self.config.block_size}"
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:  # (rotary positions have no table to crop)
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
