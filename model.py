@@ -8,8 +8,9 @@ GPT-2 style decoder-only Transformer, in one file.
 References: "Language Models are Unsupervised Multitask Learners" (GPT-2, 2019) for the architecture
 (pre-LayerNorm blocks, learned positions, GELU MLP, tied embeddings); "Attention Is All You Need"
 (2017) for attention. GPT-J (Wang & Komatsuzaki 2021) is the same model with a few GPTConfig fields
-changed: rotary positions (Su et al. 2021) and a parallel block. Parameter names follow OpenAI's GPT-2 checkpoint (wte wpe h ln_f c_attn c_proj
-c_fc lm_head) so that weight import and export are key-by-key copies.
+changed: rotary positions (Su et al. 2021) and a parallel block. Parameter names follow OpenAI's
+GPT-2 checkpoint (wte wpe h ln_f c_attn c_proj c_fc lm_head) so that weight import and export are
+key-by-key copies.
 This file imports torch (and two small torch-only helpers: fast_dropout.py for CPU training with
 dropout, optimizers.py for Muon + AdamW as one optimizer); transformers is imported lazily by hf.py.
 """
