@@ -187,14 +187,17 @@ class GPT(nn.Module):
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
         self.activation_checkpointing = False  # recompute block activations in backward to save memory
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if not config.rotary_dim:  # learned absolute positions (GPT-2); rotary ones have no weights
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        # (in GPT-2's order: the init draws its random numbers module by module, so a seed gives the
+        # same weights as before these options existed)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            modules,
             drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        if not config.rotary_dim:  # learned absolute positions (GPT-2); rotary ones have no weights
-            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_weights:
             # one matrix for reading tokens in and writing logits out (GPT-2; Press & Wolf 2017)
