@@ -262,14 +262,11 @@ def judge_model(spec, model, tokenizer, items, judge, results, device, ctx, max_
         results.put(out)
         return out
 
-    bar = progress_bar(range(len(to_score)), progress, f"{spec} judged by {judge.name}")
     with ThreadPoolExecutor(max_workers=max(1, judge.workers)) as pool:
         futures = [pool.submit(score, r) for r in to_score]
         try:
-            for f in as_completed(futures):
+            for f in progress_bar(as_completed(futures), progress and bool(futures), f"{spec} judged"):
                 f.result()  # a JudgeError stops the run here; what was scored is in the file
-                if hasattr(bar, "update"):
-                    bar.update(1)
         except BaseException:
             for f in futures:
                 f.cancel()
