@@ -78,13 +78,20 @@ def optimizer_tensors(model, optimizer, full_osd=None):
     """(tensors keyed '<param name>/<state key>', JSON part) of an optimizer's state, by parameter name.
     full_osd: a name-keyed optimizer state gathered from a sharded model (gather_sharded) instead."""
     osd = full_osd if full_osd is not None else _name_keyed(model, optimizer)
-    tensors, scalars = {}, {}
+    tensors, scalars, seen = {}, {}, set()
     for pname, entry in osd["state"].items():
         for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"{pname}/{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{pname}/{key}"] = value
+            # bitsandbytes (0.50) nests its 8-bit states one level down: '<name>/<key>/<sub key>'
+            items = [(f"{key}/{k}", v) for k, v in value.items()] if isinstance(value, dict) else [(key, value)]
+            for k, v in items:
+                if torch.is_tensor(v):
+                    v = v.detach().contiguous().cpu()
+                    if v.untyped_storage().data_ptr() in seen:  # one tensor for several parameters (bitsandbytes'
+                        v = v.clone()                            # quantisation maps): safetensors stores each once
+                    seen.add(v.untyped_storage().data_ptr())
+                    tensors[f"{pname}/{k}"] = v
+                else:
+                    scalars[f"{pname}/{k}"] = v
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])} for g in osd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
@@ -115,8 +122,13 @@ def _saved_by_name(ckpt_dir, state, current):
                          f"not in this model: {sorted(set(saved_names) - set(current))[:5]})")
     by_name = {}
     for key, value in list(tensors.items()) + list(saved["scalars"].items()):
-        pname, skey = key.rsplit("/", 1)
-        by_name.setdefault(pname, {})[skey] = value
+        pname, skey = key.split("/", 1)  # (parameter names have dots, never slashes)
+        entry = by_name.setdefault(pname, {})
+        if "/" in skey:  # a nested state (bitsandbytes'): back one level down
+            skey, sub = skey.split("/", 1)
+            entry = entry.setdefault(skey, {})
+            skey = sub
+        entry[skey] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in saved["param_groups"]]
     return by_name, groups
 

@@ -285,7 +285,7 @@ def advice(est):
         out.append(("base_dtype='bfloat16' (store the frozen base in bf16)",
                     priced(weights=frozen // 2 + st["trainable_bytes"], copied_block_weights=0, copied_lm_head=0)))
     if st["optimizer"] == "adamw":
-        out.append(("optimizer='adamw8bit' (bitsandbytes, CUDA only)", priced(optimizer="adamw8bit")))
+        out.append(("optimizer='adamw8bit' (bitsandbytes)", priced(optimizer="adamw8bit")))
     if not st["activation_checkpointing"]:
         out.append(("activation_checkpointing=True (one more forward per step)", priced(activation_checkpointing=True)))
     if st["block_size"] > 128:

@@ -307,8 +307,8 @@ class GPT(nn.Module):
                   {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
         if eight_bit:
             # 8-bit optimizer states (Dettmers et al. 2021): 2 bytes per parameter instead of 8
-            if device_type != "cuda":
-                raise ValueError("optimizer='adamw8bit' needs CUDA (bitsandbytes); use optimizer='adamw'")
+            if device_type not in ("cuda", "cpu"):
+                raise ValueError(f"optimizer='adamw8bit' runs on CUDA or a CPU (bitsandbytes), not {device_type}")
             try:
                 import bitsandbytes as bnb
             except ImportError as e:

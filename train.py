@@ -92,7 +92,7 @@ class TrainConfig:
     train_1d_only: bool = False  # train only biases and LayerNorm gains
     base_dtype: str = "float32"  # storage of the frozen base under LoRA: 'float32' or 'bfloat16'
     # optimizer
-    # 'adamw', 'adamw8bit' (bitsandbytes, CUDA) or 'muon': torch.optim.Muon for the blocks' matrices at
+    # 'adamw', 'adamw8bit' (bitsandbytes; on a CPU 0.50+) or 'muon': torch.optim.Muon for the blocks' matrices at
     # muon_lr, AdamW at learning_rate for embeddings, lm_head, biases and gains (both on the schedule)
     optimizer: str = "adamw"
     learning_rate: float = 6e-4

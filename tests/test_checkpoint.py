@@ -1,6 +1,7 @@
 """Checkpoints people can trust: round trip, exact resume, crash safety, validation.
 (nanoGPT conversion: tests/test_convert_nanogpt.py)"""
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -121,9 +122,16 @@ def _losses(out):
     return [(m["iter"], m.get("train_loss"), m.get("val_loss"), m["lr"]) for m in read_metrics(out)]
 
 
-@pytest.mark.parametrize("sampling,optimizer", [("random", "adamw"), ("sequential", "adamw"), ("random", "muon")])
+NO_BNB = importlib.util.find_spec("bitsandbytes") is None
+
+
+@pytest.mark.parametrize("sampling,optimizer", [
+    ("random", "adamw"), ("sequential", "adamw"), ("random", "muon"),
+    pytest.param("random", "adamw8bit", marks=pytest.mark.skipif(NO_BNB, reason="needs bitsandbytes (dev extra)"))])
 def test_exact_resume_with_dropout_and_accumulation(data, tmp_path, sampling, optimizer):
-    # muon: two optimizers (Muon's momentum buffers, AdamW's moments) saved and restored as one
+    # muon: two optimizers (Muon's momentum buffers, AdamW's moments) saved and restored as one;
+    # adamw8bit: bitsandbytes' states (uint8 moments, their scales and maps for matrices of 4,096+
+    # entries like c_fc here, float32 for the rest), nested in its state dict, on the CPU
     common = dict(dropout=0.1, gradient_accumulation_steps=2, eval_interval=4, sampling=sampling, optimizer=optimizer)
     straight = tmp_path / "straight"
     train.main(tiny_train_config(data, straight, max_iters=12, **common))
