@@ -307,14 +307,18 @@ def gpt_config_from_hf(hf, source):
     fields = {"n_layer": hf.get("n_layer"), "n_head": hf.get("n_head"), "n_embd": n_embd,
               # n_ctx is the older spelling of the context length
               "block_size": hf.get("n_positions", hf.get("n_ctx")), "vocab_size": hf.get("vocab_size")}
-    for k, v in fields.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            problems.append(f"{k} ({'n_positions' if k == 'block_size' else k}) is {v!r}: expected a positive integer")
+    problems += _shape_problems(fields)
     if problems:
         raise UserError(f"cannot load {source} exactly: " + "; ".join(problems))
     # HF's GPT-2 always has biases (Linear and LayerNorm); the head is tied unless the config says not
     return dict(fields, bias=True, qkv_bias=True, tie_weights=bool(hf.get("tie_word_embeddings", True)),
                 activation=HF_ACTIVATIONS[act])
+
+
+def _shape_problems(fields):
+    """The GPTConfig shape fields read from a config.json that are not positive integers, as messages."""
+    return [f"{k} ({'n_positions' if k == 'block_size' else k}) is {v!r}: expected a positive integer"
+            for k, v in fields.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
 
 
 @torch.no_grad()
@@ -403,9 +407,7 @@ def gptj_config_from_hf(hf, source):
         problems.append(f"rotary_dim is {rotary!r}: expected a positive even integer (GPT-J-6B: 64)")
     fields = {"n_layer": hf.get("n_layer"), "n_head": n_head, "n_embd": n_embd,
               "block_size": hf.get("n_positions"), "vocab_size": hf.get("vocab_size")}
-    for k, v in fields.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            problems.append(f"{k} ({'n_positions' if k == 'block_size' else k}) is {v!r}: expected a positive integer")
+    problems += _shape_problems(fields)
     if problems:
         raise UserError(f"cannot load {source} exactly as GPT-J: " + "; ".join(problems))
     return dict(fields, bias=True, qkv_bias=False, attn_proj_bias=False, tie_weights=False, lm_head_bias=True,

@@ -86,9 +86,7 @@ def read_prompt(start):
 
 def chat_template(cfg, data_meta):
     """The format an instruction is wrapped in: --chat_template, else the one the run was tuned with."""
-    import sft
-    if cfg.chat_template:
-        sft.check_template(cfg.chat_template)
+    if cfg.chat_template:  # (checked by main before the model loaded)
         return cfg.chat_template
     recorded = (data_meta or {}).get("prompt_template")
     if not recorded:
