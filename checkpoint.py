@@ -543,31 +543,41 @@ def base_reference(init_from):
     return str(Path(init_from).resolve()) if Path(init_from).exists() else init_from
 
 
-def load_any(spec, device="cpu", which="latest"):
+def load_any(spec, device="cpu", which="latest", base_quant=""):
     """(model in eval mode, its data meta, info) for whatever a user names as a model: one of our runs
-    or checkpoint directories (its latest or best checkpoint), a Hugging Face GPT-2 directory, or an
-    OpenAI GPT-2 name. The one loader behind sample.py, eval.py and export_hf.py."""
-    from hf import HF_MODELS
+    or checkpoint directories (its latest or best checkpoint), a Hugging Face GPT-2 / GPT-J directory
+    or hub repository, or an OpenAI GPT-2 name. The one loader behind sample.py and eval.py.
+
+    A run trained on a quantised base loads as it trained, its adapters unmerged on the quantised
+    weights (merged, a 6B base would be a 24 GB float model); base_quant quantises a pretrained
+    model's matmuls as it loads (e.g. GPT-J-6B for a few-shot evaluation on an 11 GB card)."""
+    from hf import HF_MODELS, HUB_REPO
     from model import GPT
     if holds_checkpoint(spec):
-        model, info = load_model(spec, device=device, which=which)
+        quantised = bool((read_checkpoint(spec, which, verify=False)[1].get("config") or {}).get("base_quant"))
+        model, info = load_model(spec, device=device, which=which, merge_lora=not quantised)
         return model, info.get("data_meta") or {"tokenizer": "gpt2", "vocab_size": 50257}, info
-    if spec in HF_MODELS or (Path(spec) / "config.json").is_file():
-        gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257}
-        return GPT.from_pretrained(spec).to(device).eval(), gpt2, {"config": {}, "data_meta": gpt2, "checkpoint": spec}
+    if spec in HF_MODELS or (Path(spec) / "config.json").is_file() or (HUB_REPO.fullmatch(spec) and not Path(spec).exists()):
+        gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257}  # (GPT-J's tokenizer is GPT-2's BPE too)
+        model = GPT.from_pretrained(spec, base_quant=base_quant).to(device).eval()
+        return model, gpt2, {"config": {}, "data_meta": gpt2, "checkpoint": spec}
     if Path(spec).is_dir():
         raise MissingFile(f"{spec} holds no checkpoint (latest.json or state.json): train there first, or check the path")
     raise MissingFile(f"model {spec!r} is not a GPT-2 name ({', '.join(HF_MODELS)}), a Hugging Face directory "
                       f"(config.json) or one of our runs (an out_dir with latest.json); check the name or the path")
 
 
-def build_base(init_from):
-    """The model a fine-tune starts from: OpenAI GPT-2 by name, a Hugging Face directory, or one of our runs."""
+def build_base(init_from, base_quant=""):
+    """The model a fine-tune starts from: OpenAI GPT-2 by name, a Hugging Face directory or hub
+    repository, or one of our runs; with base_quant ('int8' / 'nf4') its block matmuls quantised."""
     from model import GPT
     if holds_checkpoint(init_from):
         model, _ = load_model(init_from, merge_lora=True)
+        if base_quant:  # in memory already: quantised after loading
+            import quant
+            quant.quantize_model(model, base_quant)
         return model
-    return GPT.from_pretrained(init_from)
+    return GPT.from_pretrained(init_from, base_quant=base_quant)
 
 
 def apply_finetune(model, cfg):
@@ -604,7 +614,8 @@ def _load_model(path, device, merge_lora, which):
     args = state["model_args"]
     cfg = state.get("config", {})
     if state.get("trainable_only"):
-        model = build_base(state["base"])
+        base_quant = cfg.get("base_quant", "")
+        model = build_base(state["base"], base_quant)
         if model.config.block_size > args["block_size"]:
             model.crop_block_size(args["block_size"])
         check_model_args(args, vars(model.config))
@@ -613,6 +624,9 @@ def _load_model(path, device, merge_lora, which):
         if merge_lora and cfg.get("lora_rank", 0) > 0:
             import lora
             lora.merge_lora(model)
+        if merge_lora and base_quant:  # a float model, as trained (the quantised weights dequantised)
+            import quant
+            quant.dequantize_model(model)
     else:
         model = GPT(GPTConfig(**args))
         restore_model(model, ckpt, state)

@@ -44,6 +44,7 @@ class EvalConfig:
     limit: int = 0  # at most this many items per benchmark (the first ones); 0 = all
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "auto"  # auto = bfloat16 where native, float16 on older GPUs, else float32
+    base_quant: str = ""  # a pretrained model's matmuls loaded as 'int8' or 'nf4' (quant.py); our runs load as trained
     seed: int = 1337  # the evaluations are deterministic; 'generate' draws its k shots with it
     k_shot: int = 0  # 'generate': 0 = the fine-tuned model zero-shot; >0 = a k-shot prompt baseline
     shots_file: str = ""  # 'generate': JSONL the k examples are drawn from
@@ -94,6 +95,8 @@ def check_config(cfg):
     for key in ("batch_size", "block_size", "eval_iters", "limit", "k_shot", "max_new_tokens"):
         if getattr(cfg, key) < 0 or (key == "batch_size" and getattr(cfg, key) == 0):
             errors.append(f"{key}={getattr(cfg, key)} must be {'positive' if key == 'batch_size' else '>= 0'}")
+    if cfg.base_quant not in ("", "int8", "nf4"):
+        errors.append(f"base_quant must be '', 'int8' or 'nf4', got {cfg.base_quant!r}")
     if errors:
         raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
     return tasks
@@ -108,7 +111,7 @@ def model_specs(cfg):
     return [(cfg.init_from, "--init_from")]
 
 
-def load_any(spec, device, option="--models", which="best"):
+def load_any(spec, device, option="--models", which="best", base_quant=""):
     """(model, tokenizer, info) for an out_dir of ours, a GPT-2 name or a Hugging Face directory
     (checkpoint.load_any). Errors start with `option`, so that a hint says where to pass a path."""
     import checkpoint
@@ -117,7 +120,7 @@ def load_any(spec, device, option="--models", which="best"):
         raise UserError(f"--out_dir={spec!r} holds no checkpoint (latest.json): train there first, or "
                         f"name the model with --init_from=<gpt2 name or HF directory> or --models=...")
     try:
-        model, data_meta, info = checkpoint.load_any(spec, device, which)
+        model, data_meta, info = checkpoint.load_any(spec, device, which, base_quant)
     except ValueError as e:  # checkpoint.py and hf.py name the model, not the option that named it
         raise UserError(f"{option}: {e}") from e
     return model, Tokenizer(data_meta), info
@@ -264,7 +267,7 @@ def main(cfg):
               f"({len(judge_results.records)} reusable records)")
     results = {}
     for spec, option in model_specs(cfg):
-        model, tokenizer, info = load_any(spec, device, option, cfg.which)
+        model, tokenizer, info = load_any(spec, device, option, cfg.which, cfg.base_quant)
         if cfg.block_size > model.config.block_size:
             raise UserError(f"block_size={cfg.block_size} exceeds {spec}'s context of {model.config.block_size}")
         if cfg.block_size:

@@ -28,6 +28,7 @@ evaluation.py and data/fineweb/prepare.py ask too.
 import functools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -100,10 +101,13 @@ def _is_transposed(our_key):
 
 # ----------------------------------------------------------------------------- import
 
-def load_hf_gpt2(cls, name_or_path, override_args):
-    """A `cls` (GPT) holding OpenAI's GPT-2 weights or those of a local Hugging Face GPT-2 directory.
+def load_hf_gpt2(cls, name_or_path, override_args, base_quant=""):
+    """A `cls` (GPT) holding OpenAI's GPT-2 weights, or those of a GPT-2 or GPT-J directory or hub repository.
 
     override_args may set "dropout" (for fine-tuning) and "block_size" (cropped down only).
+    The model is built on the meta device and each weight is read, converted and placed one at a
+    time (a float32 copy of GPT-J-6B alone is 24 GB); with base_quant ('int8' / 'nf4', quant.py) each
+    block matmul is quantised as it arrives, so loading peaks near the quantised size.
     Raises ValueError naming the model/path and what to do on anything it cannot load exactly.
     """
     override_args = dict(override_args or {})
@@ -111,6 +115,10 @@ def load_hf_gpt2(cls, name_or_path, override_args):
     if unknown:
         raise UserError(f"from_pretrained can only override 'dropout' and 'block_size', not {unknown}: "
                          f"the other shapes are fixed by the pretrained weights")
+    if base_quant:
+        from quant import bitsandbytes, check_kind
+        check_kind(base_quant)
+        bitsandbytes()  # before a download, not after
     hf_config, sd, source = read_hf_gpt2(name_or_path)
     config = gpt_config_from_hf(hf_config, source)
     from model import GPTConfig
@@ -119,15 +127,17 @@ def load_hf_gpt2(cls, name_or_path, override_args):
     if block_size is not None and not 0 < block_size <= config.block_size:
         raise UserError(f"block_size={block_size} for {source}: must be between 1 and its "
                          f"{config.block_size} positions (a pretrained model can only be cropped down)")
-    model = cls(config)
-    load_hf_state_dict(model, sd, source)
+    with torch.device("meta"):  # shapes only: no memory, no random init (every weight is overwritten)
+        model = cls(config)
+    load_hf_state_dict(model, sd, source, base_quant)
     if block_size is not None and block_size < config.block_size:
         model.crop_block_size(block_size)
     return model
 
 
 def read_hf_gpt2(name_or_path):
-    """(HF config dict, state dict with HF names minus "transformer.", source description)."""
+    """(HF config dict, HF-named tensors minus "transformer." (a dict, or a ShardReader that reads
+    each when asked), source description)."""
     name_or_path = str(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():  # a directory wins over a hub name: ./gpt2 saved earlier loads offline
@@ -137,9 +147,12 @@ def read_hf_gpt2(name_or_path):
     if path.exists():
         raise UserError(f"{path} is a file: give the directory that save_pretrained wrote "
                          f"(holding config.json and model.safetensors or pytorch_model.bin)")
-    raise UserError(f"{name_or_path!r} is neither a GPT-2 model name ({', '.join(HF_MODELS)}) nor an "
-                     f"existing directory: check the spelling, or give the path of a Hugging Face GPT-2 "
-                     f"directory written by save_pretrained")
+    if HUB_REPO.fullmatch(name_or_path):
+        return _read_local(_snapshot(name_or_path))
+    raise UserError(f"{name_or_path!r} is neither a GPT-2 model name ({', '.join(HF_MODELS)}), a hub "
+                     f"repository (owner/name, e.g. EleutherAI/gpt-j-6b) nor an existing directory: check "
+                     f"the spelling, or give the path of a Hugging Face GPT-2 / GPT-J directory written by "
+                     f"save_pretrained")
 
 
 def _download(name):
@@ -164,6 +177,36 @@ def _download(name):
             f"over and pass its path in place of {name!r} (e.g. ./{name}-hf)") from e
     sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
     return hf.config.to_dict(), sd, f"{name!r} ({repo})"
+
+
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the hub spells repositories
+
+
+def _snapshot(repo):
+    """A hub repository's config.json and weights in the local Hugging Face cache (downloaded when the
+    hub answers); its directory. Safetensors are fetched when the repository has them, else the
+    pytorch_model*.bin files: never both (GPT-J-6B's float32 .bin alone is 24 GB)."""
+    try:
+        import huggingface_hub as hub
+    except ImportError as e:
+        raise UserError(f"loading {repo!r} from the hub needs huggingface_hub: pip install transformers") from e
+    offline = hub_unreachable_reason()
+    safetensors = ["config.json", "*.safetensors", "model.safetensors.index.json"]
+    pickles = ["config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json"]
+    try:
+        if offline:  # the cache only: whichever format an earlier download left there
+            path = Path(hub.snapshot_download(repo, allow_patterns=safetensors + pickles, local_files_only=True))
+        else:
+            files = hub.list_repo_files(repo)
+            has_safetensors = any(f.endswith(".safetensors") for f in files)
+            path = Path(hub.snapshot_download(repo, allow_patterns=safetensors if has_safetensors else pickles))
+    except (OSError, ValueError) as e:  # huggingface_hub's errors for no cache, 404, auth and network
+        why = (f"the hub is unreachable ({offline}) and it is not in the local Hugging Face cache" if offline
+               else f"the download failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        raise UserError(f"could not load {repo!r} from the Hugging Face hub: {why}.\nInstead give a local "
+                        f"directory: on a machine with access run huggingface_hub.snapshot_download('{repo}', "
+                        f"local_dir='{repo.split('/')[-1]}'), copy it over and pass its path") from e
+    return path
 
 
 # ----------------------------------------------------------------------------- is the hub there?
@@ -257,29 +300,67 @@ def _read_local(path):
     if not files:
         raise UserError(f"{path} has no weights: expected model.safetensors or pytorch_model.bin "
                          f"(or a sharded *.index.json), as save_pretrained writes")
-    sd = {}
-    for f in files:
-        sd.update(_read_weights(f))
-    # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (OpenAI's own hub files) saves "h.0..."
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    return hf_config, sd, str(path)
+    return hf_config, ShardReader(files), str(path)
 
 
-def _read_weights(file):
-    if not file.is_file():
-        raise UserError(f"{file} is missing: the shard index lists it; copy the whole directory")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(file))
-        # weights_only: a pickle file can run code on load; plain tensors never need that
-        sd = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors, pickle and zip each raise their own types on a damaged file
-        raise UserError(f"{file}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                         f"the file is damaged or truncated: save or copy it again") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{file}: expected a dict of tensors (a state dict)")
-    return sd
+def _damaged(file, e):
+    return UserError(f"{file}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                     f"the file is damaged or truncated: save or copy it again")
+
+
+class ShardReader:
+    """The tensors of a model directory's weight files by HF name (without "transformer."), each read
+    from its file only when asked for, so a 6B model never sits in memory twice while it loads.
+
+    Safetensors files are opened once and each tensor is copied out on request; a pytorch_model.bin
+    (a pickle: read with weights_only=True, which refuses anything but tensors) is memory-mapped,
+    so its tensors are paged in as they are read.
+    """
+
+    def __init__(self, files):
+        self._files, self._where = {}, {}  # file -> open handle; name -> (file, name in the file)
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"{f} is missing: the shard index lists it; copy the whole directory")
+            try:
+                if f.suffix == ".safetensors":
+                    from safetensors import safe_open
+                    handle = safe_open(str(f), framework="pt", device="cpu")
+                    names = list(handle.keys())
+                else:
+                    handle = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                    if not isinstance(handle, dict) or not all(isinstance(v, torch.Tensor) for v in handle.values()):
+                        raise UserError(f"{f}: expected a dict of tensors (a state dict)")
+                    names = list(handle)
+            except UserError:
+                raise
+            except Exception as e:  # safetensors, pickle and zip each raise their own types on a damaged file
+                raise _damaged(f, e) from e
+            self._files[f] = handle
+            for n in names:
+                # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model (OpenAI's own hub files) saves "h.0..."
+                self._where[n.removeprefix("transformer.")] = (f, n)
+
+    def keys(self):
+        return self._where.keys()
+
+    def __contains__(self, name):
+        return name in self._where
+
+    def __getitem__(self, name):
+        f, n = self._where[name]
+        handle = self._files[f]
+        try:
+            return handle[n] if isinstance(handle, dict) else handle.get_tensor(n)
+        except Exception as e:  # a truncated file fails here, at the tensor past its end
+            raise _damaged(f, e) from e
+
+    def pop(self, name, default=None):
+        if name not in self._where:
+            return default
+        t = self[name]
+        del self._where[name]
+        return t
 
 
 def gpt_config_from_hf(hf, source):
@@ -322,12 +403,51 @@ def _shape_problems(fields):
 
 
 @torch.no_grad()
-def load_hf_state_dict(model, sd, source):
-    """Copy HF-named tensors (no "transformer." prefix) into our GPT; every key and shape accounted for."""
+def load_hf_state_dict(model, sd, source, base_quant=""):
+    """Put HF-named tensors (no "transformer." prefix; a dict or a ShardReader) into our GPT one at a
+    time, every key and shape accounted for. A model built on the meta device gets each weight placed
+    as a new float32 parameter (each block matmul quantised instead with base_quant); a model in
+    memory gets them copied in."""
     cfg = model.config
-    sd = dict(sd)
-    if architecture(cfg) == "gptj":
-        return load_gptj_state_dict(model, sd, source)
+    if isinstance(sd, dict):
+        sd = dict(sd)  # the mask buffers are popped below: not from the caller's dict
+    shapes = {k: p.shape for k, p in model.named_parameters()}
+    read = _gptj_tensors if architecture(cfg) == "gptj" else _gpt2_tensors
+    for our_key, t in read(cfg, sd, source, shapes):
+        _place(model, our_key, t, base_quant)
+    if cfg.tie_weights:  # the placed wte is a new parameter: lm_head shares it again
+        model.lm_head.weight = model.transformer.wte.weight
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    assert not left, f"weights never placed (their keys were checked above): {left[:4]}"
+
+
+def _place(model, key, t, base_quant):
+    from quant import QUANTIZED_SUFFIXES
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    if base_quant and attr == "weight" and module_name.startswith("transformer.h.") \
+            and module_name.endswith(QUANTIZED_SUFFIXES):
+        from lora import set_submodule
+        from quant import quantized_linear
+        set_submodule(model, module_name, quantized_linear(t, module.bias, base_quant))
+    elif old.is_meta:  # a fresh contiguous float32 copy: never a view into a memory-mapped file
+        setattr(module, attr, torch.nn.Parameter(t.to(torch.float32, memory_format=torch.contiguous_format,
+                                                      copy=True), requires_grad=old.requires_grad))
+    else:
+        old.copy_(t)
+
+
+def _check_keys(sd, wanted, source, n_layer, kind):
+    missing, unexpected = sorted(set(wanted) - set(sd.keys())), sorted(set(sd.keys()) - set(wanted))
+    if missing or unexpected:
+        raise UserError(f"{source}: the weights do not match a {kind} of its config.json (n_layer={n_layer}): "
+                        f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                        f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+
+def _gpt2_tensors(cfg, sd, source, shapes):
+    """(our key, tensor) for every weight of a GPT-2, read from HF-named `sd` one at a time."""
     for i in range(cfg.n_layer):
         for buf in MASK_BUFFERS:
             sd.pop(f"h.{i}.{buf}", None)
@@ -338,24 +458,17 @@ def load_hf_state_dict(model, sd, source):
             raise UserError(f"{source}: lm_head.weight differs from wte.weight although the config says "
                              f"tie_word_embeddings=true; set it to false in config.json if the head is separate")
     key_map = hf_key_map(cfg.n_layer, cfg.tie_weights)
-    missing = sorted(set(key_map.values()) - set(sd))
-    unexpected = sorted(set(sd) - set(key_map.values()))
-    if missing or unexpected:
-        raise UserError(f"{source}: the weights do not match a GPT-2 of its config.json "
-                         f"(n_layer={cfg.n_layer}): missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-                         f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    ours = model.state_dict()
-    uncovered = set(ours) - set(key_map) - ({"lm_head.weight"} if cfg.tie_weights else set())
+    _check_keys(sd, key_map.values(), source, cfg.n_layer, "GPT-2")
+    uncovered = set(shapes) - set(key_map) - ({"lm_head.weight"} if cfg.tie_weights else set())
     assert not uncovered, f"model parameters with no GPT-2 counterpart: {sorted(uncovered)}"
     for our_key, hf_key in key_map.items():
         src = sd[hf_key]
-        if _is_transposed(our_key):
-            src = src.t()
-        if src.shape != ours[our_key].shape:
-            raise UserError(f"{source}: {hf_key} has shape {tuple(sd[hf_key].shape)}, expected "
-                             f"{tuple(ours[our_key].shape)}{' transposed' if _is_transposed(our_key) else ''} "
+        t = src.t() if _is_transposed(our_key) else src
+        if t.shape != shapes[our_key]:
+            raise UserError(f"{source}: {hf_key} has shape {tuple(src.shape)}, expected "
+                             f"{tuple(shapes[our_key])}{' transposed' if _is_transposed(our_key) else ''} "
                              f"for its config.json")
-        ours[our_key].copy_(src)
+        yield our_key, t
 
 
 # ----------------------------------------------------------------------------- GPT-J
@@ -414,34 +527,34 @@ def gptj_config_from_hf(hf, source):
                 rotary_dim=rotary, parallel_residual=True, activation="gelu_tanh")
 
 
-@torch.no_grad()
-def load_gptj_state_dict(model, sd, source):
-    cfg = model.config
+def _gptj_tensors(cfg, sd, source, shapes):
+    """(our key, tensor) for every weight of a GPT-J, read from HF-named `sd` one at a time (q, k, v
+    of a block read together and stacked into c_attn)."""
     for i in range(cfg.n_layer):
         for buf in MASK_BUFFERS:
             sd.pop(f"h.{i}.{buf}", None)
     wanted = {"wte.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight", "lm_head.bias"}
     for i in range(cfg.n_layer):
         wanted |= {f"h.{i}.{k}" for k in list(GPTJ_LAYER_KEYS.values()) + list(GPTJ_QKV)}
-    missing, unexpected = sorted(wanted - set(sd)), sorted(set(sd) - wanted)
-    if missing or unexpected:
-        raise UserError(f"{source}: the weights do not match a GPT-J of its config.json (n_layer={cfg.n_layer}): "
-                        f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-                        f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    ours = {"transformer.wte.weight": sd["wte.weight"], "transformer.ln_f.weight": sd["ln_f.weight"],
-            "transformer.ln_f.bias": sd["ln_f.bias"], "lm_head.weight": sd["lm_head.weight"],
-            "lm_head.bias": sd["lm_head.bias"]}
+    _check_keys(sd, wanted, source, cfg.n_layer, "GPT-J")
+    theirs = {"transformer.wte.weight": "wte.weight", "transformer.ln_f.weight": "ln_f.weight",
+              "transformer.ln_f.bias": "ln_f.bias", "lm_head.weight": "lm_head.weight", "lm_head.bias": "lm_head.bias"}
     for i in range(cfg.n_layer):
-        for our, theirs in GPTJ_LAYER_KEYS.items():
-            ours[f"transformer.h.{i}.{our}"] = sd[f"h.{i}.{theirs}"]
-        ours[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([sd[f"h.{i}.{k}"] for k in GPTJ_QKV], dim=0)
-    target = model.state_dict()
-    assert set(target) == set(ours), f"GPT-J keys out of step with model.py: {sorted(set(target) ^ set(ours))[:6]}"
-    for k, t in ours.items():
-        if t.shape != target[k].shape:
-            raise UserError(f"{source}: {k} has shape {tuple(t.shape)}, expected {tuple(target[k].shape)} "
+        theirs |= {f"transformer.h.{i}.{our}": f"h.{i}.{k}" for our, k in GPTJ_LAYER_KEYS.items()}
+        theirs[f"transformer.h.{i}.attn.c_attn.weight"] = None  # three tensors, stacked
+    assert set(shapes) == set(theirs), f"GPT-J keys out of step with model.py: {sorted(set(shapes) ^ set(theirs))[:6]}"
+    for our_key in shapes:  # the model's own order: a Linear's weight before its bias
+        hf_key = theirs[our_key]
+        if hf_key is None:
+            pre = our_key.removesuffix("attn.c_attn.weight").removeprefix("transformer.")
+            hf_key = pre + "attn.{q,k,v}_proj.weight"
+            t = torch.cat([sd[pre + k] for k in GPTJ_QKV], dim=0)
+        else:
+            t = sd[hf_key]
+        if t.shape != shapes[our_key]:
+            raise UserError(f"{source}: {hf_key} has shape {tuple(t.shape)}, expected {tuple(shapes[our_key])} "
                             f"for its config.json")
-        target[k].copy_(t)
+        yield our_key, t
 
 
 def gptj_state_dict(ours, cfg):

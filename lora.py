@@ -20,7 +20,8 @@ holds GPT-2's keys plus `*.lora_A` / `*.lora_B`: checkpoints and Hugging Face ex
 
 The third mode, train_only_1d, trains the 1-D parameters only (biases and LayerNorm gains), as BitFit
 (Ben Zaken et al. 2021) trains the biases. freeze_base_dtype stores the frozen part in bfloat16 to
-halve its memory while the trained parameters stay float32.
+halve its memory while the trained parameters stay float32. Quantised bases (quant.py: bitsandbytes
+int8 / nf4) take LoRA through QuantLoRALinear, which adds the same adapter to the quantised layer.
 """
 
 import math
@@ -63,9 +64,7 @@ class LoRALinear(nn.Linear):
         self.reset_adapter()
 
     def reset_adapter(self):
-        # A as nn.Linear initialises its weight (kaiming-uniform, a=sqrt(5)); B = 0 so B @ A = 0 at start
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        _init_adapter(self)
 
     @classmethod
     def from_linear(cls, linear, rank, alpha, dropout):
@@ -89,22 +88,76 @@ class LoRALinear(nn.Linear):
             base = F.linear(x, w, b)
         else:  # e.g. bfloat16 frozen weight, float32 activations: matmul in the weight's dtype
             base = F.linear(x.to(w.dtype), w, b).to(x.dtype)
-        h = self.lora_dropout(x)
-        if not autocasting and h.dtype != A.dtype:
-            h = h.to(A.dtype)
-        delta = F.linear(F.linear(h, A), self.lora_B) * self.scale  # (..., r) then (..., out)
-        return base + delta.to(base.dtype)
+        return base + _delta(self, x, autocasting).to(base.dtype)
 
     def merged_weight(self):
         """W + scale * B @ A, computed in float32 and returned in the weight's dtype."""
-        delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale  # (out, in)
-        return (self.weight.detach().float() + delta).to(self.weight.dtype)
+        return (self.weight.detach().float() + _merged_delta(self)).to(self.weight.dtype)
 
     def extra_repr(self):
         return super().extra_repr() + f", rank={self.rank}, alpha={self.alpha}"
 
 
-def _set_submodule(model, name, module):
+def _init_adapter(m):
+    # A as nn.Linear initialises its weight (kaiming-uniform, a=sqrt(5)); B = 0 so B @ A = 0 at start
+    nn.init.kaiming_uniform_(m.lora_A, a=math.sqrt(5))
+    nn.init.zeros_(m.lora_B)
+
+
+def _delta(m, x, autocasting):
+    """scale * B(A(dropout(x))): the adapter's output (..., out), in the adapter's dtype."""
+    h = m.lora_dropout(x)
+    if not autocasting and h.dtype != m.lora_A.dtype:
+        h = h.to(m.lora_A.dtype)
+    return F.linear(F.linear(h, m.lora_A), m.lora_B) * m.scale  # (..., r) then (..., out)
+
+
+def _merged_delta(m):
+    return (m.lora_B.detach().float() @ m.lora_A.detach().float()) * m.scale  # (out, in), float32
+
+
+class QuantLoRALinear(nn.Module):
+    """A LoRA adapter over a quantised frozen layer (quant.py: bitsandbytes int8 or nf4), which
+    computes its own matmul: y = base(x) + scale * B(A(dropout(x))), the adapter in float32.
+
+    The base is kept as a submodule (`base`), so the adapter's names (`*.lora_A`, `*.lora_B`) are those
+    of LoRALinear and checkpoints of the trained part are the same either way; merge_lora turns it into
+    a float nn.Linear of the dequantised weight plus B @ A.
+    """
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        if rank <= 0:
+            raise UserError(f"LoRA rank must be a positive integer, got {rank}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        device = base.bias.device if base.bias is not None else base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        self.lora_dropout = Dropout(dropout)
+        _init_adapter(self)
+
+    def forward(self, x):
+        base = self.base(x)
+        return base + _delta(self, x, torch.is_autocast_enabled(x.device.type)).to(base.dtype)
+
+    def merged_linear(self):
+        """A float32 nn.Linear: the dequantised weight plus scale * B @ A, and the base's bias."""
+        from quant import float_linear
+        plain = float_linear(self.base)
+        with torch.no_grad():
+            plain.weight.add_(_merged_delta(self).to(plain.weight.device))
+        return plain
+
+    def extra_repr(self):
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+LORA_LAYERS = (LoRALinear, QuantLoRALinear)
+
+
+def set_submodule(model, name, module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -121,28 +174,37 @@ def apply_lora(model, rank, alpha, dropout, targets):
         raise UserError(f"lora_targets must be one of {sorted(LORA_TARGETS)}, got {targets!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise UserError(f"lora_rank must be a positive integer (0 disables LoRA), got {rank!r}")
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if any(isinstance(m, LORA_LAYERS) for m in model.modules()):
         raise UserError("the model already has LoRA adapters; merge_lora(model) first to stack another")
     suffixes = LORA_TARGETS[targets]
+    quantized = _quantized_layers(model)
     names = [n for n, m in model.named_modules()
-             if type(m) is nn.Linear and n.endswith(suffixes) and ".h." in f".{n}"]
+             if (type(m) is nn.Linear or n in quantized) and n.endswith(suffixes) and ".h." in f".{n}"]
     assert names, f"no Linear layer matched {suffixes}: is this a GPT from model.py?"
     for n in names:
-        _set_submodule(model, n, LoRALinear.from_linear(model.get_submodule(n), rank, alpha, dropout))
+        m = model.get_submodule(n)
+        set_submodule(model, n, QuantLoRALinear(m, rank, alpha, dropout) if n in quantized
+                      else LoRALinear.from_linear(m, rank, alpha, dropout))
     for n, p in model.named_parameters():
         p.requires_grad_(n.rsplit(".", 1)[-1] in ADAPTER_NAMES)
     return names
 
 
 def merge_lora(model):
-    """Fold every adapter into its weight and turn each LoRALinear back into a plain nn.Linear, in place.
+    """Fold every adapter into its weight and turn each LoRALinear back into a plain nn.Linear, in place
+    (a QuantLoRALinear into a float32 one: its dequantised weight plus the adapter).
 
     Afterwards the model holds exactly GPT's parameter names; its logits equal the adapted model's up
     to float rounding (within 1e-5 in float32). Returns the names of the merged modules.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)]
     for n in names:
         m = model.get_submodule(n)
+        if isinstance(m, QuantLoRALinear):  # dequantised: a float layer again
+            plain = m.merged_linear()
+            plain.train(m.training)
+            set_submodule(model, n, plain)
+            continue
         w = m.weight
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
@@ -153,8 +215,16 @@ def merge_lora(model):
         if m.bias is not None:
             plain.bias.requires_grad_(m.bias.requires_grad)
         plain.train(m.training)
-        _set_submodule(model, n, plain)
+        set_submodule(model, n, plain)
     return names
+
+
+def _quantized_layers(model):
+    """Names of the quantised layers (quant.py), without importing bitsandbytes for a float model."""
+    if not any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+        return set()
+    from quant import is_quantized
+    return {n for n, m in model.named_modules() if is_quantized(m)}
 
 
 def train_only_1d(model):

@@ -282,10 +282,12 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
-    def from_pretrained(cls, name_or_path, override_args=None):
-        """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a local Hugging Face GPT-2 directory."""
+    def from_pretrained(cls, name_or_path, override_args=None, base_quant=""):
+        """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), a Hugging Face GPT-2 or GPT-J
+        directory or hub repository ('EleutherAI/gpt-j-6b'); base_quant 'int8' / 'nf4' quantises the
+        blocks' matmuls as they load (quant.py)."""
         from hf import load_hf_gpt2  # lazy: transformers is an optional dependency
-        return load_hf_gpt2(cls, name_or_path, override_args or {})
+        return load_hf_gpt2(cls, name_or_path, override_args or {}, base_quant)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None, eight_bit=False,
                              muon_lr=0.0, muon_momentum=0.95, muon_weight_decay=0.0):

@@ -91,6 +91,9 @@ class TrainConfig:
     lora_targets: str = "attn"  # 'attn' (c_attn, attention c_proj) or 'all' linear layers of the blocks
     train_1d_only: bool = False  # train only biases and LayerNorm gains
     base_dtype: str = "float32"  # storage of the frozen base under LoRA: 'float32' or 'bfloat16'
+    # the frozen base's block matmuls quantised by bitsandbytes (quant.py), under LoRA or train_1d_only:
+    # '' = float, 'int8' (LLM.int8, 1 byte per weight), 'nf4' (QLoRA's 4-bit NormalFloat)
+    base_quant: str = ""
     # optimizer
     # 'adamw', 'adamw8bit' (bitsandbytes; on a CPU 0.50+) or 'muon': torch.optim.Muon for the blocks' matrices at
     # muon_lr, AdamW at learning_rate for embeddings, lm_head, biases and gains (both on the schedule)
@@ -118,8 +121,8 @@ class TrainConfig:
 
 
 # what a resume may not change: the weights' shapes, the data, the optimizer's kind
-RESUME_FIXED = GPTConfig.SHAPE_FIELDS + ("lora_rank", "lora_targets", "train_1d_only", "sft_train_file", "dataset",
-                                         "data_dir", "optimizer")
+RESUME_FIXED = GPTConfig.SHAPE_FIELDS + ("lora_rank", "lora_targets", "train_1d_only", "base_quant", "sft_train_file",
+                                         "dataset", "data_dir", "optimizer")
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -177,6 +180,18 @@ def check_config(cfg, dist_info):
         errors.append("optimizer='muon' trains weight matrices, and train_1d_only has none: use optimizer='adamw'")
     if (cfg.lora_rank > 0 or cfg.train_1d_only) and cfg.init_from == "scratch":
         errors.append("LoRA / train_1d_only fine-tune a pretrained model: set init_from")
+    if cfg.base_quant:
+        if cfg.base_quant not in ("int8", "nf4"):
+            errors.append(f"base_quant must be '' (a float base), 'int8' or 'nf4', got {cfg.base_quant!r}")
+        if not (cfg.lora_rank > 0 or cfg.train_1d_only):
+            errors.append(f"base_quant={cfg.base_quant!r} quantises a frozen base: train it with lora_rank > 0 or "
+                          f"train_1d_only=True (a quantised weight cannot be trained itself)")
+        if cfg.fsdp and dist_info.enabled:
+            errors.append("base_quant with fsdp=True: FSDP cannot shard bitsandbytes' quantised weights; use DDP")
+        import importlib.util
+        if importlib.util.find_spec("bitsandbytes") is None:
+            errors.append(f"base_quant={cfg.base_quant!r} needs bitsandbytes (0.50+ for a CPU): "
+                          f"pip install 'bitsandbytes>=0.50'")
     if cfg.early_stop_patience < 0:
         errors.append(f"early_stop_patience must be >= 0 (0 = off), got {cfg.early_stop_patience}")
     if cfg.early_stop_patience > 0 and cfg.sft_train_file and not cfg.sft_val_file:
@@ -346,7 +361,7 @@ def build_model(cfg, origin, model_args, base=None):
         model = GPT(GPTConfig(**model_args))
         partial = False
     else:
-        model = ckpt_lib.build_base(base or origin)
+        model = ckpt_lib.build_base(base or origin, cfg.base_quant)
         model.set_dropout(cfg.dropout)  # pretrained weights with this run's dropout
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
