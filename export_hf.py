@@ -32,6 +32,7 @@ class ExportConfig:
     hf_dir: str = ""  # the Hugging Face directory to write; '' = <out_dir>-hf (with adapter_dir: no base written)
     adapter_dir: str = ""  # '' = merge LoRA into the exported model; else write the adapter here in PEFT's format and export the unmerged base to hf_dir
     overwrite: bool = False  # replace an existing non-empty hf_dir / adapter_dir
+    dtype: str = "float32"  # of the exported weights: 'float32', 'float16' or 'bfloat16' (GPT-J-6B: 24 / 12 / 12 GB)
 
 
 def _refuse_nonempty(path, option, overwrite):
@@ -84,7 +85,12 @@ def main(cfg):
     n_adapter, n_total = count_params(model) if adapter_dir else (0, model.get_num_params())
     what = f"{info.get('checkpoint')} (iter {info.get('iter_num')})"
     if hf_dir is not None:
-        export_hf(model, hf_dir, tokenizer=tokenizer, overwrite=cfg.overwrite, drop_lora=adapter_dir is not None)
+        if adapter_dir is not None and (info.get("config") or {}).get("base_quant"):
+            raise UserError(f"{cfg.out_dir} trained on a quantised base (base_quant="
+                            f"{info['config']['base_quant']!r}): its frozen base is the original model, so export "
+                            f"the adapter alone (drop --hf_dir: it applies to {base}), or merge it (drop --adapter_dir)")
+        export_hf(model, hf_dir, tokenizer=tokenizer, overwrite=cfg.overwrite, drop_lora=adapter_dir is not None,
+                  dtype=cfg.dtype)
         print(f"exported {'the frozen base of ' if adapter_dir else ''}{what}, "
               f"{(n_total - n_adapter) / 1e6:.2f}M parameters -> {hf_dir}")
         if tokenizer is None:

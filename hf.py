@@ -308,13 +308,20 @@ def _damaged(file, e):
                      f"the file is damaged or truncated: save or copy it again")
 
 
+def _safe_open(file):
+    from safetensors import safe_open
+    return safe_open(str(file), framework="pt", device="cpu")
+
+
 class ShardReader:
     """The tensors of a model directory's weight files by HF name (without "transformer."), each read
     from its file only when asked for, so a 6B model never sits in memory twice while it loads.
 
-    Safetensors files are opened once and each tensor is copied out on request; a pytorch_model.bin
-    (a pickle: read with weights_only=True, which refuses anything but tensors) is memory-mapped,
-    so its tensors are paged in as they are read.
+    A safetensors file is opened (memory-mapped) for each tensor and closed once the tensor is copied
+    out: the file's pages then leave the process, so its resident memory never holds the file (a
+    handle kept open would count every page read so far). A pytorch_model.bin (a pickle: read with
+    weights_only=True, which refuses anything but tensors) is memory-mapped for the whole load, so
+    the pages read stay resident until it ends (page cache the kernel may drop, but counted in RSS).
     """
 
     def __init__(self, files):
@@ -324,9 +331,9 @@ class ShardReader:
                 raise UserError(f"{f} is missing: the shard index lists it; copy the whole directory")
             try:
                 if f.suffix == ".safetensors":
-                    from safetensors import safe_open
-                    handle = safe_open(str(f), framework="pt", device="cpu")
-                    names = list(handle.keys())
+                    with _safe_open(f) as opened:
+                        names = list(opened.keys())
+                    handle = None
                 else:
                     handle = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
                     if not isinstance(handle, dict) or not all(isinstance(v, torch.Tensor) for v in handle.values()):
@@ -351,7 +358,10 @@ class ShardReader:
         f, n = self._where[name]
         handle = self._files[f]
         try:
-            return handle[n] if isinstance(handle, dict) else handle.get_tensor(n)
+            if handle is not None:
+                return handle[n]
+            with _safe_open(f) as opened:
+                return opened.get_tensor(n)
         except Exception as e:  # a truncated file fails here, at the tensor past its end
             raise _damaged(f, e) from e
 
@@ -414,14 +424,17 @@ def load_hf_state_dict(model, sd, source, base_quant=""):
     shapes = {k: p.shape for k, p in model.named_parameters()}
     read = _gptj_tensors if architecture(cfg) == "gptj" else _gpt2_tensors
     for our_key, t in read(cfg, sd, source, shapes):
-        _place(model, our_key, t, base_quant)
+        place_weight(model, our_key, t, base_quant)
     if cfg.tie_weights:  # the placed wte is a new parameter: lm_head shares it again
         model.lm_head.weight = model.transformer.wte.weight
     left = [n for n, p in model.named_parameters() if p.is_meta]
     assert not left, f"weights never placed (their keys were checked above): {left[:4]}"
 
 
-def _place(model, key, t, base_quant):
+def place_weight(model, key, t, base_quant=""):
+    """Put tensor t as parameter `key` of a model built on the meta device (a new float32 parameter),
+    or quantised (quant.py) when it is a block matmul's weight and base_quant is set; a model in
+    memory gets it copied in."""
     from quant import QUANTIZED_SUFFIXES
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
@@ -557,10 +570,10 @@ def _gptj_tensors(cfg, sd, source, shapes):
         yield our_key, t
 
 
-def gptj_state_dict(ours, cfg):
-    """Our GPT-J-shaped weights under GPTJForCausalLM's names, float32 (zeros for a bias the model lacks)."""
-    f32 = lambda t: t.detach().to("cpu", torch.float32).contiguous().clone()
-    get = lambda k, like: f32(ours[k]) if k in ours else torch.zeros(ours[like].shape[0], dtype=torch.float32)
+def gptj_state_dict(ours, cfg, dtype=torch.float32):
+    """Our GPT-J-shaped weights under GPTJForCausalLM's names, in dtype (zeros for a bias the model lacks)."""
+    f32 = lambda t: t.detach().to("cpu", dtype).contiguous().clone()
+    get = lambda k, like: f32(ours[k]) if k in ours else torch.zeros(ours[like].shape[0], dtype=dtype)
     out = {"transformer.wte.weight": f32(ours["transformer.wte.weight"]),
            "transformer.ln_f.weight": f32(ours["transformer.ln_f.weight"]),
            "transformer.ln_f.bias": get("transformer.ln_f.bias", "transformer.ln_f.weight"),
@@ -586,8 +599,8 @@ def gptj_state_dict(ours, cfg):
 
 # ----------------------------------------------------------------------------- export
 
-def hf_state_dict(model, drop_lora=False):
-    """Our GPT's weights under GPT2LMHeadModel's names, float32 on the CPU, with zeros for every bias
+def hf_state_dict(model, drop_lora=False, dtype=torch.float32):
+    """Our GPT's weights under GPT2LMHeadModel's names, in dtype on the CPU, with zeros for every bias
     HF expects but the model lacks (bias=False, qkv_bias=False): a zero bias computes the same thing.
 
     drop_lora: leave LoRA adapters out, keeping the frozen weights they sit on (the base that
@@ -598,7 +611,7 @@ def hf_state_dict(model, drop_lora=False):
     if drop_lora:
         ours = {k: v for k, v in ours.items() if k.rsplit(".", 1)[-1] not in ADAPTER_NAMES}
     if architecture(cfg) == "gptj":
-        return gptj_state_dict(ours, cfg)
+        return gptj_state_dict(ours, cfg, dtype)
     key_map = hf_key_map(cfg.n_layer, cfg.tie_weights)
     leftover = set(ours) - set(key_map) - ({"lm_head.weight"} if cfg.tie_weights else set())
     if leftover:
@@ -608,13 +621,13 @@ def hf_state_dict(model, drop_lora=False):
     out = {}
     for our_key, hf_key in key_map.items():
         if our_key in ours:
-            t = ours[our_key].detach().to("cpu", torch.float32)
+            t = ours[our_key].detach().to("cpu", dtype)
             t = t.t() if _is_transposed(our_key) else t
         else:
             # the bias that the model was built without: zeros of the size of its weight's output
             weight = ours[our_key.removesuffix(".bias") + ".weight"]
             assert our_key.endswith(".bias"), f"{our_key} missing from the model"
-            t = torch.zeros(weight.shape[0], dtype=torch.float32)
+            t = torch.zeros(weight.shape[0], dtype=dtype)
         out["lm_head.weight" if hf_key == "lm_head.weight" else "transformer." + hf_key] = t.contiguous().clone()
     return out
 
@@ -642,9 +655,10 @@ def hf_config(config, tokenizer):
         bos_token_id=eot, eos_token_id=eot, architectures=["GPT2LMHeadModel"])
 
 
-def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False, drop_lora=False):
-    """Write `model` (our GPT) as a Hugging Face GPT2LMHeadModel directory: config.json,
-    model.safetensors (float32) and, with tokenizer="gpt2", the GPT-2 tokenizer files.
+def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False, drop_lora=False, dtype="float32"):
+    """Write `model` (our GPT) as a Hugging Face GPT2LMHeadModel (or GPTJForCausalLM) directory:
+    config.json, model.safetensors (in dtype: 'float32', 'float16' or 'bfloat16') and, with
+    tokenizer="gpt2", the GPT-2 tokenizer files.
 
     The directory appears complete or not at all (written beside it, then renamed into place).
     An existing non-empty hf_dir is refused unless overwrite. drop_lora: write the frozen base of a
@@ -653,6 +667,8 @@ def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False, drop_lora=False)
     from safetensors.torch import save_file
     if tokenizer not in ("gpt2", None):
         raise UserError(f"tokenizer={tokenizer!r}: expected 'gpt2' (GPT-2 BPE) or None (no tokenizer files)")
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"dtype={dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
     cfg = model.config
     if tokenizer == "gpt2" and cfg.vocab_size < GPT2_VOCAB:
         raise UserError(f"tokenizer='gpt2' but the model's vocab_size is {cfg.vocab_size} < {GPT2_VOCAB}: "
@@ -661,11 +677,15 @@ def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False, drop_lora=False)
     def write(tmp):
         hf_config(cfg, tokenizer).save_pretrained(tmp)  # writes config.json
         # the "format" metadata tells transformers these are PyTorch tensors
-        save_file(hf_state_dict(model, drop_lora), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(hf_state_dict(model, drop_lora, getattr(torch, dtype)), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
         if tokenizer == "gpt2":
             write_gpt2_tokenizer(tmp, model_max_length=cfg.block_size)
 
     return _write_dir(hf_dir, write, overwrite)
+
+
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")  # of the exported weights (float16 halves a 6B model to 12 GB)
 
 
 def _write_dir(target, write, overwrite):
@@ -712,8 +732,11 @@ PEFT_PREFIX = "base_model.model."
 def peft_adapter(model):
     """(adapter_config dict, tensors) in PEFT's LoRA format for a GPT whose LoRALinear layers are in
     place (checkpoint.load_model(..., merge_lora=False)). Refuses what one LoraConfig cannot say."""
-    from lora import LoRALinear
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    from lora import LORA_LAYERS
+    if architecture(model.config) != "gpt2":
+        raise UserError("a PEFT adapter is exported for GPT-2 models only (GPT-J's q, k and v are three layers in "
+                        "transformers, one c_attn here): export the merged model instead (drop --adapter_dir)")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
     if not layers:
         raise UserError("the model has no LoRA adapters to export: was it trained with --lora_rank > 0, "
                          "and loaded with checkpoint.load_model(path, merge_lora=False)?")

@@ -65,7 +65,7 @@ CPU_RECIPE = "config/train_shakespeare_char_cpu.py"  # what a CPU user should ru
 
 def estimate_training_memory(model, batch_size, block_size, trainable_params=None, param_dtype_bytes=None,
                              compute_dtype_bytes=4, optimizer="adamw", activation_checkpointing=False,
-                             flash_attention=True, dropout=None, world_size=1, fsdp=False):
+                             flash_attention=True, dropout=None, world_size=1, fsdp=False, base_quant=""):
     """Bytes of one training step on one device: a dict with "weights", "gradients", "optimizer",
     "activations", "weight_copies", "logits", "total" (all ints) and "settings" (the inputs, used
     by memory_report to price its advice).
@@ -76,6 +76,8 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
     compute_dtype_bytes: 2 under bf16/fp16 autocast, 4 in fp32.
     optimizer: "adamw", "adamw8bit" or "muon". dropout: default the model's config.
     world_size, fsdp: the ranks of a torchrun job and whether FSDP shards over them (else DDP).
+    base_quant: 'int8' / 'nf4' prices the frozen block matmuls of a float (or meta) model as quant.py
+    would store them; a model quantised already is priced as it is (bitsandbytes' own dtypes).
     """
     from optimizers import OPTIMIZERS
     if optimizer not in OPTIMIZERS:
@@ -89,29 +91,45 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
     cfg = model.config
     params = list(model.parameters())  # shared (tied) tensors appear once
     size = (lambda p: param_dtype_bytes) if param_dtype_bytes else (lambda p: p.element_size())
+    quantized, quantized_rows = _quantized_weights(model, base_quant), 0
+    for n_rows in quantized.values():
+        quantized_rows += n_rows
+
+    def nbytes(p):
+        if id(p) in quantized:
+            from quant import quantized_bytes
+            return quantized_bytes(p.numel(), base_quant, quantized[id(p)])
+        return p.numel() * size(p)
+
     trainable = [p for p in params if p.requires_grad]
     if trainable_params is None:
         n_trainable = sum(p.numel() for p in trainable)
-        train_bytes = sum(p.numel() * size(p) for p in trainable)
+        train_bytes = sum(nbytes(p) for p in trainable)
         small = sum(p.numel() for p in trainable if p.numel() < BNB_MIN_SIZE)
     else:  # a count only: assume fp32-sized parameters of the large kind
         n_trainable, train_bytes, small = trainable_params, trainable_params * (param_dtype_bytes or 4), 0
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     lm_head = model.lm_head.weight
-    block_weights = [m.weight for m in linears if m.weight is not lm_head]
+    # (bitsandbytes' layers are nn.Linear too, stored in 1 byte or less: autocast copies none of them)
+    block_weights = [m.weight for m in linears if m.weight is not lm_head and id(m.weight) not in quantized]
     wte = model.transformer.wte.weight
-    block_bytes = sum(p.numel() * size(p) for p in model.transformer.h[0].parameters()) if cfg.n_layer else 0
+    block_bytes = sum(nbytes(p) for p in model.transformer.h[0].parameters()) if cfg.n_layer else 0
+    # a quantised layer's backward multiplies by its weight dequantised to the compute dtype: one
+    # matrix at a time, the largest (bitsandbytes' MatMul8bitLt / MatMul4Bit)
+    sizes = [m.in_features * m.out_features for m in model.modules()
+             if _is_bnb(m) or id(getattr(m, "weight", None)) in quantized]
     settings = dict(
         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
-        mlp_width=model.transformer.h[0].mlp.c_fc.weight.shape[0] if cfg.n_layer else 4 * cfg.n_embd,
+        mlp_width=model.transformer.h[0].mlp.c_fc.out_features if cfg.n_layer else 4 * cfg.n_embd,
         batch_size=batch_size, block_size=block_size,
-        weights=sum(p.numel() * size(p) for p in params),
+        weights=sum(nbytes(p) for p in params),
         n_params=sum(p.numel() for p in params), n_trainable=n_trainable, trainable_bytes=train_bytes,
         n_small_trainable=small,
-        muon_bytes=sum(p.numel() * size(p) for p in model.muon_matrices()),  # what Muon would take
+        muon_bytes=sum(nbytes(p) for p in model.muon_matrices()),  # what Muon would take
         # autocast copies a weight only when it is stored wider than the compute dtype
         copied_block_weights=sum(w.numel() for w in block_weights if size(w) > compute_dtype_bytes),
         copied_lm_head=lm_head.numel() if size(lm_head) > compute_dtype_bytes else 0,
+        dequantized_scratch=max(sizes, default=0) * compute_dtype_bytes,
         compute_bytes=compute_dtype_bytes, residual_bytes=max(size(wte), compute_dtype_bytes),
         optimizer=optimizer, activation_checkpointing=activation_checkpointing,
         flash_attention=flash_attention, dropout=cfg.dropout if dropout is None else dropout,
@@ -119,6 +137,24 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
         block_bytes=block_bytes, root_bytes=sum(p.numel() * size(p) for p in params) - cfg.n_layer * block_bytes,
     )
     return estimate_from_settings(settings)
+
+
+_QUANT_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # quant.QUANTIZED_SUFFIXES
+
+
+def _is_bnb(module):
+    return type(module).__module__.startswith("bitsandbytes")
+
+
+def _quantized_weights(model, base_quant):
+    """{id(weight): rows} of the frozen float block matmuls that base_quant would store quantised."""
+    if not base_quant:
+        return {}
+    from quant import check_kind
+    check_kind(base_quant)
+    return {id(m.weight): m.weight.shape[0] for n, m in model.named_modules()
+            if n.startswith("transformer.h.") and n.endswith(_QUANT_SUFFIXES) and not _is_bnb(m)
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and not m.weight.requires_grad}
 
 
 def block_activation_bytes(s, b, h, a, f, c, r, dropout=0.0, flash_attention=True):
@@ -151,6 +187,7 @@ def estimate_from_settings(st):
     else:
         activations = L * per_block + head
         copies = (st["copied_block_weights"] + st["copied_lm_head"]) * c
+    copies += st.get("dequantized_scratch", 0)
     n = st["n_trainable"]
     if st["optimizer"] == "adamw":
         optimizer = 2 * st["trainable_bytes"]
@@ -241,7 +278,8 @@ def memory_report(est, available):
             (f"optimizer ({st['optimizer']})" + sharded, est["optimizer"]),
             ("FSDP gathered (root, 2 blocks)", est.get("fsdp_gathered", 0)),
             ("activations" + (" (checkpointed)" if st["activation_checkpointing"] else ""), est["activations"]),
-            ("autocast weight copies", est["weight_copies"]), ("logits + grad", est["logits"])]
+            ("weight copies (autocast, dequantised)" if st.get("dequantized_scratch") else "autocast weight copies",
+             est["weight_copies"]), ("logits + grad", est["logits"])]
     per_rank = ""
     if st.get("world_size", 1) > 1:
         how = "FSDP" if st["fsdp"] else "DDP: a full replica each, whose buckets are the gradients themselves"
@@ -284,6 +322,13 @@ def advice(est):
         # the frozen base stored in bf16: half the bytes, and autocast has nothing left to copy
         out.append(("base_dtype='bfloat16' (store the frozen base in bf16)",
                     priced(weights=frozen // 2 + st["trainable_bytes"], copied_block_weights=0, copied_lm_head=0)))
+    if st["n_trainable"] < st["n_params"] and st["copied_block_weights"] and not st.get("dequantized_scratch"):
+        # the frozen block matmuls in int8 (quant.py): 1 byte each instead of their stored size
+        per = max(st["weights"] - st["trainable_bytes"], 0) / max(st["n_params"] - st["n_trainable"], 1)
+        saved = int(st["copied_block_weights"] * (per - 1))
+        out.append(("base_quant='int8' (bitsandbytes int8 frozen matmuls)",
+                    priced(weights=st["weights"] - saved, copied_block_weights=0,
+                           dequantized_scratch=st["mlp_width"] * st["n_embd"] * st["compute_bytes"])))
     if st["optimizer"] == "adamw":
         out.append(("optimizer='adamw8bit' (bitsandbytes)", priced(optimizer="adamw8bit")))
     if not st["activation_checkpointing"]:

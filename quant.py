@@ -20,6 +20,8 @@ above it, or its bias under train_1d_only, can train. The weights are quantised 
 (quantized_linear), so loading a base never holds a float copy of every matmul (hf.py streams them).
 """
 
+import logging
+
 import torch
 import torch.nn as nn
 
@@ -40,6 +42,28 @@ def bitsandbytes():
     return bnb
 
 
+class _Once(logging.Filter):
+    """Lets each distinct message through once. bitsandbytes logs "MatMul8bitLt: inputs will be cast
+    from torch.float32 to float16" at every forward of every int8 layer on float32 inputs (what
+    LLM.int8 does by design, a CPU's case): said once, it informs; at every step it buries the log."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record):
+        message = record.getMessage()
+        first = message not in self.seen
+        self.seen.add(message)
+        return first
+
+
+def _log_once(name="bitsandbytes.autograd._functions"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _Once) for f in logger.filters):
+        logger.addFilter(_Once())
+
+
 def check_kind(kind):
     if kind not in BASE_QUANTS:
         raise UserError(f"base_quant must be '' (float base) or one of {BASE_QUANTS}, got {kind!r}")
@@ -57,6 +81,7 @@ def quantized_linear(weight, bias, kind):
     weight can be freed at once, which is what lets a 6B base load in its int8 size."""
     check_kind(kind)
     bnb = bitsandbytes()
+    _log_once()
     out_features, in_features = weight.shape
     device = weight.device
     if kind == "int8":
