@@ -6,9 +6,10 @@ vLLM and the rest of that ecosystem; or a LoRA run as a PEFT adapter on its unme
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('hf-shakespeare')"
     python export_hf.py --out_dir=out-instruct-lora --hf_dir=hf-base --adapter_dir=hf-adapter
 
-The run's checkpoint is loaded with any LoRA adapter merged into the weights and written as
-config.json + model.safetensors (float32); a model trained on GPT-2 BPE also gets the tokenizer files
-(rebuilt offline from tiktoken's ranks), so AutoTokenizer.from_pretrained(hf_dir) works too. A
+The run's checkpoint is loaded with any LoRA adapter merged into the weights (a quantised base
+dequantised first) and written as config.json + model.safetensors (float32, or --dtype=float16 /
+bfloat16); a model trained on GPT-2 BPE also gets the tokenizer files (rebuilt offline from
+tiktoken's ranks), so AutoTokenizer.from_pretrained(hf_dir) works too. A
 character-level model gets none: Hugging Face has no tokenizer for it (its vocabulary is in the
 checkpoint's data_meta). Each directory appears complete or not at all.
 
