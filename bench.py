@@ -85,7 +85,7 @@ class BenchConfig:
     activation: str = "gelu_tanh"
     activation_checkpointing: bool = False  # less memory, more compute per step
     # the training step
-    optimizer: str = "adamw"  # 'adamw', 'adamw8bit' (bitsandbytes, CUDA) or 'muon' (blocks' matrices; AdamW for the rest)
+    optimizer: str = "adamw"  # 'adamw', 'adamw8bit' (bitsandbytes; CUDA, or a CPU with 0.50+) or 'muon' (blocks' matrices; AdamW for the rest)
     grad_clip: float = 1.0  # as train.py: clipping costs a pass over the gradients
     # the sweep
     batch_sizes: str = "1,2,4,8"  # comma-separated, or 'auto' = the largest that fits (doubling, then bisection)

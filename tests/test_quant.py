@@ -183,6 +183,16 @@ def finetune(tmp_path, gptj_dir, out, **overrides):
     return train.main(tiny_train_config(tmp_path, out, **cfg))
 
 
+def test_lora_over_an_nf4_base_learns(tmp_path, gptj_dir):
+    from checkpoint import load_any
+    out = tmp_path / "run"
+    finetune(tmp_path, gptj_dir, out, lora_rank=4, lora_alpha=8, lora_dropout=0.0, base_quant="nf4")
+    val = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m]
+    assert val[-1] < val[0] - 0.5, val
+    adapted, _, _ = load_any(str(out))
+    assert isinstance(adapted.transformer.h[0].attn.c_attn.base, __import__("bitsandbytes").nn.Linear4bit)
+
+
 def test_lora_over_an_int8_base_learns_and_its_merged_export_matches(tmp_path, gptj_dir):
     import export_hf
     from checkpoint import load_any, load_model
