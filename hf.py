@@ -505,6 +505,13 @@ GPTJ_QKV = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight")  #
 def architecture(config):
     """'gpt2' or 'gptj': the transformers class that computes exactly what a GPTConfig does. Refuses
     the combinations that neither does (e.g. rotary positions in a sequential block)."""
+    newer = [text for on, text in ((config.norm != "layernorm", f"norm={config.norm!r}"),
+                                   (config.qk_norm, "qk_norm=True"),
+                                   (config.activation == "relu2", "activation='relu2'"),
+                                   (config.logit_softcap, f"logit_softcap={config.logit_softcap}")) if on]
+    if newer:
+        raise UserError(f"transformers' GPT-2 and GPT-J classes compute none of {', '.join(newer)}: a model trained "
+                        f"with them cannot be exported to Hugging Face format (train without them to export)")
     gptj = (config.rotary_dim, config.parallel_residual)
     if not any(gptj) and not config.lm_head_bias:
         return "gpt2"  # (a missing bias exports as zeros: it computes the same)

@@ -55,6 +55,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.fast_dropout = True  # on a CPU, attention dropout through fast_dropout (see forward)
         # q, k, v projections for all heads in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
@@ -68,6 +69,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:  # QK-norm: unit-RMS queries and keys bound the attention logits (modded-nanogpt)
+            q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
         if rotary is not None:  # positions turn q and k (the cache keeps k turned: its positions are fixed)
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None and kv_cache.pos > 0:
@@ -115,11 +118,25 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
-        # GPT-2 used the tanh approximation of GELU; nanoGPT trains with the exact (erf) one
-        self.approximate = {"gelu_tanh": "tanh", "gelu": "none"}[config.activation]
+        # GPT-2 used the tanh approximation of GELU; nanoGPT trains with the exact (erf) one; relu2 is
+        # ReLU squared (So et al. 2021, "Primer"; modded-nanogpt's MLP)
+        self.activation = config.activation
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        h = self.c_fc(x)
+        if self.activation == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.dropout(self.c_proj(h))
+
+
+def make_norm(config):
+    """GPT-2's LayerNorm (with a bias when config.bias), or RMSNorm (Zhang & Sennrich 2019): no mean
+    subtracted, no bias, a gain only; a little cheaper, and what Llama and modded-nanogpt use."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class Block(nn.Module):
@@ -127,10 +144,10 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.parallel = config.parallel_residual
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
         if not self.parallel:  # (GPT-J's parallel block reads one LayerNorm for both branches)
-            self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+            self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, rotary=None):
@@ -160,14 +177,23 @@ class GPTConfig:
     parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_1(x)): one LayerNorm per block, as GPT-J
     attn_proj_bias: Optional[bool] = None  # bias of attention's output projection; None = same as `bias`
     lm_head_bias: bool = False  # an untied lm_head with a bias, as GPT-J's
+    # options from the speedrun era (modded-nanogpt, 2024-25); the defaults keep GPT-2 exactly
+    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (gain only, no bias)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention (parameter-free)
+    zero_init_proj: bool = False  # the residual projections (attn and MLP c_proj) start at zero
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 = off (modded-nanogpt: 15-30)
 
     def __post_init__(self):
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
         if self.attn_proj_bias is None:
             self.attn_proj_bias = self.bias
-        if self.activation not in ("gelu_tanh", "gelu"):
-            raise ValueError(f"activation must be 'gelu_tanh' or 'gelu', got {self.activation!r}")
+        if self.activation not in ("gelu_tanh", "gelu", "relu2"):
+            raise ValueError(f"activation must be 'gelu_tanh', 'gelu' or 'relu2', got {self.activation!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
         head = self.n_embd // self.n_head
         if self.rotary_dim < 0 or self.rotary_dim % 2 or self.rotary_dim > head:
             raise ValueError(f"rotary_dim must be 0 (learned positions) or an even number up to the head size "
@@ -177,7 +203,9 @@ class GPTConfig:
 
     # fields that define the shapes of the weights: a checkpoint only loads into a model that agrees on these
     SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias", "tie_weights",
-                    "rotary_dim", "parallel_residual", "attn_proj_bias", "lm_head_bias")
+                    "rotary_dim", "parallel_residual", "attn_proj_bias", "lm_head_bias", "norm")
+    # fields that change what the same weights compute: a resume may not change these either
+    COMPUTE_FIELDS = ("activation", "rotary_base", "qk_norm", "logit_softcap")
 
 
 class GPT(nn.Module):
@@ -196,7 +224,7 @@ class GPT(nn.Module):
             modules,
             drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_weights:
@@ -207,6 +235,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:  # each block starts as the identity (modded-nanogpt)
+                    torch.nn.init.zeros_(p)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -252,11 +282,17 @@ class GPT(nn.Module):
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): generation needs the last position only
-        logits = self.lm_head(x)  # (B, T, V)
+            return self.softcap(self.lm_head(x[:, [-1], :])), None  # (B, 1, V): generation needs the last position only
+        logits = self.softcap(self.lm_head(x))  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                ignore_index=-1, reduction=reduction)
         return logits, loss
+
+    def softcap(self, logits):
+        """cap * tanh(logits / cap) with logit_softcap > 0 (Gemma 2; modded-nanogpt): logits stay within
+        +-cap, which keeps an early, confident model from large steps; the identity when 0."""
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def set_dropout(self, p):
         """Every dropout of the model at p (fine-tuning pretrained weights with this run's dropout)."""

@@ -82,7 +82,13 @@ class TrainConfig:
     qkv_bias: Optional[bool] = None  # None = same as bias
     tie_weights: bool = True  # lm_head shares wte, as GPT-2
     vocab_size: int = 0  # 0 = the dataset's (meta.json), else 50304 (GPT-2's padded to a multiple of 64)
-    activation: str = "gelu_tanh"  # GPT-2's tanh GELU; 'gelu' = the exact erf GELU (nanoGPT)
+    activation: str = "gelu_tanh"  # GPT-2's tanh GELU; 'gelu' = the exact erf GELU (nanoGPT); 'relu2' = ReLU squared
+    # newer architecture options (model.py's GPTConfig; docs in README's "Learning faster" table); off = GPT-2
+    norm: str = "layernorm"  # 'layernorm' or 'rmsnorm'
+    qk_norm: bool = False  # RMS-normalise queries and keys
+    rotary_dim: int = 0  # > 0: rotary positions on this many dims of each head instead of learned positions
+    zero_init_proj: bool = False  # residual projections start at zero
+    logit_softcap: float = 0.0  # > 0: cap * tanh(logits / cap)
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     # fine-tuning a part of the model
     lora_rank: int = 0  # 0 disables LoRA
@@ -107,8 +113,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    # learning rate schedule: linear warmup, then cosine decay to min_lr
+    # learning rate schedule: linear warmup, then cosine decay to min_lr ('cosine'), or warmup-stable-decay
+    # ('wsd': constant learning_rate, then linear to min_lr over the last cooldown_frac of lr_decay_iters)
     decay_lr: bool = True  # False = constant learning_rate from the first step, no warmup (as nanoGPT)
+    lr_schedule: str = "cosine"  # 'cosine' or 'wsd'
+    cooldown_frac: float = 0.2  # 'wsd': the share of lr_decay_iters spent cooling down linearly to min_lr
     warmup_iters: int = 2000
     lr_decay_iters: int = 600000  # ~ max_iters (Chinchilla)
     min_lr: float = 6e-5  # ~ learning_rate / 10 (Chinchilla)
@@ -121,21 +130,29 @@ class TrainConfig:
 
 
 # what a resume may not change: the weights' shapes, the data, the optimizer's kind
-RESUME_FIXED = GPTConfig.SHAPE_FIELDS + ("lora_rank", "lora_targets", "train_1d_only", "base_quant", "sft_train_file",
-                                         "dataset", "data_dir", "optimizer")
+RESUME_FIXED = GPTConfig.SHAPE_FIELDS + GPTConfig.COMPUTE_FIELDS + (
+    "lora_rank", "lora_targets", "train_1d_only", "base_quant", "sft_train_file", "dataset", "data_dir", "optimizer")
 
 
 # ----------------------------------------------------------------------------- pure functions
 
 def get_lr(it, cfg):
-    """Linear warmup (non-zero at step 0), then cosine decay from learning_rate to min_lr.
-    decay_lr=False is a constant learning_rate with no warmup, as in nanoGPT."""
+    """Linear warmup (non-zero at step 0), then cosine decay from learning_rate to min_lr at
+    lr_decay_iters; or, with lr_schedule='wsd' (warmup-stable-decay, Hu et al. 2024 "MiniCPM"; Hägele
+    et al. 2024), learning_rate held until the cool-down, which falls linearly to min_lr over the last
+    cooldown_frac of lr_decay_iters. decay_lr=False is a constant learning_rate with no warmup (nanoGPT)."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= cfg.lr_decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        cooldown = max(1, round(cfg.cooldown_frac * cfg.lr_decay_iters))
+        start = max(cfg.warmup_iters, cfg.lr_decay_iters - cooldown)
+        if it < start:
+            return cfg.learning_rate
+        return cfg.learning_rate + (it - start) / max(1, cfg.lr_decay_iters - start) * (cfg.min_lr - cfg.learning_rate)
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
@@ -163,7 +180,8 @@ def check_config(cfg, dist_info):
                       f"dimensions; e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
     choices = {"sampling": ("random", "sequential"), "lora_targets": ("attn", "all"),
                "base_dtype": ("float32", "bfloat16"), "backend": ("auto", "nccl", "gloo"),
-               "activation": ("gelu_tanh", "gelu")}
+               "activation": ("gelu_tanh", "gelu", "relu2"), "norm": ("layernorm", "rmsnorm"),
+               "lr_schedule": ("cosine", "wsd")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             names = [repr(a) for a in allowed]
@@ -192,6 +210,13 @@ def check_config(cfg, dist_info):
         if importlib.util.find_spec("bitsandbytes") is None:
             errors.append(f"base_quant={cfg.base_quant!r} needs bitsandbytes (0.50+ for a CPU): "
                           f"pip install 'bitsandbytes>=0.50'")
+    if not 0.0 < cfg.cooldown_frac <= 1.0:
+        errors.append(f"cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
+    if cfg.logit_softcap < 0:
+        errors.append(f"logit_softcap must be >= 0 (0 = off), got {cfg.logit_softcap}")
+    if cfg.init_from == "scratch" and cfg.rotary_dim and (cfg.n_head <= 0 or cfg.rotary_dim % 2
+                                                          or cfg.rotary_dim > cfg.n_embd // cfg.n_head):
+        errors.append(f"rotary_dim={cfg.rotary_dim} must be even and at most the head size n_embd / n_head")
     if cfg.early_stop_patience < 0:
         errors.append(f"early_stop_patience must be >= 0 (0 = off), got {cfg.early_stop_patience}")
     if cfg.early_stop_patience > 0 and cfg.sft_train_file and not cfg.sft_val_file:
@@ -245,7 +270,8 @@ def scratch_model_args(cfg, data_meta):
     vocab = cfg.vocab_size or data_meta.get("vocab_size") or 50304
     return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                 vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, qkv_bias=cfg.qkv_bias,
-                tie_weights=cfg.tie_weights, activation=cfg.activation)
+                tie_weights=cfg.tie_weights, activation=cfg.activation, norm=cfg.norm, qk_norm=cfg.qk_norm,
+                rotary_dim=cfg.rotary_dim, zero_init_proj=cfg.zero_init_proj, logit_softcap=cfg.logit_softcap)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
