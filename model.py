@@ -204,8 +204,10 @@ class GPTConfig:
     # fields that define the shapes of the weights: a checkpoint only loads into a model that agrees on these
     SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias", "tie_weights",
                     "rotary_dim", "parallel_residual", "attn_proj_bias", "lm_head_bias", "norm")
-    # fields that change what the same weights compute: a resume may not change these either
-    COMPUTE_FIELDS = ("activation", "rotary_base", "qk_norm", "logit_softcap")
+    # fields that change what the same weights compute: a resume may not change these either. (activation
+    # is not among them: a resume builds the checkpoint's own, which lets a run converted from nanoGPT,
+    # whose GELU is the exact one, resume with our default config)
+    COMPUTE_FIELDS = ("rotary_base", "qk_norm", "logit_softcap")
 
 
 class GPT(nn.Module):

@@ -503,7 +503,10 @@ def resume_point(cfg, dist_info, device):
             raise UserError(f"cannot resume {ckpt_dir} with a different model, data or optimizer: " + ", ".join(
                 f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in refused.items()) + "; keep them as they were")
         for k, (a, b) in changed.items():
-            print0(f"resume: {k} changed from {a!r} to {b!r}")
+            if k in ("activation", "zero_init_proj"):  # the model is rebuilt from the checkpoint's own arguments
+                print0(f"resume: {k} stays the checkpoint's {a!r} (the config says {b!r})")
+            else:
+                print0(f"resume: {k} changed from {a!r} to {b!r}")
         print0(f"resuming from {ckpt_dir} at iteration {state['iter_num']}")
     elif cfg.overwrite and dist_info.is_master and not cfg.eval_only:
         removed = ckpt_lib.delete_run(cfg.out_dir)
