@@ -45,6 +45,7 @@ class TrainConfig:
     log_interval: int = 1  # print and append to metrics.jsonl every this many iterations
     eval_iters: int = 200  # batches of the fixed validation set per evaluation; 0 = the whole split
     eval_only: bool = False  # evaluate once and exit
+    initial_eval: bool = True  # evaluate at iteration 0, before training (False: a timed run skips it)
     always_save_checkpoint: bool = True  # save at each evaluation; False = only when val improved (and at the end)
     early_stop_patience: int = 0  # stop once val has not improved for this many evaluations in a row; 0 = off
     save_interval: int = 0  # also save every this many iterations, independent of evaluation; 0 = off
@@ -608,8 +609,12 @@ def train_loop(run, runner, metrics, peak, stop):
         last_step = run.iter_num >= cfg.max_iters
 
         # --- evaluate and checkpoint
-        if cfg.eval_only or ((run.iter_num % cfg.eval_interval == 0 or last_step) and run.iter_num != resumed_at):
+        skip_initial = run.iter_num == 0 and not cfg.initial_eval and not last_step
+        if cfg.eval_only or ((run.iter_num % cfg.eval_interval == 0 or last_step) and run.iter_num != resumed_at
+                             and not skip_initial):
+            t_eval = time.perf_counter()
             evaluate_and_save(run, metrics, lr, last_step)
+            t_log += time.perf_counter() - t_eval  # the log's ms/iter, tokens/s and MFU are training's alone
         if cfg.save_interval and run.iter_num % cfg.save_interval == 0 and 0 < run.iter_num != run.saved_at:
             ckpt_lib.save_run(run)
 

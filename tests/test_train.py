@@ -96,6 +96,15 @@ def test_metrics_jsonl_fields(tmp_path):
     assert [r["iter"] for r in rows if "val_loss" in r] == [0, 2, 4]
 
 
+def test_a_timed_run_can_skip_the_evaluation_before_training(tmp_path):
+    # initial_eval=False: no val at iteration 0, the later evaluations and the final checkpoint as before
+    data = char_dataset(tmp_path / "data", 50_000)
+    out = tmp_path / "out"
+    train.main(tiny_train_config(data, out, max_iters=4, eval_interval=2, log_interval=2, initial_eval=False))
+    assert [r["iter"] for r in read_metrics(out) if "val_loss" in r] == [2, 4]
+    assert json.loads((out / "latest.json").read_text())["iter_num"] == 4
+
+
 def test_non_finite_loss_is_skipped_then_stops_with_a_checkpoint(tmp_path, monkeypatch):
     data = char_dataset(tmp_path / "data", 50_000)
     out = tmp_path / "out"
