@@ -253,41 +253,12 @@ def _read_jsonl(path, fields, limit):
 
 
 def _download(task, hf_name, hf_config, split, fields, limit):
-    try:
-        import datasets
-    except ImportError as e:
-        raise UserError(f"downloading {task} needs the datasets library: pip install -e .[hf] "
-                         f"(or pass --data_file=path.jsonl)") from e
-    from hf import hub_unreachable_reason
-    offline = hub_unreachable_reason()
-    try:
-        with _datasets_offline(datasets, offline is not None):
-            ds = datasets.load_dataset(hf_name, hf_config, split=split)
-    except Exception as e:  # the hub raises connection, HTTP and file errors of many kinds
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        why = (f"the hub is unreachable ({offline}) and the split is not in the local datasets cache" if offline
-               else first)
-        raise UserError(
-            f"could not load {task} from the Hugging Face hub ({hf_name}, split {split}): {why}\n"
-            f"Offline, save the split as JSON lines with the fields {', '.join(fields)} and pass "
-            f"--data_file=path.jsonl") from e
+    from hf import load_hub_dataset
+    ds = load_hub_dataset(hf_name, hf_config, split, what=task,
+                          hint=f"Offline, save the split as JSON lines with the fields {', '.join(fields)} and pass "
+                               f"--data_file=path.jsonl")
     n = len(ds) if limit <= 0 else min(limit, len(ds))
     return [(f"row {i}", ds[i]) for i in range(n)]
-
-
-@contextlib.contextmanager
-def _datasets_offline(datasets, offline):
-    """datasets' offline mode for the duration: read from its cache only, with no request (and no
-    ~30 s of retries) first. It is a flag read at call time, set from HF_HUB_OFFLINE at import."""
-    if not offline:
-        yield
-        return
-    before = datasets.config.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE = before
 
 
 # ----------------------------------------------------------------------------- running a benchmark

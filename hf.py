@@ -25,6 +25,7 @@ or fails at once with what to do, instead of after ~30 s of retries; see hub_unr
 evaluation.py and data/fineweb/prepare.py ask too.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -238,6 +239,41 @@ def hub_unreachable_reason(timeout=HUB_PROBE_TIMEOUT):
     except ImportError:  # the callers report the missing library themselves
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     return _probe(endpoint.rstrip("/"), float(timeout))
+
+
+def load_hub_dataset(repo, config=None, split="train", hint="", what=None):
+    """One split of a dataset on the hub (datasets.load_dataset), or a UserError naming `what` (default
+    the repository) that ends with `hint`, how to go on without the hub. When the hub is unreachable
+    only the local datasets cache is read, with no request (and no ~30 s of retries) first."""
+    what = what or repo
+    try:
+        import datasets
+    except ImportError as e:
+        raise UserError(f"reading {what} needs the datasets library: pip install -e .[hf]\n{hint}") from e
+    offline = hub_unreachable_reason()
+    try:
+        with _datasets_offline(datasets, offline is not None):
+            return datasets.load_dataset(repo, config, split=split)
+    except Exception as e:  # the hub raises connection, HTTP and file errors of many kinds
+        why = (f"the hub is unreachable ({offline}) and the split is not in the local datasets cache" if offline
+               else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        where = f"{repo}, {config}" if config else repo
+        raise UserError(f"could not load {what} from the Hugging Face hub ({where}, split {split}): {why}\n{hint}") from e
+
+
+@contextlib.contextmanager
+def _datasets_offline(datasets, offline):
+    """datasets' offline mode for the duration: read from its cache only. It is a flag read at call
+    time, set from HF_HUB_OFFLINE at import."""
+    if not offline:
+        yield
+        return
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
 
 
 @functools.lru_cache(maxsize=None)

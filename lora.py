@@ -221,9 +221,9 @@ def merge_lora(model):
 
 def _quantized_layers(model):
     """Names of the quantised layers (quant.py), without importing bitsandbytes for a float model."""
-    if not any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+    from quant import from_bitsandbytes, is_quantized
+    if not any(from_bitsandbytes(m) for m in model.modules()):
         return set()
-    from quant import is_quantized
     return {n for n, m in model.named_modules() if is_quantized(m)}
 
 

@@ -55,6 +55,7 @@ import os
 import torch
 
 from configurator import UserError
+from quant import QUANTIZED_SUFFIXES, check_kind, from_bitsandbytes
 
 GB = 1024 ** 3
 BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizers quantise states in blocks of 256, one fp32 scale each
@@ -117,7 +118,7 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
     # a quantised layer's backward multiplies by its weight dequantised to the compute dtype: one
     # matrix at a time, the largest (bitsandbytes' MatMul8bitLt / MatMul4Bit)
     sizes = [m.in_features * m.out_features for m in model.modules()
-             if _is_bnb(m) or id(getattr(m, "weight", None)) in quantized]
+             if from_bitsandbytes(m) or id(getattr(m, "weight", None)) in quantized]
     settings = dict(
         n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
         mlp_width=model.transformer.h[0].mlp.c_fc.out_features if cfg.n_layer else 4 * cfg.n_embd,
@@ -139,21 +140,13 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
     return estimate_from_settings(settings)
 
 
-_QUANT_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # quant.QUANTIZED_SUFFIXES
-
-
-def _is_bnb(module):
-    return type(module).__module__.startswith("bitsandbytes")
-
-
 def _quantized_weights(model, base_quant):
     """{id(weight): rows} of the frozen float block matmuls that base_quant would store quantised."""
     if not base_quant:
         return {}
-    from quant import check_kind
     check_kind(base_quant)
     return {id(m.weight): m.weight.shape[0] for n, m in model.named_modules()
-            if n.startswith("transformer.h.") and n.endswith(_QUANT_SUFFIXES) and not _is_bnb(m)
+            if n.startswith("transformer.h.") and n.endswith(QUANTIZED_SUFFIXES) and not from_bitsandbytes(m)
             and isinstance(getattr(m, "weight", None), torch.Tensor) and not m.weight.requires_grad}
 
 

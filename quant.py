@@ -69,6 +69,11 @@ def check_kind(kind):
         raise UserError(f"base_quant must be '' (float base) or one of {BASE_QUANTS}, got {kind!r}")
 
 
+def from_bitsandbytes(module):
+    """True for any bitsandbytes module, found without importing bitsandbytes (a float model never needs it)."""
+    return type(module).__module__.startswith("bitsandbytes")
+
+
 def is_quantized(module):
     """True for the bitsandbytes layers quantized_linear makes."""
     bnb = bitsandbytes()

@@ -156,11 +156,11 @@ def test_hate_speech_from_the_hub_matches_the_csv(rows, csv_file, fake_hub, tmp_
     with pytest.raises(UserError, match=r"(?s)ReadTimeout.*--input=labeled_data.csv"):
         prepare_hate("", tmp_path / "hub")
     assert not (tmp_path / "hub").exists()
-    tables[("tdavidson/hate_speech_offensive", "train")] = [
+    tables[("tdavidson/hate_speech_offensive", None, "train")] = [
         {"count": 3, "hate_speech_count": 0, "offensive_language_count": 0, "neither_count": 3, **r} for r in rows]
     prepare_hate("", tmp_path / "hub")
     prepare_hate(csv_file, tmp_path / "csv")
-    assert calls == [("tdavidson/hate_speech_offensive", "train")] * 2
+    assert calls == [("tdavidson/hate_speech_offensive", None, "train")] * 2
     for name in ("train.jsonl", "val.jsonl"):
         assert (tmp_path / "hub" / name).read_bytes() == (tmp_path / "csv" / name).read_bytes(), name
     meta = json.loads((tmp_path / "hub" / "split.json").read_text())

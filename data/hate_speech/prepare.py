@@ -136,19 +136,8 @@ def read_hub():
     hint = (f"Instead pass a local copy: --input=labeled_data.csv, downloaded from {CSV_URL}, or a JSONL "
             f"file saved on a machine with access by datasets.load_dataset('{HUB}', split='train')"
             f".to_json('hate_speech.jsonl')")
-    from hf import hub_unreachable_reason  # the same check as GPT-2 weights, benchmarks and FineWeb
-    offline = hub_unreachable_reason()
-    if offline:
-        raise UserError(f"{HUB} is on the Hugging Face hub, which is unreachable ({offline}).\n{hint}")
-    try:
-        import datasets
-    except ImportError as e:
-        raise UserError(f"reading {HUB} needs the datasets library: pip install -e .[hf]\n{hint}") from e
-    try:
-        ds = datasets.load_dataset(HUB, split="train")
-    except Exception as e:  # the hub raises connection, HTTP and file errors of many kinds
-        raise UserError(f"could not load {HUB} from the Hugging Face hub: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}\n{hint}") from e
+    from hf import load_hub_dataset  # the same reachability check as GPT-2 weights, benchmarks and FineWeb
+    ds = load_hub_dataset(HUB, split="train", hint=hint)
     return [(f"row {i}", {"tweet": t, "class": c}) for i, (t, c) in enumerate(zip(ds["tweet"], ds["class"]))]
 
 

@@ -82,19 +82,8 @@ def read_hub(split):
             f"  python -c \"import datasets; ds = datasets.load_dataset('{HUB}', '{HUB_CONFIG}'); "
             "[ds[s].to_json(f'mnli_jsonl/{s}.jsonl') for s in ('train', 'validation_matched')]\"\n"
             "then copy mnli_jsonl/ over and pass --input_dir=mnli_jsonl")
-    from hf import hub_unreachable_reason  # the same check as GPT-2 weights, benchmarks and FineWeb
-    offline = hub_unreachable_reason()
-    if offline:
-        raise UserError(f"{HUB} ({HUB_CONFIG}) is on the Hugging Face hub, which is unreachable ({offline}).\n{hint}")
-    try:
-        import datasets
-    except ImportError as e:
-        raise UserError(f"reading {HUB} needs the datasets library: pip install -e .[hf]\n{hint}") from e
-    try:
-        ds = datasets.load_dataset(HUB, HUB_CONFIG, split=split)
-    except Exception as e:  # the hub raises connection, HTTP and file errors of many kinds
-        raise UserError(f"could not load {HUB} ({HUB_CONFIG}, split {split}) from the Hugging Face hub: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n{hint}") from e
+    from hf import load_hub_dataset  # the same reachability check as GPT-2 weights, benchmarks and FineWeb
+    ds = load_hub_dataset(HUB, HUB_CONFIG, split=split, hint=hint)
     # whole columns at once: a Python loop over 392,702 rows of a datasets table takes a minute
     return [(f"row {i}", {"premise": p, "hypothesis": h, "label": y})
             for i, (p, h, y) in enumerate(zip(ds["premise"], ds["hypothesis"], ds["label"]))]
