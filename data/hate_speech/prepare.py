@@ -13,7 +13,7 @@ language (19,190), 2 neither (4,163). The Hugging Face hub's tdavidson/hate_spee
 'train'), or --input: the original labeled_data.csv of github.com/t-davidson/hate-speech-and-offensive-language
 (columns `,count,hate_speech,offensive_language,neither,class,tweet`), or a JSONL file / JSON array of
 objects with at least `tweet` and `class`. A name ending in .csv is read as CSV, anything else as JSON.
-Offline (the hub unreachable, or HF_HUB_OFFLINE=1) without --input it stops at once and says so.
+Offline (the hub unreachable, or HF_HUB_OFFLINE=1) without --input it reads the local datasets cache, else stops at once and says so.
 
 Protocol, one random.Random(seed) for all draws, over the rows in input order:
 1. validation first, balanced: val_size // 3 tweets per class, the remainder one each to the lowest
@@ -132,7 +132,7 @@ def read_local(path):
 
 
 def read_hub():
-    """[(row name, record)] of the hub's copy; stops at once, pointing to --input, when it is unreachable."""
+    """[(row name, record)] of the hub's copy; offline, the datasets cache or a stop pointing to --input."""
     hint = (f"Instead pass a local copy: --input=labeled_data.csv, downloaded from {CSV_URL}, or a JSONL "
             f"file saved on a machine with access by datasets.load_dataset('{HUB}', split='train')"
             f".to_json('hate_speech.jsonl')")

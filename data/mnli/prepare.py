@@ -12,7 +12,8 @@ Source: nyu-mll/glue, config 'mnli', on the Hugging Face hub: premise, hypothesi
 1 neutral, 2 contradiction, -1 unlabelled); splits 'train' (392,702 pairs) and 'validation_matched'
 (9,815, the genres seen in training). --input_dir reads the same fields from JSON lines instead:
 <dir>/train.jsonl and <dir>/validation_matched.jsonl (JSONL only; other fields, such as GLUE's idx,
-are ignored). Offline (the hub unreachable, or HF_HUB_OFFLINE=1) without --input_dir it stops at once.
+are ignored). Offline (the hub unreachable, or HF_HUB_OFFLINE=1) without --input_dir it reads the local
+datasets cache, else stops at once.
 
 Each labelled pair is written in T5's input format (Raffel et al. 2020, appendix D), with " target:"
 appended as the cue to answer, and the label's name after it:
@@ -77,7 +78,7 @@ def read_jsonl(path):
 
 
 def read_hub(split):
-    """[(row name, record)] of one GLUE MNLI split; stops at once, pointing to --input_dir, when offline."""
+    """[(row name, record)] of one GLUE MNLI split; offline, the datasets cache or a stop pointing to --input_dir."""
     hint = ("Offline, save the two splits as JSON lines on a machine with access:\n"
             f"  python -c \"import datasets; ds = datasets.load_dataset('{HUB}', '{HUB_CONFIG}'); "
             "[ds[s].to_json(f'mnli_jsonl/{s}.jsonl') for s in ('train', 'validation_matched')]\"\n"
