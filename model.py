@@ -188,18 +188,28 @@ class GPTConfig:
             self.qkv_bias = self.bias
         if self.attn_proj_bias is None:
             self.attn_proj_bias = self.bias
-        if self.activation not in ("gelu_tanh", "gelu", "relu2"):
-            raise ValueError(f"activation must be 'gelu_tanh', 'gelu' or 'relu2', got {self.activation!r}")
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
-        if self.logit_softcap < 0:
-            raise ValueError(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
-        head = self.n_embd // self.n_head
-        if self.rotary_dim < 0 or self.rotary_dim % 2 or self.rotary_dim > head:
-            raise ValueError(f"rotary_dim must be 0 (learned positions) or an even number up to the head size "
-                             f"{head}, got {self.rotary_dim}")
+        problems = self.option_problems(self.activation, self.norm, self.logit_softcap, self.rotary_dim,
+                                        self.n_embd // self.n_head)
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.lm_head_bias and self.tie_weights:
             raise ValueError("lm_head_bias needs an untied lm_head (tie_weights=False)")
+
+    @staticmethod
+    def option_problems(activation, norm, logit_softcap, rotary_dim=0, head_size=None):
+        """What is wrong with these options, one message each ([] = nothing): the model's own check,
+        which train.py's config check also reads. rotary_dim is checked when head_size is given."""
+        problems = []
+        if activation not in ("gelu_tanh", "gelu", "relu2"):
+            problems.append(f"activation must be 'gelu_tanh', 'gelu' or 'relu2', got {activation!r}")
+        if norm not in ("layernorm", "rmsnorm"):
+            problems.append(f"norm must be 'layernorm' or 'rmsnorm', got {norm!r}")
+        if logit_softcap < 0:
+            problems.append(f"logit_softcap must be >= 0 (0 = off), got {logit_softcap}")
+        if head_size is not None and (rotary_dim < 0 or rotary_dim % 2 or rotary_dim > head_size):
+            problems.append(f"rotary_dim must be 0 (learned positions) or an even number up to the head size "
+                            f"n_embd / n_head = {head_size}, got {rotary_dim}")
+        return problems
 
     # fields that define the shapes of the weights: a checkpoint only loads into a model that agrees on these
     SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias", "tie_weights",

@@ -181,7 +181,6 @@ def check_config(cfg, dist_info):
                       f"dimensions; e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
     choices = {"sampling": ("random", "sequential"), "lora_targets": ("attn", "all"),
                "base_dtype": ("float32", "bfloat16"), "backend": ("auto", "nccl", "gloo"),
-               "activation": ("gelu_tanh", "gelu", "relu2"), "norm": ("layernorm", "rmsnorm"),
                "lr_schedule": ("cosine", "wsd")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
@@ -213,11 +212,9 @@ def check_config(cfg, dist_info):
                           f"pip install 'bitsandbytes>=0.50'")
     if not 0.0 < cfg.cooldown_frac <= 1.0:
         errors.append(f"cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
-    if cfg.logit_softcap < 0:
-        errors.append(f"logit_softcap must be >= 0 (0 = off), got {cfg.logit_softcap}")
-    if cfg.init_from == "scratch" and cfg.rotary_dim and (cfg.n_head <= 0 or cfg.rotary_dim % 2
-                                                          or cfg.rotary_dim > cfg.n_embd // cfg.n_head):
-        errors.append(f"rotary_dim={cfg.rotary_dim} must be even and at most the head size n_embd / n_head")
+    # the model's own checks of its options; the head size only matters for a model built here
+    head = (cfg.n_embd // cfg.n_head if cfg.n_head > 0 else 0) if cfg.init_from == "scratch" else None
+    errors += GPTConfig.option_problems(cfg.activation, cfg.norm, cfg.logit_softcap, cfg.rotary_dim, head)
     if cfg.early_stop_patience < 0:
         errors.append(f"early_stop_patience must be >= 0 (0 = off), got {cfg.early_stop_patience}")
     if cfg.early_stop_patience > 0 and cfg.sft_train_file and not cfg.sft_val_file:

@@ -135,3 +135,15 @@ def test_export_refuses_what_transformers_cannot_compute_naming_the_option(tmp_p
     with pytest.raises(UserError, match=list(OPTIONS[name])[0]):
         hf.export_hf(model, tmp_path / "hf", tokenizer=None)
     assert not (tmp_path / "hf").exists()
+
+
+def test_bad_options_are_all_reported_before_any_work(tmp_path):
+    # the config check reads the model's own option checks: every mistake in one error, nothing written
+    out = tmp_path / "out"
+    cfg = tiny_train_config(char_dataset(tmp_path / "data", 20_000), out, activation="swish", norm="batch",
+                            logit_softcap=-1.0, rotary_dim=7)
+    with pytest.raises(UserError) as e:
+        train.main(cfg)
+    for field in ("activation", "norm", "logit_softcap", "rotary_dim"):
+        assert f"{field} must be" in str(e.value), str(e.value)
+    assert not out.exists()
