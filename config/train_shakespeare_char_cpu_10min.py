@@ -6,7 +6,8 @@
 # that paid in README's ablation on that EPYC (each alone, at equal wall clock, 2 seeds): rotary positions
 # on 16 of each head's 48 dims, no biases, an untied head, QK-norm, and a warmup-stable-decay schedule
 # (constant, then linear to min_lr over the last 30%); then, from README's second sweep, half the batch
-# (16 sequences: 0.066 lower val at the same tokens, for 13% more time) and the exact GELU.
+# (16 sequences: 0.066 lower val at the same tokens, for ~13% more wall time in one run each) and the
+# exact GELU.
 # Arithmetic: 16 batch x 128 block = 2,048 tokens/iter; 1,250 iters -> 2,560,000 tokens = 2.6 epochs of
 # the 1,003,854 train tokens. At the EPYC's ~450 ms per iteration: ~565 s of training, plus start-up and
 # one evaluation over the whole validation split at the end.
@@ -26,7 +27,7 @@ n_layer = 4
 n_head = 4
 n_embd = 192
 dropout = 0.0
-activation = "gelu"  # exact GELU: GPT-2's tanh form to within 5e-4, at half its cost on a CPU
+activation = "gelu"  # exact GELU: GPT-2's tanh form to within 5e-4, at under half its cost on a CPU
 rotary_dim = 16
 bias = False
 tie_weights = False
