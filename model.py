@@ -15,6 +15,7 @@ This file imports torch (and two small torch-only helpers: fast_dropout.py for C
 dropout, optimizers.py for Muon + AdamW as one optimizer); transformers is imported lazily by hf.py.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -22,10 +23,21 @@ from typing import Optional
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from fast_dropout import Dropout, causal_attention_with_dropout
 from optimizers import ChainedOptimizer, Muon
+
+# Attention kernels for generation on CUDA: cuDNN's is left out. It builds a plan the first time it
+# meets a sequence length (~45 ms on an H200), and KV-cache decoding meets a new length at every token:
+# GPT-2 124M decoded 20 tok/s in bf16 through it, 282 through flash attention (benchmarks/gpu_check.py).
+GENERATION_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def generation_attention(device):
+    """The context one generation step's forward runs in: GENERATION_ATTENTION on CUDA, else nothing."""
+    return sdpa_kernel(list(GENERATION_ATTENTION)) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class KVCache:
@@ -421,6 +433,23 @@ class GPT(nn.Module):
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_id))
         return torch.cat([idx] + new, dim=1)
 
+    def _next_logits(self, idx, cache, use_cache):
+        """(logits, cache) for the next position of idx (B, T): the prompt prefills a new cache, then each
+        step feeds the last token alone; without a cache (or past block_size) the whole window again."""
+        cfg = self.config
+        if not use_cache or idx.size(1) > cfg.block_size:
+            return self(idx[:, -cfg.block_size:])[0], None
+        if cache is not None:
+            return self(idx[:, -1:], kv_cache=cache)[0], cache  # one new position
+        # the cache holds k and v as they arrive: in autocast's compute dtype when autocast is on
+        # (c_attn's output is bf16/fp16 there, and a float32 cache would cost twice the memory and a
+        # cast per token and layer), else in the weights' dtype
+        dev = idx.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else next(self.parameters()).dtype
+        cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head,
+                        idx.device, dtype)
+        return self(idx, kv_cache=cache)[0], cache  # prefill with the whole prompt
+
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                use_cache=True, stop_id=None):
@@ -433,21 +462,8 @@ class GPT(nn.Module):
         done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device) if stop_id is not None else None
         try:
             for _ in range(max_new_tokens):
-                if use_cache and idx.size(1) <= cfg.block_size:
-                    if cache is None:
-                        # the cache holds k and v as they arrive: in autocast's compute dtype when autocast
-                        # is on (c_attn's output is bf16/fp16 there, and a float32 cache would cost twice
-                        # the memory and a cast per token and layer), else in the weights' dtype
-                        dev = idx.device.type
-                        dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-                                 else next(self.parameters()).dtype)
-                        cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_head, cfg.block_size,
-                                        cfg.n_embd // cfg.n_head, idx.device, dtype)
-                        logits, _ = self(idx, kv_cache=cache)  # prefill with the whole prompt
-                    else:
-                        logits, _ = self(idx[:, -1:], kv_cache=cache)  # one new position
-                else:
-                    logits, _ = self(idx[:, -cfg.block_size:])
+                with generation_attention(idx.device):
+                    logits, cache = self._next_logits(idx, cache, use_cache)
                 next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
                 if done is not None:
                     next_id = next_id.masked_fill(done, stop_id)

@@ -456,11 +456,18 @@ def build_model_for(cfg, device):
 
 
 def data_meta(cfg):
-    """The prepared data's meta.json (its vocabulary), or {} before the data is prepared."""
-    from dataloader import TokenData, resolve_data_dir
+    """The prepared data's meta.json (its vocabulary), or {} before the data is prepared. Tiny
+    Shakespeare is prepared first, as train.py does: planning its 65-character model with GPT-2's
+    vocabulary would size a model three times too large."""
+    from dataloader import TokenData, prepare_command, prepare_shipped, resolve_data_dir
+    data_dir = resolve_data_dir(cfg.data_dir, cfg.dataset)
+    prepare_shipped(data_dir)
     try:
-        return TokenData(resolve_data_dir(cfg.data_dir, cfg.dataset), "train").meta
+        return TokenData(data_dir, "train").meta
     except (OSError, ValueError):
+        if not cfg.vocab_size:
+            print(f"data: {data_dir} is not prepared, so its vocabulary is unknown: planning with vocab_size "
+                  f"50304 (GPT-2's); prepare it first ({prepare_command(data_dir)}) or set --vocab_size")
         return {}
 
 

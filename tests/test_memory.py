@@ -110,7 +110,7 @@ def test_config_input_needs_no_memory_and_gives_gpt2_xl_numbers():
     est = memory.estimate_training_memory(xl, 1, 1024, compute_dtype_bytes=2)
     assert est["settings"]["n_params"] == 1_557_611_200  # OpenAI's gpt2-xl, tied head
     assert est["weights"] == 4 * 1_557_611_200 and est["optimizer"] == 2 * est["weights"]
-    assert est["logits"] == 1024 * 50257 * (2 + 4 + 4)
+    assert est["logits"] == 1024 * 50257 * 12  # the backward peak of the fp32 cross-entropy (an H200 measured 12.0)
     small = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=T, vocab_size=100)
     assert (memory.estimate_training_memory(small, B, T)["total"]
             == memory.estimate_training_memory(_model(), B, T)["total"])

@@ -154,6 +154,27 @@ def test_the_plan_adds_up_and_its_checkpoint_size_is_what_train_writes(tmp_path,
     assert p["checkpoint_bytes"] <= written <= p["checkpoint_bytes"] + 20_000
 
 
+def test_planning_shipped_shakespeare_prepares_it_and_sizes_its_65_character_model(tmp_path, monkeypatch, capsys):
+    """In a fresh checkout the plan of config/train_shakespeare_char.py sized a 30M-parameter model
+    (GPT-2's 50,304-token vocabulary) for a 10.7M one: the plan prepares the shipped text as train.py
+    does (here in a copy of the data folder), and says so when it cannot learn the vocabulary."""
+    import shutil
+
+    import dataloader
+    fake = tmp_path / "checkout"
+    shutil.copytree(ROOT / "data" / "shakespeare_char", fake / "data" / "shakespeare_char",
+                    ignore=shutil.ignore_patterns("*.bin", "meta.json"))
+    monkeypatch.setattr(dataloader, "CHECKOUT", fake)
+    monkeypatch.chdir(tmp_path)
+    cfg = plan_config(tmp_path, dataset="shakespeare_char", vocab_size=0)
+    model = plan.build_model_for(cfg, torch.device("cpu"))[0]
+    assert model.config.vocab_size == 65 and (fake / "data" / "shakespeare_char" / "train.bin").exists()
+    # a dataset that is not shipped and not prepared: GPT-2's vocabulary, and a line that says why
+    cfg = plan_config(tmp_path, dataset="", data_dir=str(tmp_path / "nothing_here"), vocab_size=0)
+    assert plan.build_model_for(cfg, torch.device("cpu"))[0].config.vocab_size == 50304
+    assert "is not prepared, so its vocabulary is unknown" in capsys.readouterr().out
+
+
 def test_too_little_disk_is_refused_before_any_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(plan.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     timed = []
