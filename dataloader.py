@@ -230,10 +230,20 @@ class TokenData:
         self.n_tokens = sum(self.lengths)
 
     def read(self, file_idx, start, length):
-        """A copy of tokens [start, start+length) of one file as int64 (fresh memmap per read)."""
+        """A copy of tokens [start, start+length) of one file as int64."""
+        return self.read_windows(file_idx, [start], length)[0]
+
+    def read_windows(self, file_idx, starts, length):
+        """Copies of tokens [s, s+length) for each s in starts of one file, as int64 (len(starts), length).
+        One fresh memmap per call, dropped at the end (a memmap kept open grows the process's resident
+        memory over a long run). One memmap per window took 7.2 ms per 64 x 256 batch, one per file and
+        call 0.8 ms (2-core EPYC, interleaved medians, the same batches): host time that every step of a
+        small model waits for on a GPU (an H200 steps the GPU baby GPT in ~21 ms)."""
         m = np.memmap(self.files[file_idx], dtype=TOKEN_DTYPE, mode="r",
                       offset=self.offsets[file_idx], shape=(self.lengths[file_idx],))
-        out = m[start:start + length].astype(np.int64)
+        out = np.empty((len(starts), length), dtype=np.int64)
+        for i, s in enumerate(starts):
+            out[i] = m[s:s + length]
         del m
         return out
 
@@ -256,8 +266,13 @@ class _Sampler:
                              f"{too_short[:3]}; use a smaller block_size or more data")
 
     def _batch(self, windows):
-        rows = [self.data.read(f, s, self.block_size + 1) for f, s in windows]
-        buf = np.stack(rows)  # (B, T+1)
+        buf = np.empty((len(windows), self.block_size + 1), dtype=np.int64)  # (B, T+1)
+        by_file = {}
+        for row, (f, s) in enumerate(windows):
+            by_file.setdefault(f, []).append((row, s))
+        for f, items in by_file.items():
+            rows, starts = zip(*items)
+            buf[list(rows)] = self.data.read_windows(f, starts, self.block_size + 1)
         if self.vocab_size is not None and int(buf.max()) >= self.vocab_size:
             raise UserError(f"token id {int(buf.max())} in {self.data.files[windows[0][0]].parent} is >= the "
                              f"model's vocab_size {self.vocab_size}: data and model use different tokenizers")
