@@ -398,6 +398,26 @@ def val_windows(cfg, block_size):
     return sum(len(range(0, n - block_size, block_size)) for n in val.lengths)
 
 
+def time_data(cfg, batch_size, block_size, device, n=20):
+    """Seconds to read one micro-batch of the run's training data and copy it to the device, as the
+    training loop does before each micro-step (median of n after a warm-up), or 0.0 before the data is
+    prepared. The step timings use batches already on the device, and on a GPU a small model's step is
+    short enough for this host time to show in the ETA."""
+    from dataloader import TokenData, make_sampler, resolve_data_dir, to_device
+    try:
+        data = TokenData(resolve_data_dir(cfg.data_dir, cfg.dataset), "train")
+        sampler = make_sampler(cfg.sampling, data, batch_size, block_size, cfg.seed)
+    except (OSError, ValueError):
+        return 0.0
+    times = []
+    for _ in range(n + 1):
+        t0 = time.perf_counter()
+        to_device(sampler.next_batch(), device)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def time_eval_batch(model, device, dtype, batch_size, block_size, n=3):
     """Seconds of one validation batch through evaluation.evaluate_loss, median of n after a warm-up."""
     import evaluation
@@ -503,10 +523,10 @@ def check_disk(cfg, model, partial):
             "free_disk_bytes": free}
 
 
-def plan_validation(cfg, model, device, dtype, b, block, iter_s, windows):
+def plan_validation(cfg, model, device, dtype, b, block, iter_s, windows, data_s=0.0):
     """Time a validation batch of b and fit eval_iters / eval_interval to eval_share (eval_budget).
-    windows: val_windows' count, or None."""
-    eval_batch_s = time_eval_batch(model, device, dtype, b, block)
+    windows: val_windows' count, or None. data_s: time_data's seconds, which each batch also takes."""
+    eval_batch_s = time_eval_batch(model, device, dtype, b, block) + data_s
     whole = None if windows is None else math.ceil(windows / b)  # batches of the whole split
     eval_iters, eval_interval = eval_budget(cfg, iter_s, eval_batch_s, whole, cfg.eval_share)
     n_batches = eval_iters if eval_iters > 0 else whole
@@ -586,7 +606,12 @@ def main(cfg):
     print(f"micro-batch: {b} (largest that fits: {result['largest']}; searched in {result['seconds']:.1f} s) -> "
           f"gradient_accumulation_steps={accum}, {tokens_per_step:,} tokens per step as configured; "
           f"{iter_s:.3f} s per iteration (the median of {n_timed} timed one after another)")
-    evals = plan_validation(cfg, model, device, dtype, b, block, iter_s, windows)
+    data_s = time_data(cfg, b, block, device)
+    if data_s:
+        iter_s += per_rank // b * data_s
+        print(f"data: {data_s * 1000:.1f} ms to read a micro-batch of {b} and copy it to {device} (the median of 20), "
+              f"{per_rank // b} per iteration: {iter_s:.3f} s per iteration with them")
+    evals = plan_validation(cfg, model, device, dtype, b, block, iter_s, windows, data_s)
     calibrated_s = time.perf_counter() - t_calibration
     print(f"calibration: {calibrated_s:.0f} s in all (the search, the comparison, the iterations and validation "
           f"timed; each takes a few steps at least, so a slow device runs past calibration_s={cfg.calibration_s:g})")
@@ -597,7 +622,7 @@ def main(cfg):
             "calibration_seconds": calibrated_s,
             "iteration_seconds_by_micro_batch": per_iter,
             "memory_budget_bytes": result["budget_bytes"], "batch_size": b, "gradient_accumulation_steps": accum,
-            "tokens_per_step": tokens_per_step, "seconds_per_iter": iter_s, "tokens_per_sec": tokens_per_step / iter_s,
+            "tokens_per_step": tokens_per_step, "seconds_per_iter": iter_s, "data_seconds_per_micro_batch": data_s, "tokens_per_sec": tokens_per_step / iter_s,
             "achieved_flops": model.flops_per_token(block) * tokens_per_step / iter_s,  # all ranks together
             "startup_seconds": startup_s, "train_seconds": cfg.max_iters * iter_s, **evals, **disk}
     plan["eta_seconds"] = startup_s + plan["train_seconds"] + evals["eval_seconds"]

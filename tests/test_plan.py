@@ -175,6 +175,24 @@ def test_planning_shipped_shakespeare_prepares_it_and_sizes_its_65_character_mod
     assert "is not prepared, so its vocabulary is unknown" in capsys.readouterr().out
 
 
+def test_the_eta_counts_reading_the_data_for_every_micro_step_and_validation_batch(tmp_path, monkeypatch):
+    """The steps are timed on batches already on the device; the run also reads each micro-batch from
+    disk and copies it over, which on a GPU is a visible share of a small model's step."""
+    data = char_dataset(tmp_path / "data", 60_000)
+    cfg = plan_config(tmp_path, data_dir=str(data), vocab_size=0, calibration_s=1.0)
+    read = plan.time_data(cfg, 4, 32, torch.device("cpu"))
+    assert 0 < read < 1  # the real reader, on the prepared data
+    assert plan.time_data(plan_config(tmp_path, data_dir=str(tmp_path / "none")), 4, 32, torch.device("cpu")) == 0.0
+    monkeypatch.setattr(plan, "time_iterations", lambda *a: (0.1, 5))
+    monkeypatch.setattr(plan, "time_eval_batch", lambda *a: 0.02)
+    monkeypatch.setattr(plan, "time_data", lambda *a: 0.05)
+    p = plan.main(cfg)
+    accum = p["gradient_accumulation_steps"]
+    assert p["seconds_per_iter"] == pytest.approx(0.1 + accum * 0.05)
+    assert p["eval_batch_seconds"] == pytest.approx(0.02 + 0.05)
+    assert p["data_seconds_per_micro_batch"] == 0.05
+
+
 def test_too_little_disk_is_refused_before_any_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(plan.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     timed = []
