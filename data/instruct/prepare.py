@@ -71,16 +71,16 @@ def download(source, dest):
         return url
     except (urllib.error.URLError, OSError) as e:
         url_error = e
+    hub_error = ""
     if hub:
+        from hf import load_hub_dataset  # the hub check and offline cache of every hub reader here
         try:
-            import datasets
-            rows = datasets.load_dataset(hub, split="train")
+            rows = load_hub_dataset(hub, split="train", what=f"the {source!r} instructions")
+        except UserError as e:  # reported beside the URL's error
+            hub_error = f"; {str(e).splitlines()[0]}"
+        else:
             write_json(dest, [{k: row[k] for k in ("instruction", "input", "output")} for row in rows])
             return f"hf://datasets/{hub}"
-        except Exception as e:  # the hub or datasets failing is reported beside the URL's error
-            hub_error = f"; the hub ({hub}): {type(e).__name__}: {e}"
-    else:
-        hub_error = ""
     raise UserError(f"could not download the {source!r} instructions from {url} ({url_error}){hub_error}. On a "
                     f"machine without network, copy the file here and pass --input=path/to/file.json")
 
