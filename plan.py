@@ -402,8 +402,11 @@ def time_data(cfg, batch_size, block_size, device, n=20):
     """Seconds to read one micro-batch of the run's training data and copy it to the device, as the
     training loop does before each micro-step (median of n after a warm-up), or 0.0 before the data is
     prepared. The step timings use batches already on the device, and on a GPU a small model's step is
-    short enough for this host time to show in the ETA."""
+    short enough for this host time to show in the ETA. Instruction data (sft_train_file) is read by
+    sft.py's loader, which is not timed here (0.0)."""
     from dataloader import TokenData, make_sampler, resolve_data_dir, to_device
+    if cfg.sft_train_file:
+        return 0.0
     try:
         data = TokenData(resolve_data_dir(cfg.data_dir, cfg.dataset), "train")
         sampler = make_sampler(cfg.sampling, data, batch_size, block_size, cfg.seed)
@@ -622,7 +625,8 @@ def main(cfg):
             "calibration_seconds": calibrated_s,
             "iteration_seconds_by_micro_batch": per_iter,
             "memory_budget_bytes": result["budget_bytes"], "batch_size": b, "gradient_accumulation_steps": accum,
-            "tokens_per_step": tokens_per_step, "seconds_per_iter": iter_s, "data_seconds_per_micro_batch": data_s, "tokens_per_sec": tokens_per_step / iter_s,
+            "tokens_per_step": tokens_per_step, "seconds_per_iter": iter_s, "data_seconds_per_micro_batch": data_s,
+            "tokens_per_sec": tokens_per_step / iter_s,
             "achieved_flops": model.flops_per_token(block) * tokens_per_step / iter_s,  # all ranks together
             "startup_seconds": startup_s, "train_seconds": cfg.max_iters * iter_s, **evals, **disk}
     plan["eta_seconds"] = startup_s + plan["train_seconds"] + evals["eval_seconds"]
