@@ -20,7 +20,7 @@ GTX 1080 Ti, which has no bf16), with its verdict. The target: the measured peak
 
 Measured (defaults, 2-core AMD EPYC, torch 2.13.0, bitsandbytes 0.50.2): process 0.29 GB before the
 model; peak 7.91 GB while making it (157 s), 9.28 GB over the step (158 s, loss 11.584); estimate
-7.42 + 0.29 = 7.71 GB on this CPU, 7.65 GB on an 11 GB GPU (memory.py before it counted the cross-entropy's backward peak: 7.63). RATIO peak / budget = 0.844.
+7.42 + 0.29 = 7.71 GB on this CPU, 7.65 GB on an 11 GB GPU. RATIO peak / budget = 0.844.
 """
 
 import time
