@@ -109,15 +109,33 @@ class Muon(torch.optim.Muon):
 
 def newton_schulz_float32(grad, ns_coefficients, ns_steps, eps):
     """The quintic Newton-Schulz iteration of torch.optim.Muon (Jordan et al. 2024), same
-    coefficients and steps, in float32: an approximately orthogonal matrix with grad's singular vectors."""
+    coefficients and steps, in float32: an approximately orthogonal matrix with grad's singular vectors.
+
+    x is m x n with m <= n (a tall grad is transposed). Each step is x <- (a + b A + c A^2) x with
+    A = x x^T, so x_k = q_k x_0 where q_k is a polynomial in A_0 = x_0 x_0^T, m x m, and symmetric; and
+    A_k = q_k A_0 q_k. For an oblong matrix (n > 1.5 m) the steps run on those m x m matrices alone,
+    touching x_0 twice (A_0, then q x_0): 4 m^2 n + 34 m^3 flops for 5 steps against 20 m^2 n + 10 m^3,
+    0.56x for a 192 x 768 MLP matrix (the "Gram" form of the iteration; the same result to float32's
+    rounding, tests/test_model.py). A square matrix keeps the direct form, cheaper there."""
     a, b, c = ns_coefficients
     x = grad.float()
     wide = grad.size(0) > grad.size(1)
     x = x.T if wide else x
+    m, n = x.shape
     x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    if 2 * n <= 3 * m:
+        for _ in range(ns_steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x.T if wide else x
+    gram0 = x @ x.T
+    q = None  # None: the identity, before the first step
     for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        gram = gram0 if q is None else q @ gram0 @ q
+        p = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        p.diagonal().add_(a)  # a I + b A + c A^2
+        q = p if q is None else p @ q
+    x = x if q is None else q @ x
     return x.T if wide else x
 
 

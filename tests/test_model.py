@@ -303,6 +303,31 @@ def test_muon_orthogonalises_in_float32_where_bfloat16_is_emulated(monkeypatch):
     assert o.dtype == torch.float32 and 0.5 < s.min() and s.max() < 1.5  # near-orthogonal, as torch's
 
 
+@pytest.mark.parametrize("shape", [(576, 192), (192, 768), (96, 96), (8, 100)])
+def test_muon_float32_newton_schulz_matches_the_direct_iteration_in_float64(shape):
+    """The float32 orthogonalisation runs oblong matrices in the m x m "Gram" form (fewer flops); its
+    result is the direct iteration's to float32's rounding, for a full-rank and a nearly rank-4 gradient."""
+    import optimizers
+    a, b, c = coefficients = (3.4445, -4.7750, 2.0315)
+
+    def direct_float64(g, steps):
+        x = g.double().T if g.size(0) > g.size(1) else g.double()
+        x = x / x.norm()
+        for _ in range(steps):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        return x.T if g.size(0) > g.size(1) else x
+
+    torch.manual_seed(0)
+    m, n = shape
+    for g in (torch.randn(shape), torch.randn(m, 4) @ torch.randn(4, n) + 1e-4 * torch.randn(shape)):
+        for steps in (5, 3, 0):
+            got = optimizers.newton_schulz_float32(g, coefficients, steps, 1e-7)
+            want = direct_float64(g, steps)
+            assert got.dtype == torch.float32 and got.shape == g.shape
+            assert (got.double() - want).norm() / want.norm() < 3e-4, (shape, steps)
+
+
 def test_generation_on_cuda_leaves_cudnn_attention_out_and_restores_the_flags(monkeypatch):
     """cuDNN attention builds a plan per new sequence length, and decoding meets a new one at every token:
     an H200 decoded GPT-2 124M at 20 tok/s through it, 282 through flash attention. Every generation
