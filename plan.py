@@ -390,12 +390,17 @@ def eval_budget(cfg, iter_s, eval_batch_s, val_batches, share):
 def val_windows(cfg, block_size):
     """Windows of the whole validation split (eval_iters=0) as dataloader.eval_batches cuts them, or None
     when the data is not prepared yet."""
+    val = prepared_split(cfg, "val")
+    return None if val is None else sum(len(range(0, n - block_size, block_size)) for n in val.lengths)
+
+
+def prepared_split(cfg, split):
+    """The run's token data of split ('train' or 'val'), or None before the data is prepared."""
     from dataloader import TokenData, resolve_data_dir
     try:
-        val = TokenData(resolve_data_dir(cfg.data_dir, cfg.dataset), "val")
+        return TokenData(resolve_data_dir(cfg.data_dir, cfg.dataset), split)
     except (OSError, ValueError):
         return None
-    return sum(len(range(0, n - block_size, block_size)) for n in val.lengths)
 
 
 def time_data(cfg, batch_size, block_size, device, n=20):
@@ -404,13 +409,13 @@ def time_data(cfg, batch_size, block_size, device, n=20):
     prepared. The step timings use batches already on the device, and on a GPU a small model's step is
     short enough for this host time to show in the ETA. Instruction data (sft_train_file) is read by
     sft.py's loader, which is not timed here (0.0)."""
-    from dataloader import TokenData, make_sampler, resolve_data_dir, to_device
-    if cfg.sft_train_file:
+    from dataloader import make_sampler, to_device
+    data = None if cfg.sft_train_file else prepared_split(cfg, "train")
+    if data is None:
         return 0.0
     try:
-        data = TokenData(resolve_data_dir(cfg.data_dir, cfg.dataset), "train")
         sampler = make_sampler(cfg.sampling, data, batch_size, block_size, cfg.seed)
-    except (OSError, ValueError):
+    except ValueError:  # files shorter than a window: train.py's own check reports it
         return 0.0
     times = []
     for _ in range(n + 1):
@@ -482,16 +487,14 @@ def data_meta(cfg):
     """The prepared data's meta.json (its vocabulary), or {} before the data is prepared. Tiny
     Shakespeare is prepared first, as train.py does: planning its 65-character model with GPT-2's
     vocabulary would size a model three times too large."""
-    from dataloader import TokenData, prepare_command, prepare_shipped, resolve_data_dir
+    from dataloader import prepare_command, prepare_shipped, resolve_data_dir
     data_dir = resolve_data_dir(cfg.data_dir, cfg.dataset)
     prepare_shipped(data_dir)
-    try:
-        return TokenData(data_dir, "train").meta
-    except (OSError, ValueError):
-        if not cfg.vocab_size:
-            print(f"data: {data_dir} is not prepared, so its vocabulary is unknown: planning with vocab_size "
-                  f"50304 (GPT-2's); prepare it first ({prepare_command(data_dir)}) or set --vocab_size")
-        return {}
+    train = prepared_split(cfg, "train")
+    if train is None and not cfg.vocab_size:
+        print(f"data: {data_dir} is not prepared, so its vocabulary is unknown: planning with vocab_size "
+              f"50304 (GPT-2's); prepare it first ({prepare_command(data_dir)}) or set --vocab_size")
+    return {} if train is None else train.meta
 
 
 def check_plan_config(cfg):
