@@ -5,7 +5,8 @@ README's "Learning faster per second" section.
     python benchmarks/ablation.py                                  # every variant, 2 seeds, 150 s of training each
     python benchmarks/ablation.py --variants=baseline,qk_norm --seeds=1337 --budget_s=60   # a quick look
 
-Each variant is the recipe (config/train_shakespeare_char_cpu.py) with a few --key=value changes.
+Each variant is the bf16-sized CPU recipe (config/train_shakespeare_char_cpu_bf16.py, plain GPT-2, the
+default CPU recipe when the table was measured) with a few --key=value changes.
 Equal wall clock, not equal steps: a variant first trains 30 iterations to measure its own ms per
 iteration on this machine, then runs max_iters = budget_s / that (lr_decay_iters alike), so a faster
 variant gets more steps, as it would in a user's fixed time. The runs go seed by seed, every variant
@@ -47,7 +48,7 @@ VARIANTS = {
 
 @dataclass
 class AblationConfig:
-    config_file: str = "config/train_shakespeare_char_cpu.py"  # the recipe the variants change
+    config_file: str = "config/train_shakespeare_char_cpu_bf16.py"  # the recipe the variants change
     variants: str = ",".join(VARIANTS)  # comma-separated names of VARIANTS
     seeds: str = "1337,1338"
     budget_s: float = 150.0  # seconds of training per run (start-up and the two evaluations come on top)

@@ -1,8 +1,8 @@
 # Tiny Shakespeare, characters, on two CPU cores in 10 minutes, start to finish, on a 2-core AVX2 EPYC
-# (float32; the 2-minute recipe ran 3x faster on a Xeon with native bf16, this one was not timed there):
+# (float32; the bf16 4 x 192 recipe ran 3x faster on a Xeon with native bf16, this one was not timed there):
 #     python train.py config/train_shakespeare_char_cpu_10min.py
 #     python benchmarks/time_to_quality.py --nanogpt_dir=../shared/reference/nanoGPT   # times it beside nanoGPT's
-# The 2-minute recipe (train_shakespeare_char_cpu.py: 4 x 192, block 128, Muon + AdamW) with the options
+# The bf16 CPU recipe (train_shakespeare_char_cpu_bf16.py: 4 x 192, block 128, Muon + AdamW) with the options
 # that paid in README's ablation on that EPYC (each alone, at equal wall clock, 2 seeds): rotary positions
 # on 16 of each head's 48 dims, no biases, an untied head, QK-norm, and a warmup-stable-decay schedule
 # (constant, then linear to min_lr over the last 30%); then, from README's second sweep, half the batch

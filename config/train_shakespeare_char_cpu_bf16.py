@@ -1,0 +1,42 @@
+# Tiny Shakespeare, characters, sized for a CPU with native bfloat16 (AVX512-BF16/AMX): 2 minutes start to
+# finish on a 2-core Xeon with AMX (val 1.594; nanoGPT's CPU recipe took 116 s there for 1.886), 6.6 min on a
+# 2-core AVX2 EPYC, which computes it in float32 (there train_shakespeare_char_cpu.py is the one to run):
+#     python train.py config/train_shakespeare_char_cpu_bf16.py
+# It was the default CPU recipe before the float32 one; README's ablation table was measured on it.
+# A small model that keeps two cores busy: 4 layers x 4 heads x 192 wide (1.82M parameters), context 128,
+# bfloat16 autocast where the CPU computes it natively (dtype 'auto'), no dropout (two epochs are too few
+# to overfit), Muon for the blocks' matrices and AdamW for the rest, a short warmup and one cosine decay.
+# What was tried on the way, and what each choice bought, is in docs/cpu_recipe.md.
+# Arithmetic: 32 batch x 128 block = 4,096 tokens/iter; 470 iters -> 1,925,120 tokens = 1.9 epochs of the
+# 1,003,854 train tokens; 1.82M parameters -> 1.1 tokens per parameter. Evaluations only at iteration 0 and
+# at the end, each over the whole fixed validation split (111,540 tokens), so the figure compares run to run.
+out_dir = "out-shakespeare-char-cpu-bf16"
+eval_interval = 100000  # only at iteration 0 and the last
+eval_iters = 0  # the whole validation split
+log_interval = 20
+always_save_checkpoint = False
+
+dataset = "shakespeare_char"
+gradient_accumulation_steps = 1
+batch_size = 32
+block_size = 128
+
+n_layer = 4
+n_head = 4
+n_embd = 192
+dropout = 0.0
+
+# Muon for the blocks' matrices (momentum orthogonalised, torch.optim.Muon); AdamW at learning_rate
+# for the embeddings/head, biases and gains
+optimizer = "muon"
+muon_lr = 0.02
+learning_rate = 4e-3
+max_iters = 470
+lr_decay_iters = 470  # = max_iters
+min_lr = 4e-4  # = learning_rate / 10 (Muon's rate falls 10x alike: 0.02 -> 0.002)
+beta2 = 0.99  # few tokens per iteration
+warmup_iters = 30
+
+device = "cpu"
+dtype = "auto"
+compile = False  # on two cores inductor's code was not faster than eager, and compiling costs a minute
