@@ -544,7 +544,11 @@ def architecture(config):
     newer = [text for on, text in ((config.norm != "layernorm", f"norm={config.norm!r}"),
                                    (config.qk_norm, "qk_norm=True"),
                                    (config.activation == "relu2", "activation='relu2'"),
-                                   (config.logit_softcap, f"logit_softcap={config.logit_softcap}")) if on]
+                                   (config.logit_softcap, f"logit_softcap={config.logit_softcap}"),
+                                   (config.bigram_embed, f"bigram_embed={config.bigram_embed}"),
+                                   (config.trigram_embed, f"trigram_embed={config.trigram_embed}"),
+                                   (config.smear, "smear=True"),
+                                   (config.qkv_shift, "qkv_shift=True")) if on]
     if newer:
         raise UserError(f"transformers' GPT-2 and GPT-J classes compute none of {', '.join(newer)}: a model trained "
                         f"with them cannot be exported to Hugging Face format (train without them to export)")

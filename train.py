@@ -90,6 +90,10 @@ class TrainConfig:
     rotary_dim: int = 0  # > 0: rotary positions on this many dims of each head instead of learned positions
     zero_init_proj: bool = False  # residual projections start at zero
     logit_softcap: float = 0.0  # > 0: cap * tanh(logits / cap)
+    bigram_embed: int = 0  # > 0: rows of a (previous token, token) embedding table added to the input
+    trigram_embed: int = 0  # > 0: rows of a (two previous tokens, token) table, hashed
+    smear: bool = False  # the input adds a learned fraction of the previous position's
+    qkv_shift: bool = False  # q, k and v add a learned fraction of the previous position's
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     # fine-tuning a part of the model
     lora_rank: int = 0  # 0 disables LoRA
@@ -214,7 +218,8 @@ def check_config(cfg, dist_info):
         errors.append(f"cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
     # the model's own checks of its options; the head size only matters for a model built here
     head = (cfg.n_embd // cfg.n_head if cfg.n_head > 0 else 0) if cfg.init_from == "scratch" else None
-    errors += GPTConfig.option_problems(cfg.activation, cfg.norm, cfg.logit_softcap, cfg.rotary_dim, head)
+    errors += GPTConfig.option_problems(cfg.activation, cfg.norm, cfg.logit_softcap, cfg.rotary_dim, head,
+                                        cfg.bigram_embed, cfg.trigram_embed)
     if cfg.early_stop_patience < 0:
         errors.append(f"early_stop_patience must be >= 0 (0 = off), got {cfg.early_stop_patience}")
     if cfg.early_stop_patience > 0 and cfg.sft_train_file and not cfg.sft_val_file:
@@ -269,7 +274,9 @@ def scratch_model_args(cfg, data_meta):
     return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                 vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, qkv_bias=cfg.qkv_bias,
                 tie_weights=cfg.tie_weights, activation=cfg.activation, norm=cfg.norm, qk_norm=cfg.qk_norm,
-                rotary_dim=cfg.rotary_dim, zero_init_proj=cfg.zero_init_proj, logit_softcap=cfg.logit_softcap)
+                rotary_dim=cfg.rotary_dim, zero_init_proj=cfg.zero_init_proj, logit_softcap=cfg.logit_softcap,
+                bigram_embed=cfg.bigram_embed, trigram_embed=cfg.trigram_embed, smear=cfg.smear,
+                qkv_shift=cfg.qkv_shift)
 
 
 # ----------------------------------------------------------------------------- one optimizer step

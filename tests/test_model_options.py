@@ -1,5 +1,6 @@
 """The newer architecture options of GPTConfig (RMSNorm, QK-norm, ReLU², zero-initialised projections,
-logit soft-capping, rotary positions in GPT-2's block, no biases, an untied head) and the
+logit soft-capping, rotary positions in GPT-2's block, no biases, an untied head, bigram and trigram
+input embeddings, smear, the q/k/v previous-position mix) and the
 warmup-stable-decay schedule: each option is causal and generates the same with and without the KV
 cache; a run with options resumes exactly and refuses a change of them; export refuses what
 transformers cannot compute.
@@ -18,7 +19,7 @@ import train
 from checkpoint import load_model, read_metrics
 from configurator import UserError
 from helpers import all_logits, char_dataset, tiny_train_config
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache, PreviousMix, earlier_tokens, ngram_ids
 
 V = 50
 OPTIONS = {
@@ -30,19 +31,26 @@ OPTIONS = {
     "rotary": dict(rotary_dim=8),
     "no_bias": dict(bias=False),
     "untied": dict(tie_weights=False),
+    "bigram": dict(bigram_embed=V * (V + 1)),
+    "trigram": dict(trigram_embed=97),
+    "smear": dict(smear=True),
+    "qkv_shift": dict(qkv_shift=True),
     "all": dict(norm="rmsnorm", qk_norm=True, activation="relu2", zero_init_proj=True, logit_softcap=15.0,
-                rotary_dim=8, bias=False, tie_weights=False),
+                rotary_dim=8, bias=False, tie_weights=False, bigram_embed=V * (V + 1), trigram_embed=97,
+                smear=True, qkv_shift=True),
 }
+PREVIOUS = ("bigram_wte", "trigram_wte", "smear_mix", "qkv_mix")  # start at zero: perturbed to be tested
 
 
 def make(seed=0, **options):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=24, vocab_size=V, **options)).eval()
-    if options.get("zero_init_proj"):  # zero projections make every block the identity: perturb them to test
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith("c_proj.weight"):
-                    p.normal_(0.0, 0.02)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if options.get("zero_init_proj") and n.endswith("c_proj.weight"):  # else every block is the identity
+                p.normal_(0.0, 0.02)
+            if any(part in n for part in PREVIOUS):  # else they change nothing
+                p.normal_(0.0, 0.5)
     return model
 
 
@@ -68,6 +76,52 @@ def test_each_option_generates_the_same_with_and_without_the_cache(name):
         cached = model.generate(idx, 12, top_k=1, use_cache=True)  # top_k=1: greedy
         uncached = model.generate(idx, 12, top_k=1, use_cache=False)
     assert torch.equal(cached, uncached)
+    # and each decoded position's logits are the full forward's: a cache that forgot what came before
+    # would still pick the same greedy tokens where an option changes the logits only a little
+    full = all_logits(model, cached)
+    cache = KVCache(2, 2, 2, 24, 8, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        model(cached[:, :5], kv_cache=cache)
+        for t in range(5, cached.size(1)):
+            step = model(cached[:, t:t + 1], kv_cache=cache)[0]
+            assert torch.allclose(step[:, 0], full[:, t], atol=1e-5), t
+
+
+def test_the_previous_position_options_start_as_the_model_without_them():
+    rest = dict(qk_norm=True, rotary_dim=8, bias=False, tie_weights=False)
+    previous = dict(bigram_embed=V * (V + 1), trigram_embed=97, smear=True, qkv_shift=True)
+    torch.manual_seed(3)
+    plain = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=24, vocab_size=V, **rest)).eval()
+    torch.manual_seed(3)
+    options = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=24, vocab_size=V, **rest, **previous)).eval()
+    assert all(p.abs().max() == 0 for n, p in options.named_parameters() if any(part in n for part in PREVIOUS))
+    shared = dict(plain.named_parameters())
+    assert all(torch.equal(p, shared[n]) for n, p in options.named_parameters() if n in shared)  # same draws
+    idx = torch.randint(0, V, (2, 12))
+    with torch.no_grad():  # zero tables and mixes: the same function
+        assert torch.allclose(all_logits(options, idx), all_logits(plain, idx), atol=1e-6)
+
+
+def test_ngram_rows_are_distinct_for_distinct_ngrams_and_hash_into_a_smaller_table():
+    ids = earlier_tokens(torch.tensor([[0, 1, 2, 0, 1, 2, V - 1]]))  # (1, 2 + 7), -1 before the start
+    assert ids[0, :2].tolist() == [-1, -1]
+    bigram = ngram_ids(ids, 2, V, V * (V + 1))[0].tolist()
+    assert bigram[1] == bigram[4] and bigram[2] == bigram[5]  # (0, 1) and (1, 2) again: the same rows
+    assert bigram[0] != bigram[3]  # token 0 at the start is not token 0 after a 2
+    every_pair = torch.tensor([[a, b] for a in range(V) for b in range(V)])
+    rows = ngram_ids(earlier_tokens(every_pair), 2, V, V * (V + 1))[:, 1]
+    assert rows.unique().numel() == V * V and rows.max() < V * (V + 1)  # exact: one row per pair
+    exact = ngram_ids(ids, 3, V, V * (V + 1) ** 2)[0].tolist()  # tokens 2, 0, 1, 2 at 2 .. 5
+    assert exact[5] == exact[2] and exact[4] != exact[1]  # (0, 1, 2) twice; (2, 0, 1) is not (start, 0, 1)
+    assert len(set(exact)) == 6 and ngram_ids(ids, 3, V, 97).max() < 97  # 7 positions, 6 trigrams; hashed
+
+
+def test_previous_mix_has_the_gradients_of_its_formula():
+    x = torch.randn(2, 5, 3, dtype=torch.double, requires_grad=True)
+    w = torch.randn(3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(PreviousMix.apply, (x, w))
+    expected = x + w * torch.nn.functional.pad(x[:, :-1], (0, 0, 1, 0))
+    assert torch.allclose(PreviousMix.apply(x, w), expected)
 
 
 def test_softcap_bounds_the_logits_and_zero_init_starts_at_the_uniform_loss():
@@ -113,7 +167,8 @@ def data(tmp_path_factory):
 
 def test_a_run_with_options_resumes_exactly_and_refuses_a_change_of_them(data, tmp_path):
     options = dict(norm="rmsnorm", qk_norm=True, activation="relu2", zero_init_proj=True, logit_softcap=15.0,
-                   rotary_dim=8, bias=False, lr_schedule="wsd", n_embd=32, n_head=2)
+                   rotary_dim=8, bias=False, lr_schedule="wsd", n_embd=32, n_head=2, bigram_embed=200,
+                   trigram_embed=101, smear=True, qkv_shift=True)
     straight, split = tmp_path / "straight", tmp_path / "split"
     train.main(tiny_train_config(data, straight, max_iters=10, eval_interval=5, **options))
     train.main(tiny_train_config(data, split, max_iters=5, eval_interval=5, **options))
@@ -124,12 +179,15 @@ def test_a_run_with_options_resumes_exactly_and_refuses_a_change_of_them(data, t
     b, _ = load_model(split)
     assert a.config.qk_norm and a.config.norm == "rmsnorm" and a.config.activation == "relu2"
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-    for field, value in (("qk_norm", False), ("logit_softcap", 30.0), ("norm", "layernorm"), ("rotary_dim", 0)):
+    assert a.config.trigram_embed == 101 and a.config.qkv_shift and a.smear_mix.abs().max() > 0  # trained
+    for field, value in (("qk_norm", False), ("logit_softcap", 30.0), ("norm", "layernorm"), ("rotary_dim", 0),
+                         ("trigram_embed", 0), ("smear", False), ("qkv_shift", False)):
         with pytest.raises(UserError, match=field):
             train.main(tiny_train_config(data, split, max_iters=12, init_from="resume", **{**options, field: value}))
 
 
-@pytest.mark.parametrize("name", ["rmsnorm", "qk_norm", "relu2", "softcap"])
+@pytest.mark.parametrize("name", ["rmsnorm", "qk_norm", "relu2", "softcap", "bigram", "trigram", "smear",
+                                  "qkv_shift"])
 def test_export_refuses_what_transformers_cannot_compute_naming_the_option(tmp_path, name):
     model = make(**OPTIONS[name])
     with pytest.raises(UserError, match=list(OPTIONS[name])[0]):
@@ -141,9 +199,9 @@ def test_bad_options_are_all_reported_before_any_work(tmp_path):
     # the config check reads the model's own option checks: every mistake in one error, nothing written
     out = tmp_path / "out"
     cfg = tiny_train_config(char_dataset(tmp_path / "data", 20_000), out, activation="swish", norm="batch",
-                            logit_softcap=-1.0, rotary_dim=7)
+                            logit_softcap=-1.0, rotary_dim=7, bigram_embed=-1)
     with pytest.raises(UserError) as e:
         train.main(cfg)
-    for field in ("activation", "norm", "logit_softcap", "rotary_dim"):
+    for field in ("activation", "norm", "logit_softcap", "rotary_dim", "bigram_embed"):
         assert f"{field} must be" in str(e.value), str(e.value)
     assert not out.exists()
