@@ -4,8 +4,6 @@ README's "Learning faster per second" section.
 
     python benchmarks/ablation.py                                  # every variant, 2 seeds, 150 s of training each
     python benchmarks/ablation.py --variants=baseline,qk_norm --seeds=1337 --budget_s=60   # a quick look
-    python benchmarks/ablation.py --config_file=config/train_shakespeare_char_cpu.py \
-        --variants=baseline,no_bigram,no_trigram,no_smear,no_qkv_shift,none_of_the_four --budget_s=130
 
 Each variant is the bf16-sized CPU recipe (config/train_shakespeare_char_cpu_bf16.py, plain GPT-2, the
 default CPU recipe when the table was measured) with a few --key=value changes.
@@ -45,13 +43,6 @@ VARIANTS = {
     "untied": "--tie_weights=False",
     "rotary": "--rotary_dim=16",
     "wsd": "--lr_schedule=wsd --cooldown_frac=0.3",
-    # the previous-position options, taken out one at a time from the recipe that has them all
-    # (--config_file=config/train_shakespeare_char_cpu.py)
-    "no_bigram": "--bigram_embed=0",
-    "no_trigram": "--trigram_embed=0",
-    "no_smear": "--smear=False",
-    "no_qkv_shift": "--qkv_shift=False",
-    "none_of_the_four": "--bigram_embed=0 --trigram_embed=0 --smear=False --qkv_shift=False",
 }
 
 
