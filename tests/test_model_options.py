@@ -42,9 +42,11 @@ OPTIONS = {
 PREVIOUS = ("bigram_wte", "trigram_wte", "smear_mix", "qkv_mix")  # start at zero: perturbed to be tested
 
 
-def make(seed=0, **options):
+def make(seed=0, perturb=True, **options):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=24, vocab_size=V, **options)).eval()
+    if not perturb:
+        return model
     with torch.no_grad():
         for n, p in model.named_parameters():
             if options.get("zero_init_proj") and n.endswith("c_proj.weight"):  # else every block is the identity
@@ -90,10 +92,8 @@ def test_each_option_generates_the_same_with_and_without_the_cache(name):
 def test_the_previous_position_options_start_as_the_model_without_them():
     rest = dict(qk_norm=True, rotary_dim=8, bias=False, tie_weights=False)
     previous = dict(bigram_embed=V * (V + 1), trigram_embed=97, smear=True, qkv_shift=True)
-    torch.manual_seed(3)
-    plain = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=24, vocab_size=V, **rest)).eval()
-    torch.manual_seed(3)
-    options = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=24, vocab_size=V, **rest, **previous)).eval()
+    plain = make(seed=3, perturb=False, **rest)
+    options = make(seed=3, perturb=False, **rest, **previous)
     assert all(p.abs().max() == 0 for n, p in options.named_parameters() if any(part in n for part in PREVIOUS))
     shared = dict(plain.named_parameters())
     assert all(torch.equal(p, shared[n]) for n, p in options.named_parameters() if n in shared)  # same draws
