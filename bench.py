@@ -56,7 +56,8 @@ import torch
 import configurator
 import memory
 from checkpoint import build_base, library_versions
-from configurator import UserError, parse_list
+from errors import UserError
+from configurator import parse_list
 from fileio import write_json
 from hf import GPT2_SHAPES
 from model import GPT, GPTConfig

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from configurator import MissingFile, UserError
+from errors import MissingFile, UserError
 from fileio import file_sha256, fsync_dir, read_json_lines, write_json, write_json_lines
 
 FORMAT_VERSION = 1

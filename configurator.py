@@ -24,15 +24,7 @@ import tokenize
 import typing
 from pathlib import Path
 
-
-class UserError(ValueError):
-    """Something the user gave is wrong: a config value, a path, a file's contents. run() prints its
-    message as one line 'error: ...' and exits 1; any other exception is a bug and keeps its
-    traceback. A ValueError, so that callers of the library can catch it as one."""
-
-
-class MissingFile(UserError, FileNotFoundError):
-    """A file or directory the user named, or was to prepare first, is not there."""
+from errors import UserError
 
 
 def _allowed(tp):

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt_lib
-from configurator import MissingFile, UserError, run
+from errors import MissingFile, UserError
+from configurator import run
 from model import GPT, GPTConfig
 
 

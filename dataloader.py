@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configurator import MissingFile, UserError
+from errors import MissingFile, UserError
 from fileio import atomic_write
 
 SHARD_MAGIC = 20240520

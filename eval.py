@@ -19,7 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from configurator import UserError, parse_list, run
+from errors import UserError
+from configurator import parse_list, run
 from fileio import write_json
 
 BENCHMARK_TASKS = ("hellaswag", "piqa", "winogrande", "lambada")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from configurator import UserError
+from errors import UserError
 
 
 # ----------------------------------------------------------------------------- validation loss

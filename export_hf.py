@@ -23,7 +23,8 @@ a base that is one of our runs is not loadable by transformers, so it needs --hf
 from dataclasses import dataclass
 from pathlib import Path
 
-from configurator import UserError, run
+from errors import UserError
+from configurator import run
 
 
 @dataclass

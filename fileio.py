@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from configurator import UserError
+from errors import UserError
 
 
 def atomic_write(path, chunks):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from configurator import UserError
+from errors import UserError
 from fileio import fsync_dir
 
 # the four checkpoints OpenAI released, by the short names everyone uses -> their hub repository

@@ -28,7 +28,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from configurator import UserError
+from errors import UserError
 
 JUDGE_PROMPT = """You are grading a response to an instruction against a reference answer.
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from configurator import UserError
+from errors import UserError
 from fast_dropout import Dropout
 
 LORA_TARGETS = {

@@ -57,7 +57,7 @@ import os
 
 import torch
 
-from configurator import UserError
+from errors import UserError
 from quant import QUANTIZED_SUFFIXES, check_kind, from_bitsandbytes
 
 GB = 1024 ** 3

@@ -40,7 +40,7 @@ import torch
 
 import configurator
 import memory
-from configurator import UserError
+from errors import UserError
 from runtime import (Dist, OverBudget, autocast, free_memory, is_oom, make_scaler, proc_status_bytes,
                      reset_peak_rss, synchronize)
 from train import TrainConfig, make_optimizer, train_step

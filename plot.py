@@ -12,7 +12,8 @@ training: a half-written last line is skipped. Needs matplotlib (pip install -e 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from configurator import UserError, run
+from errors import UserError
+from configurator import run
 
 
 @dataclass

@@ -25,7 +25,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from configurator import UserError
+from errors import UserError
 
 BASE_QUANTS = ("int8", "nf4")
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (paper, Sec. 3.2; transformers' llm_int8_threshold)

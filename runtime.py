@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configurator import UserError
+from errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import holds_checkpoint, load_any
-from configurator import MissingFile, UserError, run
+from errors import MissingFile, UserError
+from configurator import run
 from dataloader import Tokenizer
 from runtime import autocast, pick_device, pick_dtype, setup_backends
 

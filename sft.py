@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configurator import MissingFile, UserError
+from errors import MissingFile, UserError
 from dataloader import EpochOrder
 
 # Stanford Alpaca's prompt format (Taori et al. 2023), with and without the optional input

@@ -27,7 +27,7 @@ import torch
 
 import checkpoint as ckpt_lib
 import configurator
-from configurator import UserError
+from errors import UserError
 from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
                         prepare_shipped, resolve_data_dir, to_device)
 from model import GPT, GPTConfig

@@ -56,7 +56,7 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 import configurator  # noqa: E402
-from configurator import UserError
+from errors import UserError
 from fileio import write_json  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import (autocast, compile_reason, peak_flops, pick_device, pick_dtype, setup_backends,  # noqa: E402

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 import common  # noqa: F401  (puts the checkout on sys.path)
-from configurator import UserError, configure
+from errors import UserError
+from configurator import configure
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data" / "fineweb" / "prepare.py"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-from configurator import UserError
+from errors import UserError
 from model import GPT, GPTConfig
 from runtime import autocast, pick_device, pick_dtype
 

@@ -35,7 +35,8 @@ import torch
 import common
 import runtime
 import train
-from configurator import UserError, parse_config
+from errors import UserError
+from configurator import parse_config
 from dataloader import to_device
 from runtime import Dist, autocast, make_scaler, pick_device, pick_dtype, seed_everything, step_seed
 

@@ -14,6 +14,7 @@ from typing import Optional
 import pytest
 
 from configurator import configure, parse_config
+from errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,7 +188,7 @@ def test_only_wrong_input_becomes_one_line_and_bugs_keep_their_traceback(monkeyp
     monkeypatch.setattr("sys.argv", ["script.py", "--n=2"])
 
     def wrong_input(cfg):
-        raise configurator.UserError(f"n={cfg.n} is wrong; use 3")
+        raise UserError(f"n={cfg.n} is wrong; use 3")
     with pytest.raises(SystemExit) as e:
         configurator.run(wrong_input, C)
     assert e.value.code == "error: n=2 is wrong; use 3"  # printed as one line, exit status 1

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPTJConfig, GPTJForCausalLM  # noqa: E402
 
 import hf  # noqa: E402
-from configurator import UserError  # noqa: E402
+from errors import UserError  # noqa: E402
 from helpers import all_logits  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 

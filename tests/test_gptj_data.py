@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import sft
-from configurator import MissingFile, UserError
+from errors import MissingFile, UserError
 from dataloader import TokenData, gpt2_encoding
 from helpers import ROOT
 

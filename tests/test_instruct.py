@@ -15,7 +15,7 @@ import sample
 import sft
 import train
 from checkpoint import load_model, read_checkpoint
-from configurator import MissingFile, UserError
+from errors import MissingFile, UserError
 from dataloader import Tokenizer
 from helpers import ROOT, read_metrics, tiny_train_config
 

@@ -23,7 +23,7 @@ import torch
 import eval as eval_script
 import judge
 import train
-from configurator import UserError
+from errors import UserError
 from helpers import tiny_train_config
 
 pytest.importorskip("fastapi", reason="transformers serve needs transformers[serving] (in the dev extra)")

@@ -17,7 +17,7 @@ import torch
 import hf
 import train
 from checkpoint import load_model, read_metrics
-from configurator import UserError
+from errors import UserError
 from helpers import all_logits, char_dataset, tiny_train_config
 from model import GPT, GPTConfig, KVCache, PreviousMix, earlier_tokens, ngram_ids
 

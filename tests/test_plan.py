@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import configurator
+from errors import UserError
 import memory
 import plan
 import train
@@ -197,7 +198,7 @@ def test_too_little_disk_is_refused_before_any_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(plan.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     timed = []
     monkeypatch.setattr(plan, "search", lambda *a, **k: timed.append(1))
-    with pytest.raises(configurator.UserError, match="checkpoints need .* MB and out_dir=.* has 0.0 MB free.*keep_last_n"):
+    with pytest.raises(UserError, match="checkpoints need .* MB and out_dir=.* has 0.0 MB free.*keep_last_n"):
         plan.main(plan_config(tmp_path))
     assert not timed and not Path(tmp_path / "plan.json").exists()
 
@@ -226,12 +227,12 @@ def test_auto_batch_keeps_the_tokens_per_step_and_trains_like_the_numbers_it_cho
 def test_batch_size_parses_as_a_number_or_auto():
     assert configurator.parse_config(train.TrainConfig, ["--batch_size=6"]).batch_size == 6
     assert configurator.parse_config(train.TrainConfig, ["--batch_size=auto"]).batch_size == "auto"
-    with pytest.raises(configurator.UserError, match="batch_size: expected int or 'auto', got 'big'"):
+    with pytest.raises(UserError, match="batch_size: expected int or 'auto', got 'big'"):
         configurator.parse_config(train.TrainConfig, ["--batch_size=big"])
-    with pytest.raises(configurator.UserError, match="batch_size must be positive or 'auto'"):
+    with pytest.raises(UserError, match="batch_size must be positive or 'auto'"):
         train.check_config(train.TrainConfig(batch_size="big"), train.Dist())
     assert configurator.before_overrides(train.TrainConfig(), "batch_size") == 12  # no file: the default
-    with pytest.raises(configurator.UserError, match="batch_size='auto' times the whole model on each GPU"):
+    with pytest.raises(UserError, match="batch_size='auto' times the whole model on each GPU"):
         train.check_config(train.TrainConfig(batch_size="auto", fsdp=True), train.Dist(world_size=2))
 
 

@@ -22,7 +22,8 @@ from transformers import GPTJConfig, GPTJForCausalLM  # noqa: E402
 import hf  # noqa: E402
 import lora  # noqa: E402
 import quant  # noqa: E402
-from configurator import UserError, parse_config  # noqa: E402
+from errors import UserError  # noqa: E402
+from configurator import parse_config  # noqa: E402
 from helpers import all_logits, read_metrics, tiny_train_config  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 

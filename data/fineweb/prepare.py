@@ -50,7 +50,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: its modules are not installed
-from configurator import UserError, run  # noqa: E402
+from errors import UserError  # noqa: E402
+from configurator import run  # noqa: E402
 from dataloader import gpt2_encoding, read_header, shard_header, write_shard  # noqa: E402
 from fileio import file_sha256, write_json  # noqa: E402
 

@@ -42,7 +42,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not installed
 
-from configurator import MissingFile, UserError, parse_list, run  # noqa: E402
+from errors import MissingFile, UserError  # noqa: E402
+from configurator import parse_list, run  # noqa: E402
 from fileio import file_sha256, write_json, write_json_lines  # noqa: E402
 
 HUB = "tdavidson/hate_speech_offensive"

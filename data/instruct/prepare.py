@@ -29,7 +29,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout: its modules are not installed
 
-from configurator import UserError, run  # noqa: E402
+from errors import UserError  # noqa: E402
+from configurator import run  # noqa: E402
 from fileio import atomic_write, file_sha256, write_json  # noqa: E402
 from sft import read_records  # noqa: E402
 

@@ -41,7 +41,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not installed
 
-from configurator import MissingFile, UserError, run  # noqa: E402
+from errors import MissingFile, UserError  # noqa: E402
+from configurator import run  # noqa: E402
 from dataloader import gpt2_encoding, write_raw_tokens  # noqa: E402
 from fileio import file_sha256, write_json, write_json_lines  # noqa: E402
 

@@ -17,7 +17,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not installed
 
-from configurator import MissingFile, run  # noqa: E402
+from errors import MissingFile  # noqa: E402
+from configurator import run  # noqa: E402
 from dataloader import gpt2_encoding, write_raw_tokens  # noqa: E402
 from fileio import write_json  # noqa: E402
 
