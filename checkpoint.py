@@ -1,8 +1,8 @@
 """
 The one checkpoint format: a directory of safetensors and JSON, no pickle anywhere.
 
-    from checkpoint import load_model
-    model, info = load_model("out-shakespeare-char")  # the run's latest checkpoint, on the CPU
+    from checkpoint import read_checkpoint
+    ckpt_dir, state = read_checkpoint("out-shakespeare-char")  # the latest; build.load_model gives the model
 
     out_dir/
       latest.json, best.json       pointers: {"checkpoint": "ckpt-0000500", "iter_num": 500}
@@ -20,6 +20,7 @@ latest pointer: a crash, kill -9 or full disk mid-save leaves the previous check
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -29,8 +30,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+import lora
 from errors import MissingFile, UserError
 from fileio import file_sha256, fsync_dir, read_json_lines, write_json, write_json_lines
+from runtime import broadcast_object, gather_objects, print0, rng_state, set_rng_state
 
 FORMAT_VERSION = 1
 PREFIX = "ckpt-"
@@ -50,7 +53,7 @@ def unwrap(model):
 
 
 def clean_state_dict(sd):
-    """Strip the `_orig_mod.` and `module.` prefixes that compiled or DDP-wrapped saves carry (PITFALLS 7).
+    """Strip the `_orig_mod.` and `module.` prefixes that compiled or DDP-wrapped saves carry.
     The only place that knows about them: every loader goes through here."""
     out = {}
     for k, v in sd.items():
@@ -175,12 +178,12 @@ def restore_optimizer(model, optimizer, ckpt_dir, state):
     Only the per-parameter state (moments, step counts, momentum buffers) comes back. The groups'
     hyperparameters (learning rates and their scales, weight decay, betas, Muon's momentum) stay
     those the optimizer was built with from the current config: torch's load_state_dict would bring
-    back the saved ones, silently undoing a change the resume printed (PITFALLS 21)."""
+    back the saved ones, silently undoing a change the resume printed."""
     names = {id(p): n for n, p in unwrap(model).named_parameters()}
     params = [p for g in optimizer.param_groups for p in g["params"]]
     current = [names[id(p)] for p in params]
     by_name, groups = _saved_by_name(ckpt_dir, state, current)
-    sd = optimizer.state_dict()  # its param_groups hold the config's hyperparameters: they stay (PITFALLS 21)
+    sd = optimizer.state_dict()  # its param_groups hold the config's hyperparameters: they stay
     ids = [i for g in sd["param_groups"] for i in g["params"]]
     sd["state"] = {i: by_name[n] for i, n in zip(ids, current) if n in by_name}
     optimizer.load_state_dict(sd)
@@ -357,26 +360,11 @@ def _load_tensors(path):
         raise UserError(f"{path}: cannot read safetensors ({e})") from e
 
 
-def check_model_args(saved, current):
-    """Refuse to load weights into a model of another shape, naming the fields that differ."""
-    from model import GPTConfig
-    # a field newer than the checkpoint takes its default there (every default is GPT-2's shape), as
-    # GPTConfig resolves it (attn_proj_bias None -> bias)
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    saved = vars(GPTConfig(**{k: v for k, v in saved.items() if k in fields}))
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
-            for k in GPTConfig.SHAPE_FIELDS if saved.get(k) != current.get(k)]
-    if diff:
-        raise UserError("the model shape differs from the checkpoint's:\n  " + "\n  ".join(diff) +
-                         "\nkeep the checkpoint's values (or start a new out_dir)")
-
-
 def restore_model(model, ckpt_dir, state):
     """Load model.safetensors into model (whole, or the trained parameters of a fine-tune)."""
     sd = clean_state_dict(_load_tensors(Path(ckpt_dir) / "model.safetensors"))
     model = unwrap(model)
     if state.get("trainable_only"):
-        import lora
         lora.load_trainable_state_dict(model, sd)
         return
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -392,8 +380,6 @@ def restore_model(model, ckpt_dir, state):
 def save_run(run, is_best=False, hash_files=True):
     """A checkpoint of a training run (train.Run): what state.json records of it is defined here.
     Every rank calls this (gathering data positions and FSDP shards are collectives); rank 0 writes."""
-    import math
-    from runtime import gather_objects, print0, rng_state
     gathered = gather_sharded(run.model, run.optimizer) if run.fsdp else None
     sampler_ranks = gather_objects(run.sampler.state_dict(), run.dist)
     run.saved_at = run.iter_num
@@ -413,10 +399,9 @@ def save_run(run, is_best=False, hash_files=True):
 
 
 def restore_run(run, ckpt_dir, state):
-    """Bring back into a training run everything that shapes its next step (PITFALLS 12): optimizer
+    """Bring back into a training run everything that shapes its next step: optimizer
     state, scaler, each rank's data position, RNG states and counters. The optimizer's
-    hyperparameters stay the config's (PITFALLS 21)."""
-    from runtime import print0, set_rng_state
+    hyperparameters stay the config's."""
     if run.fsdp:
         restore_optimizer_sharded(run.model, run.optimizer, ckpt_dir, state)
     else:
@@ -445,7 +430,6 @@ def read_for_resume(out_dir, resume_from, dist_info):
     name inside out_dir, or a path). Every rank calls this. Rank 0 alone reads every file back to
     check its hash; the others take its verdict and the checkpoint it chose, read that checkpoint's
     state.json, and all ranks confirm they see it: on several nodes out_dir must be a shared filesystem."""
-    from runtime import broadcast_object, gather_objects
     where = Path(out_dir)
     if resume_from:
         named = Path(resume_from)
@@ -485,7 +469,7 @@ def rank_sampler_state(state, rank):
     return None if state["sampler"].get("kind") == "random" else state["sampler"]
 
 
-# ----------------------------------------------------------------------------- what a run starts from
+# ----------------------------------------------------------------------------- what out_dir holds
 
 def holds_checkpoint(path):
     """True for one of our runs (an out_dir with latest.json) or one checkpoint directory (state.json)."""
@@ -509,131 +493,6 @@ def delete_run(out_dir):
     for f in files:
         f.unlink()
     return ", ".join(([f"{len(ckpts)} checkpoint(s)"] if ckpts else []) + [f.name for f in files])
-
-
-def source_context(init_from):
-    """The context length of a model to start from, read from its metadata without loading weights:
-    one of our runs, a Hugging Face directory, or a GPT-2 name (None when it cannot be told)."""
-    from hf import HF_MODELS, GPT2_CONTEXT
-    p = Path(init_from)
-    if holds_checkpoint(p):
-        return read_checkpoint(p, verify=False)[1]["model_args"]["block_size"]
-    if (p / "config.json").is_file():
-        try:
-            hf = json.loads((p / "config.json").read_text())
-            return hf.get("n_positions", hf.get("n_ctx"))
-        except (json.JSONDecodeError, AttributeError):
-            return None  # the loader explains what is wrong with the file
-    return GPT2_CONTEXT if init_from in HF_MODELS else None
-
-
-def source_data_meta(init_from):
-    """How a model to start from reads text: one of our runs' own data meta (characters or GPT-2 BPE),
-    or GPT-2 BPE for OpenAI's and Hugging Face GPT-2 models."""
-    if holds_checkpoint(init_from):
-        return read_checkpoint(init_from, verify=False)[1].get("data_meta")
-    return {"tokenizer": "gpt2", "vocab_size": 50257}
-
-
-def base_reference(init_from):
-    """How a fine-tune's checkpoints name the base they build on: an absolute path for local models
-    (so a resume works from another working directory), the name for hub models; None from scratch."""
-    if init_from == "scratch":
-        return None
-    return str(Path(init_from).resolve()) if Path(init_from).exists() else init_from
-
-
-def load_any(spec, device="cpu", which="latest", base_quant=""):
-    """(model in eval mode, its data meta, info) for whatever a user names as a model: one of our runs
-    or checkpoint directories (its latest or best checkpoint), a Hugging Face GPT-2 / GPT-J directory
-    or hub repository, or an OpenAI GPT-2 name. The one loader behind sample.py and eval.py.
-
-    A run trained on a quantised base loads as it trained, its adapters unmerged on the quantised
-    weights (merged, a 6B base would be a 24 GB float model); base_quant quantises a pretrained
-    model's matmuls as it loads (e.g. GPT-J-6B for a few-shot evaluation on an 11 GB card)."""
-    from hf import HF_MODELS, HUB_REPO
-    from model import GPT
-    if holds_checkpoint(spec):
-        quantised = bool((read_checkpoint(spec, which, verify=False)[1].get("config") or {}).get("base_quant"))
-        model, info = load_model(spec, device=device, which=which, merge_lora=not quantised)
-        return model, info.get("data_meta") or {"tokenizer": "gpt2", "vocab_size": 50257}, info
-    if spec in HF_MODELS or (Path(spec) / "config.json").is_file() or (HUB_REPO.fullmatch(spec) and not Path(spec).exists()):
-        gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257}  # (GPT-J's tokenizer is GPT-2's BPE too)
-        model = GPT.from_pretrained(spec, base_quant=base_quant).to(device).eval()
-        return model, gpt2, {"config": {}, "data_meta": gpt2, "checkpoint": spec}
-    if Path(spec).is_dir():
-        raise MissingFile(f"{spec} holds no checkpoint (latest.json or state.json): train there first, or check the path")
-    raise MissingFile(f"model {spec!r} is not a GPT-2 name ({', '.join(HF_MODELS)}), a Hugging Face directory "
-                      f"(config.json) or one of our runs (an out_dir with latest.json); check the name or the path")
-
-
-def build_base(init_from, base_quant=""):
-    """The model a fine-tune starts from: OpenAI GPT-2 by name, a Hugging Face directory or hub
-    repository, or one of our runs; with base_quant ('int8' / 'nf4') its block matmuls quantised."""
-    from model import GPT
-    if holds_checkpoint(init_from):
-        model, _ = load_model(init_from, merge_lora=True)
-        if base_quant:  # in memory already: quantised after loading
-            import quant
-            quant.quantize_model(model, base_quant)
-        return model
-    return GPT.from_pretrained(init_from, base_quant=base_quant)
-
-
-def apply_finetune(model, cfg):
-    """Freeze and wrap a model for LoRA or 1-D-only training as the config says; returns True when
-    only part of the model trains (so checkpoints hold only that part)."""
-    if cfg.get("lora_rank", 0) > 0:
-        import lora
-        lora.apply_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
-        return True
-    if cfg.get("train_1d_only", False):
-        import lora
-        lora.train_only_1d(model)
-        return True
-    return False
-
-
-def load_model(path, device="cpu", merge_lora=True, which="latest"):
-    """A GPT in eval mode from a run's out_dir or a checkpoint directory, LoRA merged; plus its info.
-
-    which: 'latest' or 'best' (the latest when the run never evaluated). A run that is still
-    training may prune the checkpoint its pointer named while we read it: then the pointer is read
-    again, once, and the newer checkpoint loads instead."""
-    try:
-        return _load_model(path, device, merge_lora, which)
-    except FileNotFoundError:
-        if (Path(path) / "state.json").exists():
-            raise  # a checkpoint directory named directly: there is nothing newer to find
-        return _load_model(path, device, merge_lora, which)
-
-
-def _load_model(path, device, merge_lora, which):
-    from model import GPT, GPTConfig
-    ckpt, state = read_checkpoint(path, which)
-    args = state["model_args"]
-    cfg = state.get("config", {})
-    if state.get("trainable_only"):
-        base_quant = cfg.get("base_quant", "")
-        model = build_base(state["base"], base_quant)
-        if model.config.block_size > args["block_size"]:
-            model.crop_block_size(args["block_size"])
-        check_model_args(args, vars(model.config))
-        apply_finetune(model, cfg)
-        restore_model(model, ckpt, state)
-        if merge_lora and cfg.get("lora_rank", 0) > 0:
-            import lora
-            lora.merge_lora(model)
-        if merge_lora and base_quant:  # a float model, as trained (the quantised weights dequantised)
-            import quant
-            quant.dequantize_model(model)
-    else:
-        model = GPT(GPTConfig(**args))
-        restore_model(model, ckpt, state)
-    model.to(device).eval()
-    info = {k: state.get(k) for k in ("config", "model_args", "iter_num", "tokens_seen", "best_val_loss", "data_meta")}
-    info["checkpoint"] = str(ckpt)
-    return model, info
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl

@@ -1,16 +1,15 @@
 """
 Hugging Face GPT-2 interop: import OpenAI's GPT-2 (or any HF GPT-2 or GPT-J directory), export ours to HF format.
 
-    from model import GPT
-    model = GPT.from_pretrained("gpt2")                # or "gpt2-xl", or a save_pretrained directory
-    from hf import export_hf
+    from hf import export_hf, from_pretrained
+    model = from_pretrained("gpt2")                    # our GPT; or "gpt2-xl", or a save_pretrained directory
     export_hf(model, "hf-gpt2", tokenizer="gpt2")      # transformers.AutoModelForCausalLM loads it
     python export_hf.py --out_dir=out-shakespeare --hf_dir=hf-shakespeare   # the same from a checkpoint
     python export_hf.py --out_dir=out-instruct-lora --hf_dir=hf-base --adapter_dir=hf-adapter  # LoRA for PEFT
 
 Hugging Face stores GPT-2 as OpenAI wrote it: the four matmuls of a block (attn.c_attn, attn.c_proj,
 mlp.c_fc, mlp.c_proj) are "Conv1D" modules whose weight is (in, out), the transpose of nn.Linear's
-(out, in) (PITFALLS 6). The files also carry the causal-mask buffers attn.bias / attn.masked_bias,
+(out, in). The files also carry the causal-mask buffers attn.bias / attn.masked_bias,
 which are not weights. Every name is mapped explicitly and every shape checked, so a renamed or
 missing tensor is an error here instead of a silently random layer.
 
@@ -35,8 +34,12 @@ from pathlib import Path
 
 import torch
 
+from dataloader import gpt2_encoding
 from errors import UserError
 from fileio import fsync_dir
+from lora import ADAPTER_NAMES, LORA_LAYERS
+from model import GPT, GPTConfig
+from quant import QUANTIZED_SUFFIXES, bitsandbytes, check_kind, quantized_linear
 
 # the four checkpoints OpenAI released, by the short names everyone uses -> their hub repository
 HF_MODELS = {
@@ -102,8 +105,9 @@ def _is_transposed(our_key):
 
 # ----------------------------------------------------------------------------- import
 
-def load_hf_gpt2(cls, name_or_path, override_args, base_quant=""):
-    """A `cls` (GPT) holding OpenAI's GPT-2 weights, or those of a GPT-2 or GPT-J directory or hub repository.
+def from_pretrained(name_or_path, override_args=None, base_quant=""):
+    """A GPT (model.py) holding OpenAI's GPT-2 weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), or
+    those of a Hugging Face GPT-2 or GPT-J directory or hub repository ('EleutherAI/gpt-j-6b').
 
     override_args may set "dropout" (for fine-tuning) and "block_size" (cropped down only).
     The model is built on the meta device and each weight is read, converted and placed one at a
@@ -117,19 +121,17 @@ def load_hf_gpt2(cls, name_or_path, override_args, base_quant=""):
         raise UserError(f"from_pretrained can only override 'dropout' and 'block_size', not {unknown}: "
                          f"the other shapes are fixed by the pretrained weights")
     if base_quant:
-        from quant import bitsandbytes, check_kind
         check_kind(base_quant)
         bitsandbytes()  # before a download, not after
     hf_config, sd, source = read_hf_gpt2(name_or_path)
     config = gpt_config_from_hf(hf_config, source)
-    from model import GPTConfig
     config = GPTConfig(**config, dropout=float(override_args.get("dropout", 0.0)))
     block_size = override_args.get("block_size")
     if block_size is not None and not 0 < block_size <= config.block_size:
         raise UserError(f"block_size={block_size} for {source}: must be between 1 and its "
                          f"{config.block_size} positions (a pretrained model can only be cropped down)")
     with torch.device("meta"):  # shapes only: no memory, no random init (every weight is overwritten)
-        model = cls(config)
+        model = GPT(config)
     load_hf_state_dict(model, sd, source, base_quant)
     if block_size is not None and block_size < config.block_size:
         model.crop_block_size(block_size)
@@ -471,15 +473,12 @@ def place_weight(model, key, t, base_quant=""):
     """Put tensor t as parameter `key` of a model built on the meta device (a new float32 parameter),
     or quantised (quant.py) when it is a block matmul's weight and base_quant is set; a model in
     memory gets it copied in."""
-    from quant import QUANTIZED_SUFFIXES
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name)
     old = getattr(module, attr)
     if base_quant and attr == "weight" and module_name.startswith("transformer.h.") \
             and module_name.endswith(QUANTIZED_SUFFIXES):
-        from lora import set_submodule
-        from quant import quantized_linear
-        set_submodule(model, module_name, quantized_linear(t, module.bias, base_quant))
+        model.set_submodule(module_name, quantized_linear(t, module.bias, base_quant))
     elif old.is_meta:  # a fresh contiguous float32 copy: never a view into a memory-mapped file
         setattr(module, attr, torch.nn.Parameter(t.to(torch.float32, memory_format=torch.contiguous_format,
                                                       copy=True), requires_grad=old.requires_grad))
@@ -541,14 +540,7 @@ GPTJ_QKV = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight")  #
 def architecture(config):
     """'gpt2' or 'gptj': the transformers class that computes exactly what a GPTConfig does. Refuses
     the combinations that neither does (e.g. rotary positions in a sequential block)."""
-    newer = [text for on, text in ((config.norm != "layernorm", f"norm={config.norm!r}"),
-                                   (config.qk_norm, "qk_norm=True"),
-                                   (config.activation == "relu2", "activation='relu2'"),
-                                   (config.logit_softcap, f"logit_softcap={config.logit_softcap}"),
-                                   (config.bigram_embed, f"bigram_embed={config.bigram_embed}"),
-                                   (config.trigram_embed, f"trigram_embed={config.trigram_embed}"),
-                                   (config.smear, "smear=True"),
-                                   (config.qkv_shift, "qkv_shift=True")) if on]
+    newer = [f"{k}={getattr(config, k)!r}" for k in GPTConfig.EXTRA_OPTIONS if getattr(config, k)]
     if newer:
         raise UserError(f"transformers' GPT-2 and GPT-J classes compute none of {', '.join(newer)}: a model trained "
                         f"with them cannot be exported to Hugging Face format (train without them to export)")
@@ -652,7 +644,6 @@ def hf_state_dict(model, drop_lora=False, dtype=torch.float32):
 
     drop_lora: leave LoRA adapters out, keeping the frozen weights they sit on (the base that
     export_peft_adapter's adapter applies to); without it, adapters are refused."""
-    from lora import ADAPTER_NAMES
     cfg = model.config
     ours = model.state_dict()
     if drop_lora:
@@ -778,15 +769,14 @@ PEFT_PREFIX = "base_model.model."
 
 def peft_adapter(model):
     """(adapter_config dict, tensors) in PEFT's LoRA format for a GPT whose LoRALinear layers are in
-    place (checkpoint.load_model(..., merge_lora=False)). Refuses what one LoraConfig cannot say."""
-    from lora import LORA_LAYERS
+    place (build.load_model(..., merge_lora=False)). Refuses what one LoraConfig cannot say."""
     if architecture(model.config) != "gpt2":
         raise UserError("a PEFT adapter is exported for GPT-2 models only (GPT-J's q, k and v are three layers in "
                         "transformers, one c_attn here): export the merged model instead (drop --adapter_dir)")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
     if not layers:
         raise UserError("the model has no LoRA adapters to export: was it trained with --lora_rank > 0, "
-                         "and loaded with checkpoint.load_model(path, merge_lora=False)?")
+                         "and loaded with build.load_model(path, merge_lora=False)?")
     # one LoraConfig holds one rank, alpha and dropout; apply_lora always gives every layer the same
     settings = {(m.rank, m.alpha, m.lora_dropout.p) for m in layers.values()}
     if len(settings) > 1:
@@ -881,7 +871,6 @@ def gpt2_vocab_and_merges(enc=None):
     """(vocab: token string -> id, merges: [(left, right)] in priority order) of GPT-2's BPE, rebuilt
     from tiktoken's ranks (bytes -> id); merge k creates the token of id 256 + k."""
     if enc is None:
-        from dataloader import gpt2_encoding
         enc = gpt2_encoding()
     ranks = enc._mergeable_ranks  # bytes -> rank (== token id); tiktoken keeps no merges list
     b2u = bytes_to_unicode()

@@ -1,9 +1,9 @@
 """
 LoRA adapters and the other parameter-efficient modes: train a few parameters of a frozen GPT.
 
-    from model import GPT
+    from hf import from_pretrained
     from lora import apply_lora, count_params, merge_lora
-    model = GPT.from_pretrained("gpt2")
+    model = from_pretrained("gpt2")   # hf.py
     names = apply_lora(model, rank=8, alpha=16, dropout=0.05, targets="attn")
     print(count_params(model))   # (442,368 trainable, 124,882,176 total): gpt2, rank 8 on attention
     ...train...
@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from errors import UserError
 from fast_dropout import Dropout
+from quant import float_linear, from_bitsandbytes, is_quantized
 
 LORA_TARGETS = {
     "attn": ("attn.c_attn", "attn.c_proj"),
@@ -144,7 +145,6 @@ class QuantLoRALinear(nn.Module):
 
     def merged_linear(self):
         """A float32 nn.Linear: the dequantised weight plus scale * B @ A, and the base's bias."""
-        from quant import float_linear
         plain = float_linear(self.base)
         with torch.no_grad():
             plain.weight.add_(_merged_delta(self).to(plain.weight.device))
@@ -155,12 +155,6 @@ class QuantLoRALinear(nn.Module):
 
 
 LORA_LAYERS = (LoRALinear, QuantLoRALinear)
-
-
-def set_submodule(model, name, module):
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def apply_lora(model, rank, alpha, dropout, targets):
@@ -183,7 +177,7 @@ def apply_lora(model, rank, alpha, dropout, targets):
     assert names, f"no Linear layer matched {suffixes}: is this a GPT from model.py?"
     for n in names:
         m = model.get_submodule(n)
-        set_submodule(model, n, QuantLoRALinear(m, rank, alpha, dropout) if n in quantized
+        model.set_submodule(n, QuantLoRALinear(m, rank, alpha, dropout) if n in quantized
                       else LoRALinear.from_linear(m, rank, alpha, dropout))
     for n, p in model.named_parameters():
         p.requires_grad_(n.rsplit(".", 1)[-1] in ADAPTER_NAMES)
@@ -203,7 +197,7 @@ def merge_lora(model):
         if isinstance(m, QuantLoRALinear):  # dequantised: a float layer again
             plain = m.merged_linear()
             plain.train(m.training)
-            set_submodule(model, n, plain)
+            model.set_submodule(n, plain)
             continue
         w = m.weight
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device, dtype=w.dtype)
@@ -215,13 +209,12 @@ def merge_lora(model):
         if m.bias is not None:
             plain.bias.requires_grad_(m.bias.requires_grad)
         plain.train(m.training)
-        set_submodule(model, n, plain)
+        model.set_submodule(n, plain)
     return names
 
 
 def _quantized_layers(model):
     """Names of the quantised layers (quant.py), without importing bitsandbytes for a float model."""
-    from quant import from_bitsandbytes, is_quantized
     if not any(from_bitsandbytes(m) for m in model.modules()):
         return set()
     return {n for n, m in model.named_modules() if is_quantized(m)}

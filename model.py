@@ -10,111 +10,26 @@ References: "Language Models are Unsupervised Multitask Learners" (GPT-2, 2019) 
 (2017) for attention. GPT-J (Wang & Komatsuzaki 2021) is the same model with a few GPTConfig fields
 changed: rotary positions (Su et al. 2021) and a parallel block. Parameter names follow OpenAI's
 GPT-2 checkpoint (wte wpe h ln_f c_attn c_proj c_fc lm_head) so that weight import and export are
-key-by-key copies.
-This file imports torch (and two small torch-only helpers: fast_dropout.py for CPU training with
-dropout, optimizers.py for Muon + AdamW as one optimizer); transformers is imported lazily by hf.py.
+key-by-key copies (hf.py).
+
+The file reads top to bottom: attention, MLP, block, GPTConfig (every field says why it is there),
+GPT; then the small pieces of the previous-position options the CPU recipes use. Generation's KV
+cache and sampling live in generate.py. This file imports torch and three small torch-only helpers:
+fast_dropout.py (CPU dropout), optimizers.py (Muon + AdamW as one optimizer), generate.py.
 """
 
-import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+import generate
 from fast_dropout import Dropout, causal_attention_with_dropout
 from optimizers import ChainedOptimizer, Muon
-
-# Attention kernels for generation on CUDA: cuDNN's is left out. It builds a plan the first time it
-# meets a sequence length (~45 ms on an H200), and KV-cache decoding meets a new length at every token:
-# GPT-2 124M decoded 20 tok/s in bf16 through it, 282 through flash attention (benchmarks/gpu_check.py).
-GENERATION_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
-
-
-def generation_attention(device):
-    """The context one generation step's forward runs in: GENERATION_ATTENTION on CUDA, else nothing."""
-    return sdpa_kernel(list(GENERATION_ATTENTION)) if device.type == "cuda" else contextlib.nullcontext()
-
-
-class KVCache:
-    """Keys and values of one generation, preallocated to the block size: (n_layer, B, nh, T_max, hs)."""
-
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device, dtype):
-        shape = (n_layer, batch_size, n_head, max_len, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # number of positions already filled
-        self.last = {}  # what the previous-position options saw last, by name (see mix_previous, earlier_tokens)
-
-    def update(self, layer, k, v):
-        """Store k, v (B, nh, T, hs) for `layer` at the current position; return all keys/values so far."""
-        T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        end = self.pos + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
-class PreviousMix(torch.autograd.Function):
-    """x + w * x one position earlier, along dim 1 of x (B, T, C), with w (C,); position 0 adds nothing.
-    Written out because autograd's pad, multiply and add pass over x about twice as often, forward and
-    backward: 1.53 against 3.17 ms for a (16, 128, 288) q/k/v on a 2-core EPYC (medians of 7 interleaved
-    rounds of 50)."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        out = x.clone()
-        out[:, 1:].addcmul_(x[:, :-1], w)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        grad_x = grad.clone()
-        grad_x[:, :-1].addcmul_(grad[:, 1:], w)
-        return grad_x, (grad[:, 1:] * x[:, :-1]).sum((0, 1), dtype=w.dtype)
-
-
-def mix_previous(x, w, kv_cache=None, name=None):
-    """x (B, T, C) plus w (C,) times the previous position's x: zero before a sequence starts. When
-    decoding with a KV cache, the previous position of the first new one is the last the cache saw
-    under `name`, and x's last position is kept for the next call."""
-    out = PreviousMix.apply(x, w)
-    if kv_cache is None:
-        return out
-    before = kv_cache.last.get(name)
-    kv_cache.last[name] = x[:, -1:]
-    if before is None:  # the prompt: it starts the sequence
-        return out
-    return torch.cat((out[:, :1] + w * before, out[:, 1:]), dim=1)
-
-
-def earlier_tokens(idx, kv_cache=None):
-    """idx (B, T) with the two tokens before it prepended: (B, 2 + T), -1 before the sequence starts;
-    when decoding with a KV cache, the last two tokens it saw (and it keeps idx's last two)."""
-    before = kv_cache.last.get("tokens") if kv_cache is not None else None
-    if before is None:
-        before = idx.new_full((idx.size(0), 2), -1)
-    ids = torch.cat((before, idx), dim=1)
-    if kv_cache is not None:
-        kv_cache.last["tokens"] = ids[:, -2:]
-    return ids
-
-
-def ngram_ids(ids, n, vocab_size, rows):
-    """Rows of an n-gram table for every position of ids (B, 2 + T) from earlier_tokens: the n - 1
-    earlier tokens and the token itself as one number (an earlier token is 0 before the start, else
-    its id + 1, so no two n-grams share it), modulo `rows` (hashing when the table is smaller)."""
-    T = ids.size(1) - 2
-    number = torch.zeros_like(ids[:, 2:])
-    for back in range(n - 1, 0, -1):
-        number = number * (vocab_size + 1) + ids[:, 2 - back:2 - back + T] + 1
-    return (number * vocab_size + ids[:, 2:]) % rows
 
 
 class CausalSelfAttention(nn.Module):
@@ -158,7 +73,7 @@ class CausalSelfAttention(nn.Module):
             if kv_cache is not None:  # prefill: fill the cache with the prompt, attend causally
                 kv_cache.update(self.layer_idx, k, v)
             is_causal = True
-        dropout = self.dropout if self.training else 0.0  # eval and generation are deterministic (PITFALLS 8)
+        dropout = self.dropout if self.training else 0.0  # eval and generation are deterministic
         if dropout > 0.0 and self.fast_dropout and x.device.type == "cpu" and kv_cache is None:
             # with dropout SDPA's CPU path is float32 with torch's slow dropout: see fast_dropout.py
             y = causal_attention_with_dropout(q, k, v, dropout)
@@ -194,25 +109,11 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = Dropout(config.dropout)
-        # GPT-2 used the tanh approximation of GELU; nanoGPT trains with the exact (erf) one; relu2 is
-        # ReLU squared (So et al. 2021, "Primer"; modded-nanogpt's MLP)
-        self.activation = config.activation
+        # GPT-2 used the tanh approximation of GELU; nanoGPT trains with the exact (erf) one
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x):
-        h = self.c_fc(x)
-        if self.activation == "relu2":
-            h = F.relu(h).square()
-        else:
-            h = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
-        return self.dropout(self.c_proj(h))
-
-
-def make_norm(config):
-    """GPT-2's LayerNorm (with a bias when config.bias), or RMSNorm (Zhang & Sennrich 2019): no mean
-    subtracted, no bias, a gain only; a little cheaper, and what Llama and modded-nanogpt use."""
-    if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -220,10 +121,10 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.parallel = config.parallel_residual
-        self.ln_1 = make_norm(config)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config, layer_idx)
         if not self.parallel:  # (GPT-J's parallel block reads one LayerNorm for both branches)
-            self.ln_2 = make_norm(config)
+            self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, rotary=None):
@@ -237,73 +138,82 @@ class Block(nn.Module):
 
 @dataclass
 class GPTConfig:
+    """The model's shape and options. Every field is here for one of two reasons, said beside it: a
+    pretrained family needs it to load exactly (GPT-2, GPT-J, nanoGPT's checkpoints), or it wins in a
+    recipe homegpt ships (the measurements are in docs/). train.py takes every field as a key, so a
+    new option is one field here (plus SHAPE_FIELDS or COMPUTE_FIELDS, and EXTRA_OPTIONS when
+    transformers cannot compute it) and its test."""
+    # the model (train.py: ignored when starting from pretrained weights; a resume refuses a change)
     block_size: int = 1024  # maximum context length (learned position embeddings)
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
     n_layer: int = 12  # number of Transformer blocks
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # residual stream width
     dropout: float = 0.0  # on attention weights, residual branches and embeddings; 0 for pretraining
-    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2; False is a bit faster
-    qkv_bias: Optional[bool] = None  # bias of the q/k/v projection; None means the same as `bias`
-    tie_weights: bool = True  # lm_head shares wte's matrix, as GPT-2
-    activation: str = "gelu_tanh"  # GPT-2's GELU; 'gelu' (exact erf) for checkpoints converted from nanoGPT
-    # GPT-J (Wang & Komatsuzaki 2021) is GPT-2 with these changed; the defaults keep GPT-2 exactly
-    rotary_dim: int = 0  # 0 = learned positions (wpe); >0 = rotary on the first rotary_dim dims of each head, no wpe
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2; False wins in the CPU recipes
+    qkv_bias: Optional[bool] = None  # bias of the q/k/v projection (GPT-J has none); None = the same as `bias`
+    tie_weights: bool = True  # lm_head shares wte's matrix, as GPT-2; False (GPT-J; the CPU recipes)
+    activation: str = "gelu_tanh"  # GPT-2's tanh GELU; 'gelu' = the exact erf one (nanoGPT's checkpoints)
+    # GPT-J is GPT-2 with these changed; the defaults keep GPT-2 exactly
+    rotary_dim: int = 0  # 0 = learned positions (wpe); > 0 = rotary on this many dims of each head (also the CPU recipes)
     rotary_base: float = 10000.0  # the rotary wavelengths' base
-    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_1(x)): one LayerNorm per block, as GPT-J
-    attn_proj_bias: Optional[bool] = None  # bias of attention's output projection; None = same as `bias`
-    lm_head_bias: bool = False  # an untied lm_head with a bias, as GPT-J's
-    # options from the speedrun era (modded-nanogpt, 2024-25); the defaults keep GPT-2 exactly
-    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (gain only, no bias)
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_1(x)): one LayerNorm per block
+    attn_proj_bias: Optional[bool] = None  # bias of attention's output projection; None = the same as `bias`
+    lm_head_bias: bool = False  # an untied lm_head with a bias
+    # options that win in the CPU recipes (docs/cpu_recipe.md); off, the model is GPT-2 exactly
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention (parameter-free)
-    zero_init_proj: bool = False  # the residual projections (attn and MLP c_proj) start at zero
-    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap); 0 = off (modded-nanogpt: 15-30)
-    # what the previous positions were, given to each position directly (README, "Learning faster")
     bigram_embed: int = 0  # > 0: rows of a table indexed by (previous token, token), added to the input embedding
     trigram_embed: int = 0  # > 0: the same for (two previous tokens, token), hashed into this many rows
     smear: bool = False  # the input embedding adds a learned fraction of the previous position's, per channel
     qkv_shift: bool = False  # q, k and v add a learned fraction of the previous position's (Primer's convolution)
+
+    # fields that define the shapes of the weights: a checkpoint only loads into a model that agrees on these
+    SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias", "tie_weights",
+                    "rotary_dim", "parallel_residual", "attn_proj_bias", "lm_head_bias", "bigram_embed",
+                    "trigram_embed", "smear", "qkv_shift")
+    # fields that change what the same weights compute: a resume may not change these either. (activation
+    # is not among them: a resume builds the checkpoint's own, which lets a run converted from nanoGPT,
+    # whose GELU is the exact one, resume with our default config)
+    COMPUTE_FIELDS = ("rotary_base", "qk_norm")
+    # options that transformers' GPT-2 and GPT-J classes (and so export_hf.py) do not compute
+    EXTRA_OPTIONS = ("qk_norm", "bigram_embed", "trigram_embed", "smear", "qkv_shift")
 
     def __post_init__(self):
         if self.qkv_bias is None:
             self.qkv_bias = self.bias
         if self.attn_proj_bias is None:
             self.attn_proj_bias = self.bias
-        problems = self.option_problems(self.activation, self.norm, self.logit_softcap, self.rotary_dim,
-                                        self.n_embd // self.n_head, self.bigram_embed, self.trigram_embed)
+        problems = self.problems()
         if problems:
             raise ValueError("; ".join(problems))
-        if self.lm_head_bias and self.tie_weights:
-            raise ValueError("lm_head_bias needs an untied lm_head (tie_weights=False)")
 
-    @staticmethod
-    def option_problems(activation, norm, logit_softcap, rotary_dim=0, head_size=None, bigram_embed=0,
-                        trigram_embed=0):
-        """What is wrong with these options, one message each ([] = nothing): the model's own check,
-        which train.py's config check also reads. rotary_dim is checked when head_size is given."""
+    def problems(self, shape=True):
+        """What is wrong with these settings, one message each ([] = nothing): the model's own check,
+        which train.py's config check reads too. shape=False leaves out what a pretrained model fixes
+        itself (its heads, its rotary dims)."""
         problems = []
-        if activation not in ("gelu_tanh", "gelu", "relu2"):
-            problems.append(f"activation must be 'gelu_tanh', 'gelu' or 'relu2', got {activation!r}")
-        if norm not in ("layernorm", "rmsnorm"):
-            problems.append(f"norm must be 'layernorm' or 'rmsnorm', got {norm!r}")
-        if logit_softcap < 0:
-            problems.append(f"logit_softcap must be >= 0 (0 = off), got {logit_softcap}")
-        for name, rows in (("bigram_embed", bigram_embed), ("trigram_embed", trigram_embed)):
-            if rows < 0:
-                problems.append(f"{name} must be >= 0 (0 = off; else the rows of its table), got {rows}")
-        if head_size is not None and (rotary_dim < 0 or rotary_dim % 2 or rotary_dim > head_size):
+        if self.activation not in ("gelu_tanh", "gelu"):
+            problems.append(f"activation must be 'gelu_tanh' (GPT-2) or 'gelu' (exact), got {self.activation!r}")
+        for name in ("bigram_embed", "trigram_embed"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (0 = off; else the rows of its table), got {getattr(self, name)}")
+        if self.lm_head_bias and self.tie_weights:
+            problems.append("lm_head_bias needs an untied lm_head (tie_weights=False)")
+        if not shape:
+            return problems
+        if self.n_head <= 0 or self.n_embd % self.n_head:
+            fit = self.n_embd // self.n_head * self.n_head if self.n_head > 0 else 0
+            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head gets n_embd / "
+                            f"n_head dimensions; e.g. --n_embd={fit or max(self.n_head, 1)}")
+        elif self.rotary_dim < 0 or self.rotary_dim % 2 or self.rotary_dim > self.n_embd // self.n_head:
             problems.append(f"rotary_dim must be 0 (learned positions) or an even number up to the head size "
-                            f"n_embd / n_head = {head_size}, got {rotary_dim}")
+                            f"n_embd / n_head = {self.n_embd // self.n_head}, got {self.rotary_dim}")
         return problems
 
-    # fields that define the shapes of the weights: a checkpoint only loads into a model that agrees on these
-    SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias", "tie_weights",
-                    "rotary_dim", "parallel_residual", "attn_proj_bias", "lm_head_bias", "norm", "bigram_embed",
-                    "trigram_embed", "smear", "qkv_shift")
-    # fields that change what the same weights compute: a resume may not change these either. (activation
-    # is not among them: a resume builds the checkpoint's own, which lets a run converted from nanoGPT,
-    # whose GELU is the exact one, resume with our default config)
-    COMPUTE_FIELDS = ("rotary_base", "qk_norm", "logit_softcap")
+    @classmethod
+    def model_args(cls, cfg):
+        """The GPTConfig fields of any object that has them (train.py's TrainConfig, a saved dict's namespace)."""
+        return {f.name: getattr(cfg, f.name) for f in fields(cls)}
 
 
 class GPT(nn.Module):
@@ -317,12 +227,12 @@ class GPT(nn.Module):
         if not config.rotary_dim:  # learned absolute positions (GPT-2); rotary ones have no weights
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         # (in GPT-2's order: the init draws its random numbers module by module, so a seed gives the
-        # same weights as before these options existed)
+        # same weights whichever options are on)
         self.transformer = nn.ModuleDict(dict(
             modules,
             drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=make_norm(config),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_weights:
@@ -333,10 +243,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-                if config.zero_init_proj:  # each block starts as the identity (modded-nanogpt)
-                    torch.nn.init.zeros_(p)
-        # what the previous positions were (README, "Learning faster"): all zero at the start, so the model
-        # starts as the one without them, from the same random draws (made after every other weight's)
+        # what the previous positions were: all zero at the start, so the model starts as the one without
+        # them, from the same random draws (made after every other weight's)
         # n-gram input embeddings (Huang et al. 2025, "Over-Tokenized Transformer"): tables added to wte
         self.bigram_wte = nn.Embedding(config.bigram_embed, config.n_embd) if config.bigram_embed else None
         self.trigram_wte = nn.Embedding(config.trigram_embed, config.n_embd) if config.trigram_embed else None
@@ -399,17 +307,11 @@ class GPT(nn.Module):
             kv_cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.softcap(self.lm_head(x[:, [-1], :])), None  # (B, 1, V): generation needs the last position only
-        logits = self.softcap(self.lm_head(x))  # (B, T, V)
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): generation needs the last position only
+        logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                ignore_index=-1, reduction=reduction)
         return logits, loss
-
-    def softcap(self, logits):
-        """cap * tanh(logits / cap) with logit_softcap > 0 (Gemma 2; modded-nanogpt): logits stay within
-        +-cap, which keeps an early, confident model from large steps; the identity when 0."""
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap else logits
 
     def set_dropout(self, p):
         """Every dropout of the model at p (fine-tuning pretrained weights with this run's dropout)."""
@@ -433,14 +335,6 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         if "wpe" in self.transformer:  # (rotary positions have no table to crop)
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, override_args=None, base_quant=""):
-        """OpenAI's GPT-2 ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), a Hugging Face GPT-2 or GPT-J
-        directory or hub repository ('EleutherAI/gpt-j-6b'); base_quant 'int8' / 'nf4' quantises the
-        blocks' matmuls as they load (quant.py)."""
-        from hf import load_hf_gpt2  # lazy: transformers is an optional dependency
-        return load_hf_gpt2(cls, name_or_path, override_args or {}, base_quant)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None, eight_bit=False,
                              muon_lr=0.0, muon_momentum=0.95, muon_weight_decay=0.0):
@@ -512,82 +406,71 @@ class GPT(nn.Module):
         """
         return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 generator=None, use_cache=True, stop_id=None):
-        """Continue idx (B, T) by up to max_new_tokens tokens. temperature 0 is greedy decoding.
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 use_cache=True, stop_id=None):
+        """Continue idx (B, T) by up to max_new_tokens tokens; temperature 0 is greedy (generate.py)."""
+        return generate.generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_id)
 
-        With use_cache the prompt is prefilled once and each new token costs one position; without
-        it every step recomputes the (cropped) context. Both give identical tokens. Once the
-        sequence outgrows block_size the positions shift every step, so it recomputes the window.
-        stop_id (e.g. <|endoftext|>): a row that has produced it is filled with it from then on, and
-        generation ends early once every row has (the result may then be shorter).
-        """
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_id))
-        return torch.cat([idx] + new, dim=1)
-
-    def _next_logits(self, idx, cache, use_cache):
-        """(logits, cache) for the next position of idx (B, T): the prompt prefills a new cache, then each
-        step feeds the last token alone; without a cache (or past block_size) the whole window again."""
-        cfg = self.config
-        if not use_cache or idx.size(1) > cfg.block_size:
-            return self(idx[:, -cfg.block_size:])[0], None
-        if cache is not None:
-            return self(idx[:, -1:], kv_cache=cache)[0], cache  # one new position
-        # the cache holds k and v as they arrive: in autocast's compute dtype when autocast is on
-        # (c_attn's output is bf16/fp16 there, and a float32 cache would cost twice the memory and a
-        # cast per token and layer), else in the weights' dtype
-        dev = idx.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else next(self.parameters()).dtype
-        cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head,
-                        idx.device, dtype)
-        return self(idx, kv_cache=cache)[0], cache  # prefill with the whole prompt
-
-    @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                use_cache=True, stop_id=None):
-        """generate() one token at a time: yields each new column (B, 1) as soon as it is chosen,
-        for chat that prints as it goes. The model is in eval mode while the generator runs."""
-        was_training = self.training
-        self.eval()
-        cfg = self.config
-        cache = None
-        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device) if stop_id is not None else None
-        try:
-            for _ in range(max_new_tokens):
-                with generation_attention(idx.device):
-                    logits, cache = self._next_logits(idx, cache, use_cache)
-                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-                if done is not None:
-                    next_id = next_id.masked_fill(done, stop_id)
-                    done = done | (next_id == stop_id)
-                idx = torch.cat((idx, next_id), dim=1)
-                if cache is not None and idx.size(1) > cfg.block_size:
-                    cache = None  # the cropped window no longer starts at position 0
-                yield next_id
-                if done is not None and bool(done.all()):  # one host sync per token, only with stop_id
-                    break
-        finally:
-            self.train(was_training)
+        """generate() one token at a time: yields each new column (B, 1) as soon as it is chosen."""
+        return generate.stream(self, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_id)
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row from logits (B, V): greedy at temperature 0, else sample.
+# ----------------------------------------------------------------------------- the previous-position options
 
-    top_k keeps exactly k tokens even when logits tie (masking `< kth value` would keep more);
-    top_p keeps the smallest set whose probability reaches p (always at least the top token).
-    """
-    if temperature == 0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        values, indices = torch.topk(logits, top_k, dim=-1)
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
-    probs = F.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True)
-        # drop a token when the tokens ranked before it already reach top_p
-        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+class PreviousMix(torch.autograd.Function):
+    """x + w * x one position earlier, along dim 1 of x (B, T, C), with w (C,); position 0 adds nothing.
+    Written out because autograd's pad, multiply and add pass over x about twice as often, forward and
+    backward (about half the time: docs/cpu_recipe.md)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        out = x.clone()
+        out[:, 1:].addcmul_(x[:, :-1], w)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        grad_x = grad.clone()
+        grad_x[:, :-1].addcmul_(grad[:, 1:], w)
+        return grad_x, (grad[:, 1:] * x[:, :-1]).sum((0, 1), dtype=w.dtype)
+
+
+def mix_previous(x, w, kv_cache=None, name=None):
+    """x (B, T, C) plus w (C,) times the previous position's x: zero before a sequence starts. When
+    decoding with a KV cache, the previous position of the first new one is the last the cache saw
+    under `name`, and x's last position is kept for the next call."""
+    out = PreviousMix.apply(x, w)
+    if kv_cache is None:
+        return out
+    before = kv_cache.last.get(name)
+    kv_cache.last[name] = x[:, -1:]
+    if before is None:  # the prompt: it starts the sequence
+        return out
+    return torch.cat((out[:, :1] + w * before, out[:, 1:]), dim=1)
+
+
+def earlier_tokens(idx, kv_cache=None):
+    """idx (B, T) with the two tokens before it prepended: (B, 2 + T), -1 before the sequence starts;
+    when decoding with a KV cache, the last two tokens it saw (and it keeps idx's last two)."""
+    before = kv_cache.last.get("tokens") if kv_cache is not None else None
+    if before is None:
+        before = idx.new_full((idx.size(0), 2), -1)
+    ids = torch.cat((before, idx), dim=1)
+    if kv_cache is not None:
+        kv_cache.last["tokens"] = ids[:, -2:]
+    return ids
+
+
+def ngram_ids(ids, n, vocab_size, rows):
+    """Rows of an n-gram table for every position of ids (B, 2 + T) from earlier_tokens: the n - 1
+    earlier tokens and the token itself as one number (an earlier token is 0 before the start, else
+    its id + 1, so no two n-grams share it), modulo `rows` (hashing when the table is smaller)."""
+    T = ids.size(1) - 2
+    number = torch.zeros_like(ids[:, 2:])
+    for back in range(n - 1, 0, -1):
+        number = number * (vocab_size + 1) + ids[:, 2 - back:2 - back + T] + 1
+    return (number * vocab_size + ids[:, 2:]) % rows

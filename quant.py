@@ -139,21 +139,19 @@ def quantize_model(model, kind):
     """Replace each block's float Linear layers by quantised, frozen ones, in place; returns their
     names. For a model already in memory (one of our runs as a base, a test's small GPT); a
     pretrained base from a file is quantised tensor by tensor while loading instead (hf.py)."""
-    from lora import set_submodule
     names = _targets(model)
     assert names, "no block Linear layers to quantise: is this a GPT from model.py?"
     for n in names:
         lin = model.get_submodule(n)
-        set_submodule(model, n, quantized_linear(lin.weight, lin.bias, kind))
+        model.set_submodule(n, quantized_linear(lin.weight, lin.bias, kind))
     return names
 
 
 def dequantize_model(model, dtype=torch.float32):
     """Turn every quantised layer back into a float nn.Linear, in place; returns their names."""
-    from lora import set_submodule
     names = [n for n, m in model.named_modules() if is_quantized(m)]
     for n in names:
-        set_submodule(model, n, float_linear(model.get_submodule(n), dtype))
+        model.set_submodule(n, float_linear(model.get_submodule(n), dtype))
     return names
 
 

@@ -25,20 +25,29 @@ from typing import Literal, NamedTuple, Optional, Union
 import numpy as np
 import torch
 
+import autobatch
+import build
 import checkpoint as ckpt_lib
 import configurator
-from errors import UserError
+import evaluation
+import memory
+import sft
+from config_checks import check_config
 from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
                         prepare_shipped, resolve_data_dir, to_device)
+from errors import UserError
 from model import GPT, GPTConfig
-from optimizers import optimizer_problems
+from optimizers import make_optimizer
 from runtime import (Dist, NoInferenceMode, StopFlag, autocast, barrier, broadcast_object, close_distributed,
                      init_distributed, make_scaler, peak_flops, pick_dtype, print0, seed_everything, setup_backends,
                      shard_model, step_seed, wrap_for_training)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(GPTConfig):
+    # (the model's keys come first: every GPTConfig field of model.py, e.g. --n_layer=6 --qk_norm=True;
+    # ignored when starting from pretrained weights, and a resume refuses a change of shape)
+    vocab_size: int = 0  # 0 = the dataset's (meta.json), else e.g. 50304 (GPT-2's padded to a multiple of 64)
     # I/O
     out_dir: str = "out"  # checkpoints and metrics.jsonl go here
     eval_interval: int = 2000  # evaluate (and maybe checkpoint) every this many iterations
@@ -67,33 +76,13 @@ class TrainConfig:
     # sequences per micro-step per rank; 'auto' = the fastest micro-batch that fits (plan.py's search at
     # start-up), the accumulation adapting so the tokens per step stay those of the config's batch_size
     batch_size: Union[int, Literal["auto"]] = 12
-    block_size: int = 1024  # context length
     # supervised fine-tuning on JSONL (instead of token files)
     sft_train_file: str = ""  # Alpaca or prompt/completion JSONL; '' = pretraining on token files
     sft_val_file: str = ""  # JSONL for validation loss (on completions only)
     sft_template: str = ""  # prompt template with {instruction} and {input}; '' = Alpaca's
     sft_packing: bool = False  # pack several examples per row instead of padding
-    # model (ignored when starting from pretrained weights; resume refuses a change of shape)
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # 0 for pretraining; 0.1+ for fine-tuning or small data
+    # memory and speed of the model's computation
     fast_dropout: bool = True  # on a CPU, fast_dropout.py's masks and written-out attention; False = torch's kernels
-    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
-    qkv_bias: Optional[bool] = None  # None = same as bias
-    tie_weights: bool = True  # lm_head shares wte, as GPT-2
-    vocab_size: int = 0  # 0 = the dataset's (meta.json), else 50304 (GPT-2's padded to a multiple of 64)
-    activation: str = "gelu_tanh"  # GPT-2's tanh GELU; 'gelu' = the exact erf GELU (nanoGPT); 'relu2' = ReLU squared
-    # newer architecture options (model.py's GPTConfig; docs in README's "Learning faster" table); off = GPT-2
-    norm: str = "layernorm"  # 'layernorm' or 'rmsnorm'
-    qk_norm: bool = False  # RMS-normalise queries and keys
-    rotary_dim: int = 0  # > 0: rotary positions on this many dims of each head instead of learned positions
-    zero_init_proj: bool = False  # residual projections start at zero
-    logit_softcap: float = 0.0  # > 0: cap * tanh(logits / cap)
-    bigram_embed: int = 0  # > 0: rows of a (previous token, token) embedding table added to the input
-    trigram_embed: int = 0  # > 0: rows of a (two previous tokens, token) table, hashed
-    smear: bool = False  # the input adds a learned fraction of the previous position's
-    qkv_shift: bool = False  # q, k and v add a learned fraction of the previous position's
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     # fine-tuning a part of the model
     lora_rank: int = 0  # 0 disables LoRA
@@ -133,6 +122,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bfloat16 where native, float16 (+GradScaler) on older GPUs, else float32
     compile: bool = False  # torch.compile the model (turned off, with the reason printed, where it cannot work)
 
+    def __post_init__(self):
+        pass  # (not GPTConfig's: check_config reports every problem of every key at once, as one error)
+
 
 # what a resume may not change: the weights' shapes, the data, the optimizer's kind
 RESUME_FIXED = GPTConfig.SHAPE_FIELDS + GPTConfig.COMPUTE_FIELDS + (
@@ -162,103 +154,6 @@ def get_lr(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def check_config(cfg, dist_info):
-    """All problems of a config at once, as a UserError, before any work (and before torchrun's
-    process group starts, so that a wrong value is one line, not a hang)."""
-    errors = []
-    if cfg.gradient_accumulation_steps % dist_info.world_size:
-        errors.append(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
-                      f"{dist_info.world_size} ranks; use a multiple of {dist_info.world_size} (it is the total "
-                      f"over all ranks, so the tokens per step stay what the config says)")
-    if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
-        errors.append(f"batch_size must be positive or 'auto', got {cfg.batch_size!r}")
-    for k in ("block_size", "gradient_accumulation_steps", "eval_interval", "log_interval"):
-        if getattr(cfg, k) <= 0:
-            errors.append(f"{k} must be positive, got {getattr(cfg, k)}")
-    if cfg.batch_size == "auto" and cfg.sft_train_file:
-        errors.append("batch_size='auto' times token-file batches; an SFT run's padded examples need a number")
-    if cfg.batch_size == "auto" and cfg.fsdp and dist_info.enabled:
-        errors.append("batch_size='auto' times the whole model on each GPU, which FSDP exists to avoid: set a number "
-                      "(python bench.py <config> --plan on one GPU gives an upper bound)")
-    if cfg.init_from == "scratch" and cfg.n_head > 0 and cfg.n_embd % cfg.n_head:
-        errors.append(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}: each head gets n_embd / n_head "
-                      f"dimensions; e.g. --n_embd={cfg.n_embd // cfg.n_head * cfg.n_head or cfg.n_head}")
-    choices = {"sampling": ("random", "sequential"), "lora_targets": ("attn", "all"),
-               "base_dtype": ("float32", "bfloat16"), "backend": ("auto", "nccl", "gloo"),
-               "lr_schedule": ("cosine", "wsd")}
-    for k, allowed in choices.items():
-        if getattr(cfg, k) not in allowed:
-            names = [repr(a) for a in allowed]
-            errors.append(f"{k} must be {', '.join(names[:-1])} or {names[-1]}, got {getattr(cfg, k)!r}")
-    errors += optimizer_problems(cfg.optimizer, cfg.device)
-    if not 0.0 <= cfg.dropout < 1.0:
-        errors.append(f"dropout must be at least 0 and below 1, got {cfg.dropout}")
-    if cfg.train_1d_only and cfg.base_dtype != "float32":
-        errors.append("train_1d_only trains the biases inside the base's layers, which must then stay float32: "
-                      "use base_dtype='float32'")
-    if cfg.optimizer == "muon" and cfg.muon_lr <= 0:
-        errors.append(f"muon_lr must be positive with optimizer='muon', got {cfg.muon_lr}")
-    if cfg.optimizer == "muon" and cfg.train_1d_only:
-        errors.append("optimizer='muon' trains weight matrices, and train_1d_only has none: use optimizer='adamw'")
-    if (cfg.lora_rank > 0 or cfg.train_1d_only) and cfg.init_from == "scratch":
-        errors.append("LoRA / train_1d_only fine-tune a pretrained model: set init_from")
-    if cfg.base_quant:
-        if cfg.base_quant not in ("int8", "nf4"):
-            errors.append(f"base_quant must be '' (a float base), 'int8' or 'nf4', got {cfg.base_quant!r}")
-        if not (cfg.lora_rank > 0 or cfg.train_1d_only):
-            errors.append(f"base_quant={cfg.base_quant!r} quantises a frozen base: train it with lora_rank > 0 or "
-                          f"train_1d_only=True (a quantised weight cannot be trained itself)")
-        if cfg.fsdp and dist_info.enabled:
-            errors.append("base_quant with fsdp=True: FSDP cannot shard bitsandbytes' quantised weights; use DDP")
-        import importlib.util
-        if importlib.util.find_spec("bitsandbytes") is None:
-            errors.append(f"base_quant={cfg.base_quant!r} needs bitsandbytes (0.50+ for a CPU): "
-                          f"pip install 'bitsandbytes>=0.50'")
-    if not 0.0 < cfg.cooldown_frac <= 1.0:
-        errors.append(f"cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
-    # the model's own checks of its options; the head size only matters for a model built here
-    head = (cfg.n_embd // cfg.n_head if cfg.n_head > 0 else 0) if cfg.init_from == "scratch" else None
-    errors += GPTConfig.option_problems(cfg.activation, cfg.norm, cfg.logit_softcap, cfg.rotary_dim, head,
-                                        cfg.bigram_embed, cfg.trigram_embed)
-    if cfg.early_stop_patience < 0:
-        errors.append(f"early_stop_patience must be >= 0 (0 = off), got {cfg.early_stop_patience}")
-    if cfg.early_stop_patience > 0 and cfg.sft_train_file and not cfg.sft_val_file:
-        errors.append("early_stop_patience needs validation data: set sft_val_file")
-    if cfg.resume_from and cfg.init_from != "resume":
-        errors.append(f"resume_from={cfg.resume_from!r} needs init_from='resume'")
-    if cfg.fsdp and dist_info.enabled:
-        if cfg.optimizer != "adamw":
-            errors.append("fsdp=True works with optimizer='adamw' only (bitsandbytes' 8-bit AdamW does not take sharded "
-                          "parameters, and Muon orthogonalises whole matrices)")
-        if cfg.base_dtype != "float32":
-            errors.append("fsdp=True needs base_dtype='float32': FSDP shards a block's parameters together and "
-                          "wants one dtype (sharding already divides the base's memory by the ranks)")
-    if cfg.wandb_log:
-        import importlib.util
-        if importlib.util.find_spec("wandb") is None:
-            errors.append("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
-    errors += check_sources(cfg)
-    if errors:
-        raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
-
-
-def check_sources(cfg):
-    """Problems with out_dir and init_from that the filesystem shows before anything runs."""
-    errors, out = [], Path(cfg.out_dir)
-    if (out / "state.json").exists():
-        errors.append(f"out_dir={cfg.out_dir} is a checkpoint directory, not a run's out_dir: new checkpoints would "
-                      f"nest inside it; use --out_dir={out.parent} --init_from=resume --resume_from={out.name}")
-    elif cfg.init_from != "resume" and not cfg.overwrite and not cfg.eval_only and ckpt_lib.holds_run(out):
-        errors.append(f"out_dir={cfg.out_dir} already holds a run: continue it with --init_from=resume, start this one "
-                      f"in another --out_dir, or pass --overwrite=True to delete its checkpoints and metrics")
-    if cfg.init_from not in ("scratch", "resume"):
-        context = ckpt_lib.source_context(cfg.init_from)
-        if context is not None and cfg.block_size > context:
-            errors.append(f"block_size={cfg.block_size} exceeds the {context} positions of {cfg.init_from}: a pretrained "
-                          f"model's context can only be cropped; use --block_size={context} or less")
-    return errors
-
-
 def resume_changes(saved, cfg):
     """(refused, changed): {key: (checkpoint value, now)} for what a resume may not change (the model's
     shape, the data, the optimizer's kind) and for everything else that differs (printed, then used)."""
@@ -266,17 +161,6 @@ def resume_changes(saved, cfg):
                if k not in ("init_from", "resume_from", "overwrite") and k in saved and saved[k] != v}
     refused = {k: c for k, c in changed.items() if k in RESUME_FIXED}
     return refused, {k: c for k, c in changed.items() if k not in refused}
-
-
-def scratch_model_args(cfg, data_meta):
-    """GPTConfig fields of a model trained from scratch: the config's shape, the data's vocabulary."""
-    vocab = cfg.vocab_size or data_meta.get("vocab_size") or 50304
-    return dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                vocab_size=vocab, dropout=cfg.dropout, bias=cfg.bias, qkv_bias=cfg.qkv_bias,
-                tie_weights=cfg.tie_weights, activation=cfg.activation, norm=cfg.norm, qk_norm=cfg.qk_norm,
-                rotary_dim=cfg.rotary_dim, zero_init_proj=cfg.zero_init_proj, logit_softcap=cfg.logit_softcap,
-                bigram_embed=cfg.bigram_embed, trigram_embed=cfg.trigram_embed, smear=cfg.smear,
-                qkv_shift=cfg.qkv_shift)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -296,7 +180,7 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, dev
 
     The loss is the sum of token losses over every micro-batch of every rank divided by the global
     number of target tokens, so uneven masks (SFT) weigh every token alike however the batch is
-    split (PITFALLS 1-2). One host sync, at the end; under torchrun, two all-reduces: the target and
+    split. One host sync, at the end; under torchrun, two all-reduces: the target and
     token counts before the micro-steps, the loss and the stop requests after them, so every rank
     takes the same skip and stop decisions.
     """
@@ -311,7 +195,7 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, dev
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     loss_sum = torch.zeros((), device=device)
     for micro, (x, y) in enumerate(batches):
-        if ddp:  # sync gradients on the last micro-step only; set before the forward (PITFALLS 3)
+        if ddp:  # sync gradients on the last micro-step only; set before the forward
             model.require_backward_grad_sync = micro == len(batches) - 1
         # (FSDP reduce-scatters after every micro-step: skipping it would keep whole unsharded
         # gradients between micro-steps, the memory FSDP is there to save)
@@ -329,7 +213,7 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, dev
         flags = torch.stack([loss_sum, stops])
         dist.all_reduce(flags)
         loss_sum, stops = flags[0], flags[1]
-    scaler.unscale_(optimizer)  # clip real gradients, not scaled ones (PITFALLS 4); no-op without fp16
+    scaler.unscale_(optimizer)  # clip real gradients, not scaled ones; a no-op without fp16
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor, the same global norm on every rank
@@ -353,7 +237,6 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, dev
 def load_data(cfg, dist_info, meta_hint=None):
     """(train sampler, function yielding val batches or None, dataset meta) for token files or SFT JSONL."""
     if cfg.sft_train_file:
-        import sft
         tokenizer = Tokenizer(meta_hint or {"tokenizer": "gpt2"})
         template = cfg.sft_template or None
         sft.check_template(template)
@@ -386,37 +269,10 @@ def load_data(cfg, dist_info, meta_hint=None):
     return sampler, val, train.meta or meta_hint or {}
 
 
-def build_model(cfg, origin, model_args, base=None):
-    """The GPT for this run: from scratch, or a pretrained base (cropped, with LoRA / 1-D training)."""
-    if origin == "scratch":
-        model = GPT(GPTConfig(**model_args))
-        partial = False
-    else:
-        model = ckpt_lib.build_base(base or origin, cfg.base_quant)
-        model.set_dropout(cfg.dropout)  # pretrained weights with this run's dropout
-        if cfg.block_size < model.config.block_size:
-            model.crop_block_size(cfg.block_size)
-        partial = ckpt_lib.apply_finetune(model, dataclasses.asdict(cfg))
-        if partial and cfg.base_dtype != "float32":
-            import lora
-            lora.freeze_base_dtype(model, {"bfloat16": torch.bfloat16}[cfg.base_dtype])
-    model.activation_checkpointing = cfg.activation_checkpointing
-    model.use_fast_dropout(cfg.fast_dropout)
-    return model, partial
-
-
 def set_lr(optimizer, lr):
     """Every group at lr times its lr_scale (Muon's matrices: muon_lr on the same schedule)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
-
-
-def make_optimizer(model, cfg, device, fused=None):
-    """The run's optimizer over the model's trainable parameters (GPT.configure_optimizers)."""
-    return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type,
-                                      fused=fused, eight_bit=cfg.optimizer == "adamw8bit",
-                                      muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else 0.0,
-                                      muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
 
 
 # ----------------------------------------------------------------------------- the run's state (saved and restored by checkpoint.save_run / restore_run)
@@ -458,7 +314,6 @@ def validate(run):
         return None
     val = None
     if run.dist.is_master or run.fsdp:
-        import evaluation
         model = NoInferenceMode(run.model) if run.fsdp else run.model
         batches = (to_device(b, run.device) for b in run.val_batches())
         val = evaluation.evaluate_loss(model, batches, run.device, run.ctx)["loss"]
@@ -508,7 +363,7 @@ def resume_point(cfg, dist_info, device):
             raise UserError(f"cannot resume {ckpt_dir} with a different model, data or optimizer: " + ", ".join(
                 f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in refused.items()) + "; keep them as they were")
         for k, (a, b) in changed.items():
-            if k in ("activation", "zero_init_proj"):  # the model is rebuilt from the checkpoint's own arguments
+            if k == "activation":  # the model is rebuilt from the checkpoint's own arguments
                 print0(f"resume: {k} stays the checkpoint's {a!r} (the config says {b!r})")
             else:
                 print0(f"resume: {k} changed from {a!r} to {b!r}")
@@ -528,7 +383,7 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
     origin = state["config"]["init_from"] if state else cfg.init_from
     meta_hint = state.get("data_meta") if state else None
     if origin != "scratch" and not meta_hint:
-        meta_hint = ckpt_lib.source_data_meta(origin)  # a fine-tune reads text with its base's tokenizer
+        meta_hint = build.source_data_meta(origin)  # a fine-tune reads text with its base's tokenizer
     if not cfg.sft_train_file and dist_info.is_master:
         prepare_shipped(resolve_data_dir(cfg.data_dir, cfg.dataset))  # Tiny Shakespeare: one command to a model
     barrier(dist_info, device)
@@ -539,20 +394,18 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
     if state and not state.get("trainable_only"):  # the checkpoint holds every weight: no base to fetch
         build_from, model_args = "scratch", dict(state["model_args"], dropout=cfg.dropout)
     elif origin == "scratch":
-        model_args = scratch_model_args(cfg, data_meta)
-    base = state.get("base") if state else ckpt_lib.base_reference(origin)
-    model, partial = build_model(cfg, build_from, model_args, base=base)
+        model_args = build.scratch_model_args(cfg, data_meta)
+    base = state.get("base") if state else build.base_reference(origin)
+    model, partial = build.build_model(cfg, build_from, model_args, base=base)
     if cfg.batch_size == "auto":  # the search needs the model; the data then comes in the chosen batches
-        import plan
         model.to(device)
-        cfg = plan.resolve_auto_batch(cfg, model, device, dtype, dist_info)
+        cfg = autobatch.resolve_auto_batch(train_step, cfg, model, device, dtype, dist_info)
         print_tokens_per_iter(cfg, dist_info, device)
         sampler, val_batches, data_meta = load_data(cfg, dist_info, meta_hint)
     if isinstance(sampler, (RandomSampler, SequentialSampler)):  # token files: their ids must fit the model
         sampler.data.check_vocab(model.config.vocab_size)
         sampler.vocab_size = model.config.vocab_size
     model.to(device)
-    import memory
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print0(memory.budget_report(model, cfg.max_iters, tokens_per_iter, cfg.max_iters - (state or {}).get("iter_num", 0),
                                 device, *peak_flops(device, dtype), dist_info.world_size))
@@ -575,7 +428,7 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
 def evaluate_and_save(run, metrics, lr, last_step):
     """Validation loss (when there is validation data), then a checkpoint: at each evaluation with
     always_save_checkpoint, else when val improved; always at the last step, so a run ends with its
-    last weights saved. best.json moves only on improvement (PITFALLS 11)."""
+    last weights saved. best.json moves only on improvement."""
     val = validate(run)
     improved = val is not None and val < run.best_val
     if val is not None:
@@ -590,10 +443,53 @@ def evaluate_and_save(run, metrics, lr, last_step):
         ckpt_lib.save_run(run, is_best=improved)
 
 
+def evaluate_and_checkpoint(run, metrics, lr, last_step, resumed_at):
+    """The loop's once-in-a-while phase: evaluate (and maybe save) every eval_interval, at the last step
+    and with eval_only, but not again where the run resumed; save every save_interval too. Returns the
+    seconds spent evaluating."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    skip_initial = run.iter_num == 0 and not cfg.initial_eval and not last_step
+    if cfg.eval_only or ((run.iter_num % cfg.eval_interval == 0 or last_step) and run.iter_num != resumed_at
+                         and not skip_initial):
+        evaluate_and_save(run, metrics, lr, last_step)
+    seconds = time.perf_counter() - t0
+    if cfg.save_interval and run.iter_num % cfg.save_interval == 0 and 0 < run.iter_num != run.saved_at:
+        ckpt_lib.save_run(run)
+    return seconds
+
+
 def early_stop(run):
     """True once val has not improved for early_stop_patience evaluations in a row. Fine-tuning on
     small data overfits: val bottoms out and climbs while the train loss keeps falling."""
     return 0 < run.cfg.early_stop_patience <= run.evals_since_best
+
+
+def report_early_stop(run, metrics):
+    """Say why the run stops early and which weights to use: best.json's, or the ones it started from."""
+    if run.best_iter:
+        best = (f"the best, val {run.best_val:.4f} at iteration {run.best_iter}, is what best.json names and "
+                f"what sample.py, eval.py and export_hf.py read; the last weights are in latest.json")
+    else:  # iteration 0 is never saved: its weights are the ones the run started from
+        best = (f"no iteration beat the weights the run started from (val {run.best_val:.4f} at iteration 0, "
+                f"init_from={run.origin}): training made them worse, so keep using those, or lower "
+                f"learning_rate; latest.json holds the last weights")
+    print0(f"early stop at iteration {run.iter_num}: val has not improved for {run.evals_since_best} "
+           f"evaluations (early_stop_patience={run.cfg.early_stop_patience}); {best} (a resume stops here "
+           f"again unless the patience grows)")
+    metrics.log({"iter": run.iter_num, "early_stop": True, "best_iter": run.best_iter, "best_val_loss": run.best_val})
+
+
+def skipped_step(run, step, bad_steps, skipped):
+    """A step with a non-finite loss or gradient was skipped: say so, and after max_bad_steps in a row
+    save the last good weights and stop."""
+    print0(f"iter {run.iter_num - 1}: non-finite loss or gradient ({step.loss.item():.4g}, norm "
+           f"{step.norm.item():.4g}), step skipped ({bad_steps} in a row, {skipped} in all)")
+    if bad_steps >= run.cfg.max_bad_steps:
+        ckpt_lib.save_run(run)
+        barrier(run.dist, run.device)
+        raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row at iteration {run.iter_num}. The "
+                         f"last good weights are saved in {run.cfg.out_dir}; lower learning_rate, use bfloat16 or "
+                         f"float32, or check the data")
 
 
 def train_loop(run, runner, metrics, peak, stop):
@@ -612,31 +508,13 @@ def train_loop(run, runner, metrics, peak, stop):
         set_lr(run.optimizer, lr)
         last_step = run.iter_num >= cfg.max_iters
 
-        # --- evaluate and checkpoint
-        skip_initial = run.iter_num == 0 and not cfg.initial_eval and not last_step
-        if cfg.eval_only or ((run.iter_num % cfg.eval_interval == 0 or last_step) and run.iter_num != resumed_at
-                             and not skip_initial):
-            t_eval = time.perf_counter()
-            evaluate_and_save(run, metrics, lr, last_step)
-            t_log += time.perf_counter() - t_eval  # the log's ms/iter, tokens/s and MFU are training's alone
-        if cfg.save_interval and run.iter_num % cfg.save_interval == 0 and 0 < run.iter_num != run.saved_at:
-            ckpt_lib.save_run(run)
+        # --- evaluate and checkpoint (the log's ms/iter, tokens/s and MFU leave the evaluation's time out)
+        t_log += evaluate_and_checkpoint(run, metrics, lr, last_step, resumed_at)
 
         # --- stop: end of schedule, eval_only, a signal (every rank learnt of it in the last step), or
         # early stopping (every rank holds the same val numbers)
         if early_stop(run) and not last_step and not cfg.eval_only:
-            if run.best_iter:
-                best = (f"the best, val {run.best_val:.4f} at iteration {run.best_iter}, is what best.json names and "
-                        f"what sample.py, eval.py and export_hf.py read; the last weights are in latest.json")
-            else:  # iteration 0 is never saved: its weights are the ones the run started from
-                best = (f"no iteration beat the weights the run started from (val {run.best_val:.4f} at iteration 0, "
-                        f"init_from={run.origin}): training made them worse, so keep using those, or lower "
-                        f"learning_rate; latest.json holds the last weights")
-            print0(f"early stop at iteration {run.iter_num}: val has not improved for {run.evals_since_best} "
-                   f"evaluations (early_stop_patience={cfg.early_stop_patience}); {best} (a resume stops here "
-                   f"again unless the patience grows)")
-            metrics.log({"iter": run.iter_num, "early_stop": True, "best_iter": run.best_iter,
-                         "best_val_loss": run.best_val})
+            report_early_stop(run, metrics)
             return
         if last_step or cfg.eval_only or stopping:
             if stopping and run.saved_at != run.iter_num:
@@ -659,14 +537,7 @@ def train_loop(run, runner, metrics, peak, stop):
             log_steps += 1
         else:
             bad_steps, skipped = bad_steps + 1, skipped + 1
-            print0(f"iter {run.iter_num - 1}: non-finite loss or gradient ({step.loss.item():.4g}, norm "
-                   f"{step.norm.item():.4g}), step skipped ({bad_steps} in a row, {skipped} in all)")
-            if bad_steps >= cfg.max_bad_steps:
-                ckpt_lib.save_run(run)
-                barrier(dist_info, device)
-                raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row at iteration {run.iter_num}. The "
-                                 f"last good weights are saved in {cfg.out_dir}; lower learning_rate, use bfloat16 or "
-                                 f"float32, or check the data")
+            skipped_step(run, step, bad_steps, skipped)
 
         # --- log: the mean loss over the interval (its one host sync), the tokens really computed
         if run.iter_num % cfg.log_interval == 0 and log_steps > 0:

@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+import generate
 import model as model_lib
 import train
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
@@ -158,8 +159,8 @@ def test_cached_generation_agrees_with_uncached_under_autocast(monkeypatch):
     cuda = torch.device("cuda")
     dtype = pick_dtype("auto", cuda)  # bf16 where native, else fp16
     made = []
-    real = model_lib.KVCache
-    monkeypatch.setattr(model_lib, "KVCache", lambda *a: made.append(real(*a)) or made[-1])
+    real = generate.KVCache
+    monkeypatch.setattr(generate, "KVCache", lambda *a: made.append(real(*a)) or made[-1])
     model = tiny()
     prompt = torch.randint(0, CFG["vocab_size"], (4, 3), device="cuda",
                            generator=torch.Generator(device="cuda").manual_seed(5))

@@ -37,7 +37,7 @@ def make_hf_gptj(seed=0, rotary_dim=4):
 def test_import_gives_transformers_gptj_logits(tmp_path, rotary_dim):
     theirs = make_hf_gptj(rotary_dim=rotary_dim)
     theirs.save_pretrained(tmp_path / "gptj")
-    ours = GPT.from_pretrained(str(tmp_path / "gptj")).eval()
+    ours = hf.from_pretrained(str(tmp_path / "gptj")).eval()
     c = ours.config
     assert (c.rotary_dim, c.parallel_residual, c.qkv_bias, c.attn_proj_bias, c.lm_head_bias, c.tie_weights) == \
         (rotary_dim, True, False, False, True, False)
@@ -51,7 +51,7 @@ def test_import_gives_transformers_gptj_logits(tmp_path, rotary_dim):
 
 def test_export_round_trip_loads_in_transformers_with_the_same_logits(tmp_path):
     make_hf_gptj().save_pretrained(tmp_path / "gptj")
-    ours = GPT.from_pretrained(str(tmp_path / "gptj")).eval()
+    ours = hf.from_pretrained(str(tmp_path / "gptj")).eval()
     hf.export_hf(ours, tmp_path / "out", tokenizer=None)
     again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     assert type(again).__name__ == "GPTJForCausalLM"
@@ -103,7 +103,7 @@ def test_a_combination_transformers_cannot_load_is_refused_naming_the_fields(tmp
 
 
 def test_a_checkpoint_from_before_these_fields_still_loads_into_gpt2():
-    from checkpoint import check_model_args
+    from build import check_model_args
     old = {"block_size": 16, "vocab_size": VOCAB, "n_layer": 2, "n_head": 2, "n_embd": 32, "bias": True,
            "qkv_bias": True, "tie_weights": True, "dropout": 0.0, "activation": "gelu_tanh"}
     now = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB)
@@ -121,7 +121,7 @@ def test_lora_fine_tune_of_a_gptj_directory_exports_a_gptj_that_matches(tmp_path
 
     import export_hf
     import train
-    from checkpoint import load_model
+    from build import load_model
     from helpers import tiny_train_config
     torch.manual_seed(0)
     base = GPTJForCausalLM(GPTJConfig(vocab_size=50400, n_positions=64, n_embd=32, n_layer=2, n_head=4,

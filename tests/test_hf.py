@@ -72,7 +72,7 @@ def test_import_gives_transformers_logits_and_generations(tmp_path, fmt):
         save_openai_style_bin(ref, d)
     else:
         ref.save_pretrained(d)
-    model = GPT.from_pretrained(str(d)).eval()
+    model = hf.from_pretrained(str(d)).eval()
     assert model.config.tie_weights == (fmt != "untied")
     assert (model.config.block_size, model.config.vocab_size, model.config.n_layer) == (16, VOCAB, 2)
     idx = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
@@ -107,7 +107,7 @@ def test_hub_names_download_through_transformers(monkeypatch, hub_online):
     asked = []
     monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained",
                         lambda name, **kw: asked.append((name, kw.get("local_files_only"))) or ref)
-    model = GPT.from_pretrained("gpt2-large").eval()
+    model = hf.from_pretrained("gpt2-large").eval()
     assert asked == [("openai-community/gpt2-large", False)]  # online: a real download, with its retries
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -115,8 +115,8 @@ def test_hub_names_download_through_transformers(monkeypatch, hub_online):
 
 
 def test_block_size_crop_and_dropout_override(hf_dir):
-    full = GPT.from_pretrained(str(hf_dir)).eval()
-    cropped = GPT.from_pretrained(str(hf_dir), {"block_size": 8, "dropout": 0.25})
+    full = hf.from_pretrained(str(hf_dir)).eval()
+    cropped = hf.from_pretrained(str(hf_dir), {"block_size": 8, "dropout": 0.25})
     assert cropped.config.block_size == 8 and cropped.transformer.wpe.weight.shape == (8, 32)
     assert cropped.config.dropout == 0.25
     assert cropped.transformer.drop.p == 0.25 and cropped.transformer.h[0].attn.dropout == 0.25
@@ -126,18 +126,18 @@ def test_block_size_crop_and_dropout_override(hf_dir):
         # a crop keeps the first positions' embeddings: the same logits for a short enough input
         assert torch.allclose(all_logits(cropped.eval(), idx), all_logits(full, idx), atol=1e-6)
     with pytest.raises(ValueError, match="cropped down"):
-        GPT.from_pretrained(str(hf_dir), {"block_size": 32})
+        hf.from_pretrained(str(hf_dir), {"block_size": 32})
     with pytest.raises(ValueError, match="n_layer"):
-        GPT.from_pretrained(str(hf_dir), {"n_layer": 4})
+        hf.from_pretrained(str(hf_dir), {"n_layer": 4})
 
 
 def test_unknown_name_and_missing_directory(tmp_path):
     with pytest.raises(ValueError, match="gpt2-xl") as e:
-        GPT.from_pretrained("gpt3")
+        hf.from_pretrained("gpt3")
     assert "'gpt3'" in str(e.value)
     missing = tmp_path / "no-such-dir"
     with pytest.raises(ValueError, match="no-such-dir"):
-        GPT.from_pretrained(str(missing))
+        hf.from_pretrained(str(missing))
 
 
 def test_failed_download_says_to_use_a_local_directory(monkeypatch, hub_online):
@@ -145,7 +145,7 @@ def test_failed_download_says_to_use_a_local_directory(monkeypatch, hub_online):
         raise OSError("503 Server Error: Service Unavailable for url: https://huggingface.co/...")
     monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", failed)
     with pytest.raises(ValueError) as e:
-        GPT.from_pretrained("gpt2-medium")
+        hf.from_pretrained("gpt2-medium")
     msg = str(e.value)
     assert "download failed (503 Server Error" in msg and "openai-community/gpt2-medium" in msg
     assert "save_pretrained('gpt2-medium-hf')" in msg and "in place of 'gpt2-medium'" in msg
@@ -163,7 +163,7 @@ def test_unreachable_hub_reads_only_the_cache_then_says_what_to_do(monkeypatch, 
                       "find them in the cached files.")
     monkeypatch.setattr(GPT2LMHeadModel, "from_pretrained", from_pretrained)
     with pytest.raises(ValueError) as e:
-        GPT.from_pretrained("gpt2-medium")
+        hf.from_pretrained("gpt2-medium")
     assert calls == [("openai-community/gpt2-medium", True)]
     msg = str(e.value)
     assert f"unreachable ({hub_offline})" in msg and "not in the local Hugging Face cache" in msg
@@ -193,7 +193,7 @@ def test_warm_cache_loads_offline_without_a_connection(tmp_path, monkeypatch, hu
         raise AssertionError("offline loading tried to connect")
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    model = GPT.from_pretrained("gpt2").eval()
+    model = hf.from_pretrained("gpt2").eval()
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert (all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
@@ -294,23 +294,23 @@ def test_malformed_directories_name_the_path_and_the_problem(hf_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no config.json"):
-        GPT.from_pretrained(str(empty))
+        hf.from_pretrained(str(empty))
 
     (empty / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        GPT.from_pretrained(str(empty))
+        hf.from_pretrained(str(empty))
 
     (empty / "config.json").write_text((hf_dir / "config.json").read_text())
     with pytest.raises(ValueError, match="has no weights"):
-        GPT.from_pretrained(str(empty))
+        hf.from_pretrained(str(empty))
 
     weights = (hf_dir / "model.safetensors").read_bytes()
     (empty / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a truncated copy
     with pytest.raises(ValueError, match="model.safetensors.*damaged or truncated"):
-        GPT.from_pretrained(str(empty))
+        hf.from_pretrained(str(empty))
 
     with pytest.raises(ValueError, match="is a file"):
-        GPT.from_pretrained(str(hf_dir / "config.json"))
+        hf.from_pretrained(str(hf_dir / "config.json"))
 
 
 def test_missing_leftover_or_misshapen_weights_are_refused(tmp_path):
@@ -322,17 +322,17 @@ def test_missing_leftover_or_misshapen_weights_are_refused(tmp_path):
 
     save_file({k: v for k, v in sd.items() if k != "transformer.h.1.mlp.c_fc.bias"}, str(d / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing \['h.1.mlp.c_fc.bias'\]"):
-        GPT.from_pretrained(str(d))
+        hf.from_pretrained(str(d))
 
     save_file({**sd, "transformer.h.2.ln_1.weight": torch.ones(32)}, str(d / "model.safetensors"))
     with pytest.raises(ValueError, match=r"unexpected \['h.2.ln_1.weight'\]"):
-        GPT.from_pretrained(str(d))
+        hf.from_pretrained(str(d))
 
     bad = dict(sd)
     bad["transformer.h.0.attn.c_attn.weight"] = bad["transformer.h.0.attn.c_attn.weight"].t().contiguous()
     save_file(bad, str(d / "model.safetensors"))
     with pytest.raises(ValueError, match=r"h.0.attn.c_attn.weight has shape \(96, 32\)"):
-        GPT.from_pretrained(str(d))
+        hf.from_pretrained(str(d))
 
 
 @pytest.mark.parametrize("change,match", [
@@ -346,7 +346,7 @@ def test_configs_model_py_cannot_reproduce_are_refused(hf_dir, change, match):
     cfg.update(change)
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=match):
-        GPT.from_pretrained(str(hf_dir))
+        hf.from_pretrained(str(hf_dir))
 
 
 @pytest.mark.parametrize("act,ours", [("gelu_pytorch_tanh", "gelu_tanh"), ("gelu", "gelu")])
@@ -357,7 +357,7 @@ def test_other_gelus_import_exactly(tmp_path, act, ours):
     ref = GPT2LMHeadModel(ref.config).eval()
     _perturb(ref, 0)
     ref.save_pretrained(tmp_path / "hf")
-    model = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    model = hf.from_pretrained(str(tmp_path / "hf")).eval()
     assert model.config.activation == ours
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -400,7 +400,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, kw, caplog)
         diff = (loaded.eval()(idx).logits - all_logits(model, idx)).abs().max().item()
     assert diff < 1e-5
     # and back: the exported directory imports to the same function
-    back = GPT.from_pretrained(str(out)).eval()
+    back = hf.from_pretrained(str(out)).eval()
     with torch.no_grad():
         assert (all_logits(back, idx) - all_logits(model, idx)).abs().max().item() < 1e-5
 
@@ -511,7 +511,7 @@ def _train(tmp_path, out, *extra):
 
 
 def _check_export_matches_checkpoint(out, hf_out):
-    from checkpoint import load_model
+    from build import load_model
     ours, _ = load_model(str(out))
     loaded, info = GPT2LMHeadModel.from_pretrained(str(hf_out), output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])

@@ -14,7 +14,8 @@ import torch
 import sample
 import sft
 import train
-from checkpoint import load_model, read_checkpoint
+from build import load_model
+from checkpoint import read_checkpoint
 from errors import MissingFile, UserError
 from dataloader import Tokenizer
 from helpers import ROOT, read_metrics, tiny_train_config

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fast_dropout import fast_dropout
-from model import GPT, GPTConfig, sample_next
+from generate import sample_next
+from model import GPT, GPTConfig
 
 
 def tiny(**kw):
@@ -331,8 +332,8 @@ def test_muon_float32_newton_schulz_matches_the_direct_iteration_in_float64(shap
 def test_generation_on_cuda_leaves_cudnn_attention_out_and_restores_the_flags(monkeypatch):
     """cuDNN attention builds a plan per new sequence length, and decoding meets a new one at every token:
     an H200 decoded GPT-2 124M at 20 tok/s through it, 282 through flash attention. Every generation
-    step runs in model.generation_attention (checked here on the CPU, where CUDA's flags can still be read)."""
-    import model as model_lib
+    step runs in generate.generation_attention (checked here on the CPU, where CUDA's flags can still be read)."""
+    import generate as model_lib
     before = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
     with model_lib.generation_attention(torch.device("cuda")):
         assert not torch.backends.cuda.cudnn_sdp_enabled()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+import build
 import checkpoint
 import train
 from helpers import char_dataset, tiny_train_config
@@ -30,7 +31,7 @@ def expected():
 
 
 def test_an_old_checkpoint_computes_what_it_computed():
-    model, info = checkpoint.load_model(FIXTURE)
+    model, info = build.load_model(FIXTURE)
     assert info["iter_num"] == 4
     idx = torch.arange(16).remainder(65)[None]
     with torch.no_grad():

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import autobatch
 import configurator
 from errors import UserError
 import memory
 import plan
+import runtime
 import train
 from helpers import char_dataset, tiny_train_config
 from model import GPT, GPTConfig
@@ -40,7 +42,7 @@ def tiny_model():
 
 def oom_above(limit):
     """train_step that fails as CUDA does when a micro-batch has more than `limit` rows."""
-    real = plan.train_step
+    real = train.train_step
 
     def step(model, optimizer, scaler, batches, *args):
         if batches[0][0].shape[0] > limit:
@@ -49,11 +51,11 @@ def oom_above(limit):
     return step
 
 
-def test_a_simulated_out_of_memory_gives_the_largest_batch_and_an_exact_accumulation(tmp_path, monkeypatch):
+def test_a_simulated_out_of_memory_gives_the_largest_batch_and_an_exact_accumulation(tmp_path):
     # the home run: 6 fit and 7 did not; 6 x 80 sequences per step -> micro-batch 6, accumulation 80
-    monkeypatch.setattr(plan, "train_step", oom_above(6))
     cfg = plan_config(tmp_path, batch_size=6, gradient_accumulation_steps=80)
-    result = plan.search(tiny_model(), cfg, torch.device("cpu"), torch.float32, 480, time_s=60, min_timed_s=0.0)
+    result = autobatch.search(oom_above(6), tiny_model(), cfg, torch.device("cpu"), torch.float32, 480, time_s=60,
+                              min_timed_s=0.0)
     tried = [t["batch_size"] for t in result["trials"]]
     assert tried == [1, 2, 4, 8, 6, 7] and result["largest"] == 6
     assert [t["status"] for t in result["trials"]] == ["ok", "ok", "ok", "oom", "ok", "oom"]
@@ -65,9 +67,9 @@ def test_a_memory_cap_stops_at_the_batch_the_estimate_allows(tmp_path, monkeypat
     cfg = plan_config(tmp_path)
     est = [memory.estimate_training_memory(model, b, 32)["total"] for b in range(1, 40)]
     cap = (est[10] + est[11]) / 2  # micro-batch 11 fits, 12 does not
-    monkeypatch.setattr(plan, "proc_status_bytes", lambda field: None)  # estimates only: no CPU RSS measurement
-    result = plan.search(model, cfg, torch.device("cpu"), torch.float32, 64, time_s=60, min_timed_s=0.0,
-                         max_memory_gb=cap / 2**30)
+    monkeypatch.setattr(autobatch, "proc_status_bytes", lambda field: None)  # estimates only: no CPU RSS measurement
+    result = autobatch.search(train.train_step, model, cfg, torch.device("cpu"), torch.float32, 64, time_s=60,
+                              min_timed_s=0.0, max_memory_gb=cap / 2**30)
     assert result["largest"] == 11 and abs(result["budget_bytes"] - cap) <= 1
     over = [t for t in result["trials"] if t["status"] == "oom"]
     assert over and all(t["estimate_bytes"] > cap and "not tried" in t["note"] for t in over)
@@ -75,16 +77,15 @@ def test_a_memory_cap_stops_at_the_batch_the_estimate_allows(tmp_path, monkeypat
     assert 8 in [t["batch_size"] for t in result["trials"] if t["status"] == "ok"]
 
 
-def test_the_search_starts_nothing_after_its_time(tmp_path, monkeypatch):
-    real = plan.train_step
+def test_the_search_starts_nothing_after_its_time(tmp_path):
+    real = train.train_step
 
     def slow(*args):
         time.sleep(0.2)
         return real(*args)
-    monkeypatch.setattr(plan, "train_step", slow)
     cfg = plan_config(tmp_path)
     t0 = time.perf_counter()
-    result = plan.search(tiny_model(), cfg, torch.device("cpu"), torch.float32, 64, time_s=0.5, min_timed_s=0.0)
+    result = autobatch.search(slow, tiny_model(), cfg, torch.device("cpu"), torch.float32, 64, time_s=0.5, min_timed_s=0.0)
     elapsed = time.perf_counter() - t0
     statuses = [t["status"] for t in result["trials"]]
     assert statuses[0] == "ok" and "time" in statuses
@@ -258,14 +259,14 @@ def test_on_cuda_the_gauge_reads_the_allocator_and_budgets_90_percent_of_the_car
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
-    gauge = plan.MemoryGauge(tiny_model(), torch.device("cuda"), 0.0)
+    gauge = autobatch.MemoryGauge(tiny_model(), torch.device("cuda"), 0.0)
     assert gauge.budget == int(0.9 * 10 * 2**30)  # the card's total already holds the model
     gauge.reset()
     assert calls == ["empty", "reset"] and gauge.peak() == 3 * 2**30
-    assert plan.MemoryGauge(tiny_model(), torch.device("cuda"), 2.0).budget == 2 * 2**30
+    assert autobatch.MemoryGauge(tiny_model(), torch.device("cuda"), 2.0).budget == 2 * 2**30
 
 
-def test_candidates_are_compared_as_whole_iterations_in_turns(monkeypatch):
+def test_candidates_are_compared_as_whole_iterations_in_turns():
     # per micro-step: 16 ms at 2, 20 ms at 4, 70 ms at 8; 8 sequences per step -> iterations of
     # 4 x 16 = 64 ms, 2 x 20 = 40 ms, 1 x 70 = 70 ms: micro-batch 4 wins although 8's trial looked best
     cost = {2: 0.016, 4: 0.020, 8: 0.070}
@@ -274,12 +275,11 @@ def test_candidates_are_compared_as_whole_iterations_in_turns(monkeypatch):
     def fake_step(model, optimizer, scaler, batches, *args):
         order.append(batches[0][0].shape[0])
         time.sleep(cost[batches[0][0].shape[0]] * len(batches))
-    monkeypatch.setattr(plan, "train_step", fake_step)
     trials = [{"batch_size": b, "status": "ok", "tokens_per_sec": tps, "ms_per_step": 1000 * cost[b]}
               for b, tps in [(2, 900.0), (4, 950.0), (8, 1000.0)]]
     trials.append({"batch_size": 1, "status": "ok", "tokens_per_sec": 100.0, "ms_per_step": 5.0})  # far behind
-    chosen, per_iter = plan.compare_iterations(tiny_model(), plan_config(Path("/tmp")), torch.device("cpu"),
-                                                        torch.float32, trials, 8, time_s=0.8)
+    chosen, per_iter = autobatch.compare_iterations(fake_step, tiny_model(), plan_config(Path("/tmp")),
+                                                    torch.device("cpu"), torch.float32, trials, 8, time_s=0.8)
     assert chosen == 4 and set(per_iter) == {2, 4, 8}  # 1 is not within 20% of the best trial
     assert per_iter[2] == pytest.approx(0.064, rel=0.3) and per_iter[8] == pytest.approx(0.070, rel=0.3)
     assert order[:9] == [8] * 3 + [4] * 3 + [2] * 3 and order[9] == 8  # in turns of 3 steps
@@ -291,10 +291,10 @@ def test_timed_steps_use_the_runs_optimizer_and_change_no_weight(tmp_path):
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = plan_config(tmp_path, optimizer="muon", muon_lr=0.02)
-    optimizer = plan.still_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = autobatch.still_optimizer(model, cfg, torch.device("cpu"))
     assert {type(o).__name__ for o in optimizer.optimizers} >= {"Muon"}
     x = torch.randint(0, 65, (4, 32))
     for _ in range(3):
-        train.train_step(model, optimizer, plan.make_scaler(torch.device("cpu"), torch.float32), [(x, x)],
-                         plan.autocast(torch.device("cpu"), torch.float32), 1.0, train.Dist(), torch.device("cpu"))
+        train.train_step(model, optimizer, runtime.make_scaler(torch.device("cpu"), torch.float32), [(x, x)],
+                         runtime.autocast(torch.device("cpu"), torch.float32), 1.0, train.Dist(), torch.device("cpu"))
     assert optimizer.state and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -62,8 +62,8 @@ def tokens(seed=5, shape=(2, 16)):
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_a_quantised_base_stays_within_its_tolerance_of_float32(gptj_dir, kind):
-    ref = GPT.from_pretrained(str(gptj_dir))
-    q = GPT.from_pretrained(str(gptj_dir), base_quant=kind)
+    ref = hf.from_pretrained(str(gptj_dir))
+    q = hf.from_pretrained(str(gptj_dir), base_quant=kind)
     layers = [n for n, m in q.named_modules() if quant.is_quantized(m)]
     assert len(layers) == 2 * 4 and not quant.is_quantized(q.lm_head)  # every block matmul, not lm_head
     idx = tokens()
@@ -80,8 +80,8 @@ def test_a_quantised_base_stays_within_its_tolerance_of_float32(gptj_dir, kind):
 
 def test_quantize_model_matches_quantising_while_loading(gptj_dir):
     """One of our runs as a base is quantised after loading; a pretrained one while loading: same weights."""
-    loaded = GPT.from_pretrained(str(gptj_dir), base_quant="int8")
-    after = GPT.from_pretrained(str(gptj_dir))
+    loaded = hf.from_pretrained(str(gptj_dir), base_quant="int8")
+    after = hf.from_pretrained(str(gptj_dir))
     quant.quantize_model(after, "int8")
     for (n, a), (_, b) in zip(loaded.named_modules(), after.named_modules()):
         if quant.is_quantized(a):
@@ -91,12 +91,12 @@ def test_quantize_model_matches_quantising_while_loading(gptj_dir):
 PEAK_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {root!r})
-    from model import GPT
+    import hf
     from runtime import proc_status_bytes, reset_peak_rss
     import bitsandbytes, quant  # imported before the baseline: their code is not the weights
     before = proc_status_bytes("VmRSS")
     reset_peak_rss()
-    model = GPT.from_pretrained({path!r}, base_quant={kind!r})
+    model = hf.from_pretrained({path!r}, base_quant={kind!r})
     print(proc_status_bytes("VmHWM") - before)
 """)
 
@@ -139,7 +139,7 @@ def test_a_sharded_pytorch_bin_directory_loads_as_its_transformers_model(tmp_pat
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     (tmp_path / "config.json").write_text((gptj_dir / "config.json").read_text())
-    ours = GPT.from_pretrained(str(tmp_path))
+    ours = hf.from_pretrained(str(tmp_path))
     idx = tokens()
     with torch.no_grad():
         assert (all_logits(ours, idx) - theirs(idx).logits).abs().max().item() < 1e-5
@@ -154,7 +154,7 @@ def test_a_hub_repository_downloads_safetensors_when_it_has_them_else_the_bin_fi
         monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, listing=listing: listing)
         monkeypatch.setattr(huggingface_hub, "snapshot_download",
                             lambda repo, allow_patterns, **kw: asked.append((repo, allow_patterns)) or str(gptj_dir))
-        model = GPT.from_pretrained("EleutherAI/gpt-j-6b")
+        model = hf.from_pretrained("EleutherAI/gpt-j-6b")
         assert model.config.rotary_dim == 8 and asked[-1][0] == "EleutherAI/gpt-j-6b"
         assert expected in asked[-1][1] and not {"*.safetensors", "pytorch_model*.bin"} <= set(asked[-1][1])
 
@@ -169,7 +169,7 @@ def test_offline_without_a_cached_copy_a_hub_repository_fails_at_once_saying_wha
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_cache)
     with pytest.raises(UserError, match=r"(?s)EleutherAI/gpt-j-6b.*unreachable.*snapshot_download"):
-        GPT.from_pretrained("EleutherAI/gpt-j-6b", base_quant="int8")
+        hf.from_pretrained("EleutherAI/gpt-j-6b", base_quant="int8")
 
 
 def finetune(tmp_path, gptj_dir, out, **overrides):
@@ -185,7 +185,7 @@ def finetune(tmp_path, gptj_dir, out, **overrides):
 
 
 def test_lora_over_an_nf4_base_learns(tmp_path, gptj_dir):
-    from checkpoint import load_any
+    from build import load_any
     out = tmp_path / "run"
     finetune(tmp_path, gptj_dir, out, lora_rank=4, lora_alpha=8, lora_dropout=0.0, base_quant="nf4")
     val = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m]
@@ -196,7 +196,7 @@ def test_lora_over_an_nf4_base_learns(tmp_path, gptj_dir):
 
 def test_lora_over_an_int8_base_learns_and_its_merged_export_matches(tmp_path, gptj_dir):
     import export_hf
-    from checkpoint import load_any, load_model
+    from build import load_any, load_model
     out = tmp_path / "run"
     finetune(tmp_path, gptj_dir, out, lora_rank=4, lora_alpha=8, lora_dropout=0.0, optimizer="adamw8bit")
     val = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m]
@@ -222,9 +222,10 @@ def test_lora_over_an_int8_base_learns_and_its_merged_export_matches(tmp_path, g
 
 
 def test_train_1d_only_over_an_int8_base_trains_the_biases_and_keeps_the_int8_weights(tmp_path, gptj_dir):
-    from checkpoint import load_any, read_checkpoint
+    from build import load_any
+    from checkpoint import read_checkpoint
     out = tmp_path / "run"
-    before = GPT.from_pretrained(str(gptj_dir), base_quant="int8")
+    before = hf.from_pretrained(str(gptj_dir), base_quant="int8")
     finetune(tmp_path, gptj_dir, out, train_1d_only=True, learning_rate=1e-2, max_iters=10, eval_interval=10,
              lr_decay_iters=10)
     ckpt, state = read_checkpoint(out)
@@ -284,9 +285,9 @@ def test_gptj_6b_trainable_counts_on_the_meta_device():
 
 def test_memory_prices_an_int8_base_as_the_quantised_model_holds_it(gptj_dir):
     import memory
-    q = GPT.from_pretrained(str(gptj_dir), base_quant="int8")
+    q = hf.from_pretrained(str(gptj_dir), base_quant="int8")
     lora.apply_lora(q, 4, 8.0, 0.0, "attn")
-    f = GPT.from_pretrained(str(gptj_dir))
+    f = hf.from_pretrained(str(gptj_dir))
     lora.apply_lora(f, 4, 8.0, 0.0, "attn")
     measured = memory.estimate_training_memory(q, 1, 32, optimizer="adamw8bit")  # bitsandbytes' own dtypes
     priced = memory.estimate_training_memory(f, 1, 32, optimizer="adamw8bit", base_quant="int8")

@@ -1,0 +1,195 @@
+"""
+Every way a GPT comes to be: from scratch for a run, from OpenAI's or a Hugging Face model (hf.py),
+from one of our runs (its checkpoint, LoRA merged or not), with LoRA or 1-D training on top.
+
+    from build import load_model, load_any
+    model, info = load_model("out-shakespeare-char")          # a run's latest checkpoint, on the CPU
+    model, data_meta, info = load_any("gpt2")                 # whatever a user names as a model
+
+train.py, sample.py, eval.py, export_hf.py and plan.py build their models here; checkpoint.py only
+reads and writes the files.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+import hf
+import lora
+import quant
+from checkpoint import holds_checkpoint, read_checkpoint, restore_model
+from errors import MissingFile, UserError
+from model import GPT, GPTConfig
+
+# GPTConfig fields that older checkpoints may hold, with the one value today's model still computes:
+# these options lost or tied in the project's own ablation and were removed (docs/LOG.md, 2026-12-07)
+REMOVED_FIELDS = {"norm": "layernorm", "zero_init_proj": False, "logit_softcap": 0.0}
+
+
+def saved_config(args):
+    """The GPTConfig of a checkpoint's model_args. A field newer than the checkpoint takes its default
+    (every default is GPT-2's shape), as GPTConfig resolves it (attn_proj_bias None -> bias); a removed
+    option is dropped where it was off, and refused where the model used it."""
+    used = [f"{k}={args[k]!r}" for k, off in REMOVED_FIELDS.items() if k in args and args[k] != off]
+    if args.get("activation") == "relu2":
+        used.append("activation='relu2'")
+    if used:
+        raise UserError(f"this checkpoint's model uses {', '.join(used)}, which homegpt no longer computes (removed "
+                        f"after losing in its ablation): load it with the homegpt release it was trained with")
+    names = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(args) - names - set(REMOVED_FIELDS))
+    if unknown:
+        raise UserError(f"this checkpoint's model has fields this homegpt does not know ({', '.join(unknown)}): it was "
+                        f"written by a newer release; update homegpt to load it")
+    return GPTConfig(**{k: v for k, v in args.items() if k in names})
+
+
+def scratch_model_args(cfg, data_meta):
+    """GPTConfig fields of a model trained from scratch: the config's (every GPTConfig field is a
+    TrainConfig key), the data's vocabulary unless the config names one."""
+    return dict(GPTConfig.model_args(cfg), vocab_size=cfg.vocab_size or data_meta.get("vocab_size") or 50304)
+
+
+def build_model(cfg, origin, model_args, base=None):
+    """The GPT for a training run: from scratch, or a pretrained base (cropped, with LoRA / 1-D training)."""
+    if origin == "scratch":  # a new model, or a checkpoint's (its model_args saved by this or an older release)
+        model = GPT(saved_config(model_args))
+        partial = False
+    else:
+        model = build_base(base or origin, cfg.base_quant)
+        model.set_dropout(cfg.dropout)  # pretrained weights with this run's dropout
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+        partial = apply_finetune(model, dataclasses.asdict(cfg))
+        if partial and cfg.base_dtype != "float32":
+            lora.freeze_base_dtype(model, {"bfloat16": torch.bfloat16}[cfg.base_dtype])
+    model.activation_checkpointing = cfg.activation_checkpointing
+    model.use_fast_dropout(cfg.fast_dropout)
+    return model, partial
+
+
+def check_model_args(saved, current):
+    """Refuse to load weights into a model of another shape, naming the fields that differ."""
+    saved = vars(saved_config(saved))
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+            for k in GPTConfig.SHAPE_FIELDS if saved.get(k) != current.get(k)]
+    if diff:
+        raise UserError("the model shape differs from the checkpoint's:\n  " + "\n  ".join(diff) +
+                         "\nkeep the checkpoint's values (or start a new out_dir)")
+
+
+def source_context(init_from):
+    """The context length of a model to start from, read from its metadata without loading weights:
+    one of our runs, a Hugging Face directory, or a GPT-2 name (None when it cannot be told)."""
+    p = Path(init_from)
+    if holds_checkpoint(p):
+        return read_checkpoint(p, verify=False)[1]["model_args"]["block_size"]
+    if (p / "config.json").is_file():
+        try:
+            config = json.loads((p / "config.json").read_text())
+            return config.get("n_positions", config.get("n_ctx"))
+        except (json.JSONDecodeError, AttributeError):
+            return None  # the loader explains what is wrong with the file
+    return hf.GPT2_CONTEXT if init_from in hf.HF_MODELS else None
+
+
+def source_data_meta(init_from):
+    """How a model to start from reads text: one of our runs' own data meta (characters or GPT-2 BPE),
+    or GPT-2 BPE for OpenAI's and Hugging Face GPT-2 models."""
+    if holds_checkpoint(init_from):
+        return read_checkpoint(init_from, verify=False)[1].get("data_meta")
+    return {"tokenizer": "gpt2", "vocab_size": 50257}
+
+
+def base_reference(init_from):
+    """How a fine-tune's checkpoints name the base they build on: an absolute path for local models
+    (so a resume works from another working directory), the name for hub models; None from scratch."""
+    if init_from == "scratch":
+        return None
+    return str(Path(init_from).resolve()) if Path(init_from).exists() else init_from
+
+
+def load_any(spec, device="cpu", which="latest", base_quant=""):
+    """(model in eval mode, its data meta, info) for whatever a user names as a model: one of our runs
+    or checkpoint directories (its latest or best checkpoint), a Hugging Face GPT-2 / GPT-J directory
+    or hub repository, or an OpenAI GPT-2 name. The one loader behind sample.py and eval.py.
+
+    A run trained on a quantised base loads as it trained, its adapters unmerged on the quantised
+    weights (merged, a 6B base would be a 24 GB float model); base_quant quantises a pretrained
+    model's matmuls as it loads (e.g. GPT-J-6B for a few-shot evaluation on an 11 GB card)."""
+    if holds_checkpoint(spec):
+        quantised = bool((read_checkpoint(spec, which, verify=False)[1].get("config") or {}).get("base_quant"))
+        model, info = load_model(spec, device=device, which=which, merge_lora=not quantised)
+        return model, info.get("data_meta") or {"tokenizer": "gpt2", "vocab_size": 50257}, info
+    if spec in hf.HF_MODELS or (Path(spec) / "config.json").is_file() or (hf.HUB_REPO.fullmatch(spec) and not Path(spec).exists()):
+        gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257}  # (GPT-J's tokenizer is GPT-2's BPE too)
+        model = hf.from_pretrained(spec, base_quant=base_quant).to(device).eval()
+        return model, gpt2, {"config": {}, "data_meta": gpt2, "checkpoint": spec}
+    if Path(spec).is_dir():
+        raise MissingFile(f"{spec} holds no checkpoint (latest.json or state.json): train there first, or check the path")
+    raise MissingFile(f"model {spec!r} is not a GPT-2 name ({', '.join(hf.HF_MODELS)}), a Hugging Face directory "
+                      f"(config.json) or one of our runs (an out_dir with latest.json); check the name or the path")
+
+
+def build_base(init_from, base_quant=""):
+    """The model a fine-tune starts from: OpenAI GPT-2 by name, a Hugging Face directory or hub
+    repository, or one of our runs; with base_quant ('int8' / 'nf4') its block matmuls quantised."""
+    if holds_checkpoint(init_from):
+        model, _ = load_model(init_from, merge_lora=True)
+        if base_quant:  # in memory already: quantised after loading
+            quant.quantize_model(model, base_quant)
+        return model
+    return hf.from_pretrained(init_from, base_quant=base_quant)
+
+
+def apply_finetune(model, cfg):
+    """Freeze and wrap a model for LoRA or 1-D-only training as the config says; returns True when
+    only part of the model trains (so checkpoints hold only that part)."""
+    if cfg.get("lora_rank", 0) > 0:
+        lora.apply_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
+        return True
+    if cfg.get("train_1d_only", False):
+        lora.train_only_1d(model)
+        return True
+    return False
+
+
+def load_model(path, device="cpu", merge_lora=True, which="latest"):
+    """A GPT in eval mode from a run's out_dir or a checkpoint directory, LoRA merged; plus its info.
+
+    which: 'latest' or 'best' (the latest when the run never evaluated). A run that is still
+    training may prune the checkpoint its pointer named while we read it: then the pointer is read
+    again, once, and the newer checkpoint loads instead."""
+    try:
+        return _load_model(path, device, merge_lora, which)
+    except FileNotFoundError:
+        if (Path(path) / "state.json").exists():
+            raise  # a checkpoint directory named directly: there is nothing newer to find
+        return _load_model(path, device, merge_lora, which)
+
+
+def _load_model(path, device, merge_lora, which):
+    ckpt, state = read_checkpoint(path, which)
+    args = state["model_args"]
+    cfg = state.get("config", {})
+    if state.get("trainable_only"):
+        base_quant = cfg.get("base_quant", "")
+        model = build_base(state["base"], base_quant)
+        if model.config.block_size > args["block_size"]:
+            model.crop_block_size(args["block_size"])
+        check_model_args(args, vars(model.config))
+        apply_finetune(model, cfg)
+        restore_model(model, ckpt, state)
+        if merge_lora and cfg.get("lora_rank", 0) > 0:
+            lora.merge_lora(model)
+        if merge_lora and base_quant:  # a float model, as trained (the quantised weights dequantised)
+            quant.dequantize_model(model)
+    else:
+        model = GPT(saved_config(args))
+        restore_model(model, ckpt, state)
+    model.to(device).eval()
+    info = {k: state.get(k) for k in ("config", "model_args", "iter_num", "tokens_seen", "best_val_loss", "data_meta")}
+    info["checkpoint"] = str(ckpt)
+    return model, info

@@ -1,0 +1,128 @@
+"""
+What train.py refuses before any work: every problem of a training config at once, as one UserError
+(one line per problem), before a process group starts, a model is built or a file is written.
+
+    from config_checks import check_config
+    check_config(cfg, Dist(world_size=2))   # raises UserError("invalid configuration:\n  ...")
+
+The model's own options are checked by GPTConfig.problems (model.py); the optimizer's name and its
+library by optimizers.optimizer_problems; the rest is here, a function per concern.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import build
+import checkpoint as ckpt_lib
+from errors import UserError
+from optimizers import optimizer_problems
+
+
+def check_config(cfg, dist_info):
+    """All problems of a config at once, as a UserError, before any work (and before torchrun's
+    process group starts, so that a wrong value is one line, not a hang)."""
+    errors = (batch_problems(cfg, dist_info) + schedule_problems(cfg) + finetune_problems(cfg, dist_info)
+              + optimizer_problems(cfg.optimizer, cfg.device) + check_sources(cfg))
+    # the model's own checks of its options; its shape only matters for a model built here
+    errors += cfg.problems(shape=cfg.init_from == "scratch")
+    choices = {"sampling": ("random", "sequential"), "lora_targets": ("attn", "all"),
+               "base_dtype": ("float32", "bfloat16"), "backend": ("auto", "nccl", "gloo"),
+               "lr_schedule": ("cosine", "wsd")}
+    for k, allowed in choices.items():
+        if getattr(cfg, k) not in allowed:
+            names = [repr(a) for a in allowed]
+            errors.append(f"{k} must be {', '.join(names[:-1])} or {names[-1]}, got {getattr(cfg, k)!r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        errors.append(f"dropout must be at least 0 and below 1, got {cfg.dropout}")
+    if cfg.early_stop_patience > 0 and cfg.sft_train_file and not cfg.sft_val_file:
+        errors.append("early_stop_patience needs validation data: set sft_val_file")
+    if cfg.resume_from and cfg.init_from != "resume":
+        errors.append(f"resume_from={cfg.resume_from!r} needs init_from='resume'")
+    if cfg.wandb_log and importlib.util.find_spec("wandb") is None:
+        errors.append("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
+    if errors:
+        raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def batch_problems(cfg, dist_info):
+    """The batch, its accumulation over ranks, and the intervals counted in steps."""
+    errors = []
+    if cfg.gradient_accumulation_steps % dist_info.world_size:
+        errors.append(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by the "
+                      f"{dist_info.world_size} ranks; use a multiple of {dist_info.world_size} (it is the total "
+                      f"over all ranks, so the tokens per step stay what the config says)")
+    if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
+        errors.append(f"batch_size must be positive or 'auto', got {cfg.batch_size!r}")
+    for k in ("block_size", "gradient_accumulation_steps", "eval_interval", "log_interval"):
+        if getattr(cfg, k) <= 0:
+            errors.append(f"{k} must be positive, got {getattr(cfg, k)}")
+    if cfg.batch_size == "auto" and cfg.sft_train_file:
+        errors.append("batch_size='auto' times token-file batches; an SFT run's padded examples need a number")
+    if cfg.batch_size == "auto" and cfg.fsdp and dist_info.enabled:
+        errors.append("batch_size='auto' times the whole model on each GPU, which FSDP exists to avoid: set a number "
+                      "(python bench.py <config> --plan on one GPU gives an upper bound)")
+    return errors
+
+
+def schedule_problems(cfg):
+    """Learning rates, the schedule's lengths and the optimizer's numbers."""
+    errors = [f"{k} must be positive, got {getattr(cfg, k)}" for k in ("learning_rate",) if getattr(cfg, k) <= 0]
+    errors += [f"{k} must be >= 0, got {getattr(cfg, k)}" for k in (
+        "min_lr", "weight_decay", "grad_clip", "max_iters", "warmup_iters", "lr_decay_iters", "early_stop_patience",
+        "save_interval", "keep_last_n") if getattr(cfg, k) < 0]
+    errors += [f"{k} must be in [0, 1), got {getattr(cfg, k)}" for k in ("beta1", "beta2")
+               if not 0.0 <= getattr(cfg, k) < 1.0]
+    if not 0.0 < cfg.cooldown_frac <= 1.0:
+        errors.append(f"cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
+    if cfg.optimizer == "muon" and cfg.muon_lr <= 0:
+        errors.append(f"muon_lr must be positive with optimizer='muon', got {cfg.muon_lr}")
+    return errors
+
+
+def finetune_problems(cfg, dist_info):
+    """LoRA, 1-D training, a quantised or bfloat16 base, and what FSDP can shard."""
+    errors = []
+    partial = cfg.lora_rank > 0 or cfg.train_1d_only
+    if cfg.train_1d_only and cfg.base_dtype != "float32":
+        errors.append("train_1d_only trains the biases inside the base's layers, which must then stay float32: "
+                      "use base_dtype='float32'")
+    if cfg.optimizer == "muon" and cfg.train_1d_only:
+        errors.append("optimizer='muon' trains weight matrices, and train_1d_only has none: use optimizer='adamw'")
+    if partial and cfg.init_from == "scratch":
+        errors.append("LoRA / train_1d_only fine-tune a pretrained model: set init_from")
+    if cfg.base_quant not in ("", "int8", "nf4"):
+        errors.append(f"base_quant must be '' (a float base), 'int8' or 'nf4', got {cfg.base_quant!r}")
+    elif cfg.base_quant:
+        if not partial:
+            errors.append(f"base_quant={cfg.base_quant!r} quantises a frozen base: train it with lora_rank > 0 or "
+                          f"train_1d_only=True (a quantised weight cannot be trained itself)")
+        if cfg.fsdp and dist_info.enabled:
+            errors.append("base_quant with fsdp=True: FSDP cannot shard bitsandbytes' quantised weights; use DDP")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            errors.append(f"base_quant={cfg.base_quant!r} needs bitsandbytes (0.50+ for a CPU): "
+                          f"pip install 'bitsandbytes>=0.50'")
+    if cfg.fsdp and dist_info.enabled:
+        if cfg.optimizer != "adamw":
+            errors.append("fsdp=True works with optimizer='adamw' only (bitsandbytes' 8-bit AdamW does not take sharded "
+                          "parameters, and Muon orthogonalises whole matrices)")
+        if cfg.base_dtype != "float32":
+            errors.append("fsdp=True needs base_dtype='float32': FSDP shards a block's parameters together and "
+                          "wants one dtype (sharding already divides the base's memory by the ranks)")
+    return errors
+
+
+def check_sources(cfg):
+    """Problems with out_dir and init_from that the filesystem shows before anything runs."""
+    errors, out = [], Path(cfg.out_dir)
+    if (out / "state.json").exists():
+        errors.append(f"out_dir={cfg.out_dir} is a checkpoint directory, not a run's out_dir: new checkpoints would "
+                      f"nest inside it; use --out_dir={out.parent} --init_from=resume --resume_from={out.name}")
+    elif cfg.init_from != "resume" and not cfg.overwrite and not cfg.eval_only and ckpt_lib.holds_run(out):
+        errors.append(f"out_dir={cfg.out_dir} already holds a run: continue it with --init_from=resume, start this one "
+                      f"in another --out_dir, or pass --overwrite=True to delete its checkpoints and metrics")
+    if cfg.init_from not in ("scratch", "resume"):
+        context = build.source_context(cfg.init_from)
+        if context is not None and cfg.block_size > context:
+            errors.append(f"block_size={cfg.block_size} exceeds the {context} positions of {cfg.init_from}: a pretrained "
+                          f"model's context can only be cropped; use --block_size={context} or less")
+    return errors
