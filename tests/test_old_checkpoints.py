@@ -12,11 +12,13 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 import build
 import checkpoint
 import train
+from errors import UserError
 from helpers import char_dataset, tiny_train_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_format1"
@@ -56,3 +58,15 @@ def test_an_old_run_resumes_exactly(tmp_path, monkeypatch):
         for key in ("train_loss", "val_loss", "lr", "tokens"):
             if key in old:
                 assert abs(got[key] - old[key]) <= 1e-6 * max(1.0, abs(old[key])), (key, got, old)
+
+
+def test_a_checkpoint_that_used_a_removed_option_is_refused_in_one_line(tmp_path):
+    """norm='rmsnorm' (and relu2, zero_init_proj, logit_softcap) are gone: a model trained with one cannot be
+    rebuilt, and loading it must say so instead of computing another model with its weights."""
+    run = shutil.copytree(FIXTURE, tmp_path / "run")
+    state_file = next(run.glob("ckpt-*")) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["model_args"]["norm"] = "rmsnorm"
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(UserError, match="norm='rmsnorm'.*no longer computes"):
+        build.load_model(run)
