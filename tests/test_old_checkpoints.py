@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import build
-import checkpoint
 import train
 from errors import UserError
 from helpers import char_dataset, tiny_train_config
