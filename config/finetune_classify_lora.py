@@ -9,7 +9,8 @@
 #   {"prompt": PROMPT.format(text=" ".join(row["tweet"].split())), "completion": [" hate", " offensive", " neutral"][row["class"]]}
 # to data/classify/{train,val,test}.jsonl. Offensive dominates: read macro F1 in eval's report, not only
 # accuracy (always answering "offensive" scores 77%). No network? python data/classify/make_synthetic.py
-# writes a stand-in task (weather / sport / food) in the same format to these same three files.
+# writes a stand-in task (weather / sport / food) in the same format to these same three files; the base
+# still downloads (gpt2-medium) unless --init_from names a local model or one of your runs (docs/finetune.md).
 # 16 batch x 2 accum = 32 examples/step; 21,783 / 32 = 681 steps per epoch; 700 steps ~ 1 epoch.
 # The format costs 18 GPT-2 tokens, each label 1 (+ <|endoftext|>); a tweet (<= 280 characters) is
 # mostly well under 100 tokens, so block_size 128 rarely truncates (and then keeps the "Label:" tail).

@@ -4,7 +4,7 @@
 #   python data/hate_speech/prepare.py            # 1,000 train / 200 class-balanced val (data/hate_speech)
 #   python train.py config/finetune_gptj_lora_all.py
 #   python eval.py --out_dir=out-gptj-lora-all --tasks=generate --data_file=data/hate_speech/val.jsonl --max_new_tokens=4
-# Way 3 of 4 (finetune_gptj_{1d,lora_attn,lora_all,fewshot}.py; README's table has each one's counts).
+# Way 3 of 4 (finetune_gptj_{1d,lora_attn,lora_all,fewshot}.py; docs/gptj.md has each one's counts).
 # Needs the real weights: init_from downloads EleutherAI/gpt-j-6b into the Hugging Face cache (in float32
 # the model is 24 GB); they are read tensor by tensor, each block matmul quantised as it arrives, so host
 # memory peaks near the int8 model (~7.3 GB with the float32 embeddings and lm_head). A local

@@ -6,9 +6,9 @@
 # 16 batch x 1024 block x 32 accum = 524,288 tokens/iter (2^19, GPT-3 small's 0.5M batch), summed over
 # all ranks: with 8 GPUs each rank runs 32 / 8 = 4 micro-steps.
 # 10e9 tokens / 524,288 = 19,073 iters ~ one epoch; sequential sampling reads each window once.
-# memory.py estimates 16.4 GiB at batch 16 (bf16); an H200 measured a 16.0 GiB peak eager, 11.4 compiled
-# (benchmarks/gpu_check.py). On a smaller card halve batch_size and double the accumulation.
-# Measured on one H200: 459,867 tokens/s compiled (MFU 39.7%), so 19,073 iters take ~6.0 h + evaluations.
+# Memory: memory.py estimates 16.4 GiB at batch 16 (bf16), printed at start; on a smaller card halve
+# batch_size and double the accumulation. Time: 19,073 iters x 524,288 tokens / your tokens/s; plan it
+# with python bench.py config/train_gpt2.py --plan. Measured rates: docs/pretrain_fineweb.md.
 # Reference: llm.c reproduced this model on 10B FineWeb tokens in ~90 minutes on 8x A100 80GB
 # (karpathy/llm.c discussion #481).
 out_dir = "out-gpt2"

@@ -10,13 +10,11 @@
 # Plan it on your card first: python bench.py config/train_gpt2_chinchilla.py --plan (micro-batch,
 # accumulation, validation budget, disk, ETA), or let train.py pick the micro-batch: --batch_size=auto.
 # Time, assuming ~20k tokens/s (an RTX 3090 in bf16, compiled): 491,520 / 20,000 = 24.6 s/iter,
-# 6,632 x 24.6 s = 163,000 s ~ 45 h (an estimate). Measured on one H200 (benchmarks/gpu_check.py):
-# 308,260 tokens/s compiled at batch 6 (MFU 26.6%), 2.9 h for the run. Check your own tokens/s in the
-# first log lines and scale.
+# 6,632 x 24.6 s = 163,000 s ~ 45 h (an estimate). Check your own tokens/s in the first log lines and
+# scale; measured rates are in docs/pretrain_fineweb.md.
 # Evaluation and a checkpoint every 75 iters = 75 x 24.6 s ~ 31 min of GPU time (88 in the run).
-# Memory: memory.py estimates 8.2 GiB at batch 6 (bf16; an H200 measured 7.6 eager, 5.9 compiled),
-# so 24 GB has room for torch.compile and fragmentation; with accumulation the batch does not change
-# the result, only the speed.
+# Memory: memory.py estimates 8.2 GiB at batch 6 (bf16), so 24 GB has room for torch.compile and
+# fragmentation; with accumulation the batch does not change the result, only the speed.
 out_dir = "out-gpt2-chinchilla"
 eval_interval = 75
 save_interval = 0  # checkpoints come with the evaluations (always_save_checkpoint)

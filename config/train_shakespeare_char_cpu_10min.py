@@ -1,21 +1,20 @@
-# Tiny Shakespeare, characters, on two CPU cores in 10 minutes, start to finish, on a 2-core AVX2 EPYC
-# (float32; the bf16 4 x 192 recipe ran 3x faster on a Xeon with native bf16, this one was not timed there):
+# Tiny Shakespeare, characters, on two CPU cores in about ten minutes, start to finish, sized for an AVX2
+# CPU, which computes it in float32 (dtype 'auto' picks bf16 autocast on a CPU that has it natively):
 #     python train.py config/train_shakespeare_char_cpu_10min.py
-#     python benchmarks/time_to_quality.py --nanogpt_dir=../shared/reference/nanoGPT   # times it beside nanoGPT's
+#     python benchmarks/time_to_quality.py --nanogpt_dir=/path/to/nanoGPT   # times it beside nanoGPT's
 # The bf16 CPU recipe (train_shakespeare_char_cpu_bf16.py: 4 x 192, block 128, Muon + AdamW) with the options
-# that paid in README's ablation on that EPYC (each alone, at equal wall clock, 2 seeds): rotary positions
+# that paid in the project's CPU ablation (each alone, at equal wall clock, 2 seeds): rotary positions
 # on 16 of each head's 48 dims, no biases, an untied head, QK-norm, and a warmup-stable-decay schedule
-# (constant, then linear to min_lr over the last 30%); then, from README's second sweep, half the batch
-# (16 sequences: 0.066 lower val at the same tokens, for ~13% more wall time in one run each), the
-# exact GELU, and every window once per epoch instead of random windows (sampling='sequential': 0.0195
-# lower val at 1,400 iterations, mean of two seeds; README).
+# (constant, then linear to min_lr over the last 30%); then, from a second sweep of its own settings,
+# half the batch (16 sequences), the exact GELU, and every window once per epoch instead of random
+# windows (sampling='sequential'). The tables behind each choice and the measured wall times:
+# docs/cpu_recipe.md and docs/LOG.md.
 # Arithmetic: 16 batch x 128 block = 2,048 tokens/iter; 1,400 iters -> 2,867,200 tokens = 2.9 epochs of
-# the 1,003,854 train tokens (7,842 windows of 128). On the EPYC: val 1.4940, in 511-562 s start to finish
-# in its usual hours and 618-632 s in a slow one (~0.44 s per iteration; README).
+# the 1,003,854 train tokens (7,842 windows of 128).
 out_dir = "out-shakespeare-char-cpu-10min"
 eval_interval = 100000  # only at the last iteration (initial_eval below)
 eval_iters = 0  # the whole validation split
-initial_eval = False  # no evaluation before training: its ~7 s go to training
+initial_eval = False  # no evaluation before training: its seconds go to training
 log_interval = 20
 always_save_checkpoint = False
 
@@ -29,7 +28,7 @@ n_layer = 4
 n_head = 4
 n_embd = 192
 dropout = 0.0
-activation = "gelu"  # exact GELU: GPT-2's tanh form to within 5e-4, at under half its cost on a CPU
+activation = "gelu"  # exact GELU: GPT-2's tanh form to within 5e-4, and cheaper on a CPU (docs/cpu_recipe.md)
 rotary_dim = 16
 bias = False
 tie_weights = False

@@ -1,12 +1,12 @@
-# Tiny Shakespeare, characters, sized for a CPU with native bfloat16 (AVX512-BF16/AMX): 2 minutes start to
-# finish on a 2-core Xeon with AMX (val 1.594; nanoGPT's CPU recipe took 116 s there for 1.886), 6.6 min on a
-# 2-core AVX2 EPYC, which computes it in float32 (there train_shakespeare_char_cpu.py is the one to run):
+# Tiny Shakespeare, characters, sized for a CPU with native bfloat16 (AVX512-BF16/AMX): about two minutes
+# start to finish on two such cores. A CPU without it (AVX2) computes it in float32, several times slower:
+# there train_shakespeare_char_cpu.py is the one to run.
 #     python train.py config/train_shakespeare_char_cpu_bf16.py
-# It was the default CPU recipe before the float32 one; README's ablation table was measured on it.
+# It was the default CPU recipe before the float32 one; the project's CPU ablation was run on it.
 # A small model that keeps two cores busy: 4 layers x 4 heads x 192 wide (1.82M parameters), context 128,
 # bfloat16 autocast where the CPU computes it natively (dtype 'auto'), no dropout (two epochs are too few
 # to overfit), Muon for the blocks' matrices and AdamW for the rest, a short warmup and one cosine decay.
-# What was tried on the way, and what each choice bought, is in docs/cpu_recipe.md.
+# What was tried on the way, what each choice bought and its measured times: docs/cpu_recipe.md.
 # Arithmetic: 32 batch x 128 block = 4,096 tokens/iter; 470 iters -> 1,925,120 tokens = 1.9 epochs of the
 # 1,003,854 train tokens; 1.82M parameters -> 1.1 tokens per parameter. Evaluations only at iteration 0 and
 # at the end, each over the whole fixed validation split (111,540 tokens), so the figure compares run to run.
