@@ -287,6 +287,35 @@ def price(cfg, plan):
               f"{CHINCHILLA * n_chin / 1e9:,.2f}B tokens")
 
 
+def calibrate(cfg, model, device, dtype, per_rank, ranks, block, windows):
+    """The timings a plan rests on, within about calibration_s: the micro-batch search, whole iterations of
+    its best candidates in turns, the chosen one's iterations one after another, reading the data, and
+    validation. Returns (search result, micro-batch, seconds per iteration by micro-batch, seconds per
+    iteration, data seconds per micro-batch, the validation plan, seconds it all took)."""
+    t_calibration = time.perf_counter()
+    result = search(train_step, model, cfg, device, dtype, per_rank, cfg.calibration_s, max_memory_gb=cfg.max_memory_gb)
+    b, per_iter = compare_iterations(train_step, model, cfg, device, dtype, result["trials"], per_rank,
+                                        CONFIRM * cfg.calibration_s)
+    accum, tokens_per_step = per_rank // b * ranks, per_rank * ranks * block
+    print("iterations, timed in turns (median): " + ", ".join(
+        f"{per_rank // c} x {c}: {s:.3f} s" for c, s in sorted(per_iter.items())))
+    ms = next(t["ms_per_step"] for t in result["trials"] if t["batch_size"] == b and t["status"] == "ok")
+    iter_s, n_timed = time_iterations(train_step, model, cfg, device, dtype, b, per_rank, ms, CONFIRM * cfg.calibration_s)
+    print(f"micro-batch: {b} (largest that fits: {result['largest']}; searched in {result['seconds']:.1f} s) -> "
+          f"gradient_accumulation_steps={accum}, {tokens_per_step:,} tokens per step as configured; "
+          f"{iter_s:.3f} s per iteration (the median of {n_timed} timed one after another)")
+    data_s = time_data(cfg, b, block, device)
+    if data_s:
+        iter_s += per_rank // b * data_s
+        print(f"data: {data_s * 1000:.1f} ms to read a micro-batch of {b} and copy it to {device} (the median of 20), "
+              f"{per_rank // b} per iteration: {iter_s:.3f} s per iteration with them")
+    evals = plan_validation(cfg, model, device, dtype, b, block, iter_s, windows, data_s)
+    calibrated_s = time.perf_counter() - t_calibration
+    print(f"calibration: {calibrated_s:.0f} s in all (the search, the comparison, the iterations and validation "
+          f"timed; each takes a few steps at least, so a slow device runs past calibration_s={cfg.calibration_s:g})")
+    return result, b, per_iter, iter_s, data_s, evals, calibrated_s
+
+
 def main(cfg):
     check_plan_config(cfg)
     ranks = cfg.ranks or int(os.environ.get("WORLD_SIZE", "1"))
@@ -315,27 +344,9 @@ def main(cfg):
         print("note: compile=True: the search times eager steps (compiling every micro-batch would take minutes); "
               "a compiled run is usually faster, so the ETA below is an upper bound")
 
-    t_calibration = time.perf_counter()
-    result = search(train_step, model, cfg, device, dtype, per_rank, cfg.calibration_s, max_memory_gb=cfg.max_memory_gb)
-    b, per_iter = compare_iterations(train_step, model, cfg, device, dtype, result["trials"], per_rank,
-                                        CONFIRM * cfg.calibration_s)
+    result, b, per_iter, iter_s, data_s, evals, calibrated_s = calibrate(cfg, model, device, dtype, per_rank, ranks,
+                                                                        block, windows)
     accum, tokens_per_step = per_rank // b * ranks, per_rank * ranks * block
-    print("iterations, timed in turns (median): " + ", ".join(
-        f"{per_rank // c} x {c}: {s:.3f} s" for c, s in sorted(per_iter.items())))
-    ms = next(t["ms_per_step"] for t in result["trials"] if t["batch_size"] == b and t["status"] == "ok")
-    iter_s, n_timed = time_iterations(train_step, model, cfg, device, dtype, b, per_rank, ms, CONFIRM * cfg.calibration_s)
-    print(f"micro-batch: {b} (largest that fits: {result['largest']}; searched in {result['seconds']:.1f} s) -> "
-          f"gradient_accumulation_steps={accum}, {tokens_per_step:,} tokens per step as configured; "
-          f"{iter_s:.3f} s per iteration (the median of {n_timed} timed one after another)")
-    data_s = time_data(cfg, b, block, device)
-    if data_s:
-        iter_s += per_rank // b * data_s
-        print(f"data: {data_s * 1000:.1f} ms to read a micro-batch of {b} and copy it to {device} (the median of 20), "
-              f"{per_rank // b} per iteration: {iter_s:.3f} s per iteration with them")
-    evals = plan_validation(cfg, model, device, dtype, b, block, iter_s, windows, data_s)
-    calibrated_s = time.perf_counter() - t_calibration
-    print(f"calibration: {calibrated_s:.0f} s in all (the search, the comparison, the iterations and validation "
-          f"timed; each takes a few steps at least, so a slow device runs past calibration_s={cfg.calibration_s:g})")
 
     plan = {"config": dataclasses.asdict(cfg), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "ranks": ranks, "n_params": model.get_num_params(), "trials": result["trials"],
