@@ -99,6 +99,12 @@ def quantized_linear(weight, bias, kind):
                               compress_statistics=True, quant_type="nf4", device="meta")
         m.weight = bnb.nn.Params4bit(weight.detach(), requires_grad=False, compress_statistics=True,
                                      quant_type="nf4").to(device)
+        # On a CPU with AVX512-BF16 (Zen 4, Sapphire Rapids), bitsandbytes repacks the weight for its
+        # inference kernel at the first forward in eval mode, and keeps it packed: every later training
+        # forward then runs that kernel, which has no backward (no gradient reaches the layers below,
+        # and adding the bias raises an autograd error). LoRA trains through these layers, and
+        # evaluates between steps, so the packing stays off.
+        m.support_avx512bf16_for_cpu = False
     if bias is not None and not bias.is_meta:  # (a loader building on the meta device places it later)
         m.bias = nn.Parameter(bias.detach().to(device, torch.float32), requires_grad=False)
     return m

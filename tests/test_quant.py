@@ -379,3 +379,22 @@ def test_the_gptj_mnli_recipe_trains_on_packed_text_and_exports(tmp_path, gptj_d
     export_hf.main(export_hf.ExportConfig(out_dir=cfg.out_dir, hf_dir=str(tmp_path / "hf-gptj-mnli"), dtype="float16"))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf-gptj-mnli"))
     assert type(theirs).__name__ == "GPTJForCausalLM"
+
+
+def test_an_nf4_layer_passes_gradients_after_an_evaluation_on_every_cpu():
+    """bitsandbytes repacks an nf4 weight for its inference kernel at the first eval-mode forward on a CPU
+    with AVX512-BF16 (Zen 4, Sapphire Rapids) and keeps it: that kernel has no backward, so LoRA over an
+    nf4 base stopped learning (or raised) after its first validation there. quant.py turns the packing
+    off; on a CPU without AVX512-BF16 the packing never happens, and the flag pins the fix there too."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 128) * 0.05
+    layer = quant.quantized_linear(weight, torch.zeros(64), "nf4")
+    assert layer.support_avx512bf16_for_cpu is False
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(3, 128))  # an evaluation: where the packing would happen
+    layer.train()
+    x = torch.randn(3, 128, requires_grad=True)
+    layer(x).sum().backward()
+    expected = quant.dequantized_weight(layer).sum(0).expand(3, -1)  # d(sum(x W^T + b)) / dx
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-4)
