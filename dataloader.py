@@ -13,7 +13,8 @@ Two on-disk formats, both uint16 tokens:
   train here as they are.
 
 Reading: every read opens a fresh memmap and copies out a bounded slice. One long-lived memmap read
-at random offsets makes the process's RSS grow towards the whole file (PITFALLS 9).
+at random offsets makes the process's RSS grow towards the whole file: every page it has touched
+stays mapped into the process, and a long run touches nearly all of them.
 Samplers keep their position in a small JSON-able state so a resumed run continues exactly.
 """
 
@@ -236,9 +237,9 @@ class TokenData:
     def read_windows(self, file_idx, starts, length):
         """Copies of tokens [s, s+length) for each s in starts of one file, as int64 (len(starts), length).
         One fresh memmap per call, dropped at the end (a memmap kept open grows the process's resident
-        memory over a long run). One memmap per window took 7.2 ms per 64 x 256 batch, one per file and
-        call 0.8 ms (2-core EPYC, interleaved medians, the same batches): host time that every step of a
-        small model waits for on a GPU (an H200 steps the GPU baby GPT in ~21 ms)."""
+        memory over a long run), and one per call rather than one per window: opening a memmap costs
+        far more host time than copying a window out of it, and every step of a small model on a GPU
+        waits for that time."""
         m = np.memmap(self.files[file_idx], dtype=TOKEN_DTYPE, mode="r",
                       offset=self.offsets[file_idx], shape=(self.lengths[file_idx],))
         out = np.empty((len(starts), length), dtype=np.int64)
@@ -374,11 +375,20 @@ def eval_batches(data, batch_size, block_size, max_batches=0, vocab_size=None):
     file order, the first max_batches batches of them (all when max_batches <= 0). The same weights
     always give the same number, and every run is measured on the same tokens."""
     sampler = _Sampler(data, batch_size, block_size, vocab_size)
-    windows = [(f, s) for f, n in enumerate(data.lengths) for s in range(0, n - block_size, block_size)]
-    if max_batches > 0:
-        windows = windows[:max_batches * batch_size]
+    windows = _eval_windows(data, batch_size, block_size, max_batches)
     for i in range(0, len(windows), batch_size):
         yield sampler._batch(windows[i:i + batch_size])
+
+
+def count_eval_batches(data, batch_size, block_size, max_batches=0):
+    """How many batches eval_batches yields with these arguments (a progress bar's total)."""
+    return -(-len(_eval_windows(data, batch_size, block_size, max_batches)) // batch_size)
+
+
+def _eval_windows(data, batch_size, block_size, max_batches):
+    """(file index, start) of each window eval_batches reads, in order."""
+    windows = [(f, s) for f, n in enumerate(data.lengths) for s in range(0, n - block_size, block_size)]
+    return windows[:max_batches * batch_size] if max_batches > 0 else windows
 
 
 def to_device(arrays, device):

@@ -12,8 +12,8 @@ Multiple choice is scored the way lm-evaluation-harness and llm.c do it: the log
 each ending given the context, in one padded batch per item. `pred` takes the highest sum of
 log-probabilities; `pred_norm` the highest mean per token (length-normalised, as llm.c's HellaSwag
 eval; the harness's acc_norm divides by bytes instead, so its numbers differ slightly).
-This file imports torch and numpy only; `datasets` (and hf.py for its hub check) are imported when a
-benchmark is downloaded.
+Long runs show a progress bar on a terminal (runtime.progress) and none in a log. `datasets` (and
+hf.py for its hub check) are imported only when a benchmark is downloaded.
 """
 
 import contextlib
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import runtime
 from errors import UserError
 
 
@@ -40,7 +41,7 @@ def evaluate_loss(model, batches, device, ctx):
     Returns {"loss", "perplexity", "tokens"}.
     """
     was_training = model.training
-    model.eval()  # no dropout (PITFALLS 8); restored below so train.py can call this mid-run
+    model.eval()  # dropout off: a loss with random masks is noisier and higher; train.py's mode is restored below
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     total = torch.zeros((), dtype=acc_dtype, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
@@ -317,8 +318,7 @@ def run_lambada(model, tokenizer, items, device, ctx, batch_size=8, progress=Tru
             "word_perplexity": math.exp(-logprob / n), "tokens": tokens}
 
 
-def progress_bar(iterable, enabled, desc):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, leave=False)
+def progress_bar(iterable, enabled, desc, total=None):
+    """iterable with a progress bar on a terminal (runtime.progress: none in a log, none off rank 0);
+    enabled=False (eval.py --progress=False) gives iterable back untouched."""
+    return runtime.progress(iterable, desc, total) if enabled else iterable

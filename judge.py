@@ -242,7 +242,7 @@ def judge_model(spec, model, tokenizer, items, judge, results, device, ctx, max_
                           f"{spec} answers"):
         chunk = todo[i:i + GENERATE_CHUNK]
         answers, _ = sft.generate_answers(model, tokenizer, [it["prompt"] for it in chunk], device, ctx,
-                                          max_new_tokens, batch_size)
+                                          max_new_tokens, batch_size, progress=progress)
         for it, answer in zip(chunk, answers):
             results.put({"model": spec, **it, "max_new_tokens": max_new_tokens, "answer": answer,
                          "judge": None, "score": None, "judge_reply": None, "error": None})

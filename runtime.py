@@ -7,8 +7,10 @@ Where and how the math runs: device, precision, distributed setup, seeding, RNG 
         logits, loss = model(x, y)
 
 train, sample, eval and bench all take their precision from here, so the dtype decision lives in
-exactly one place (PITFALLS 13): it is made after the config is resolved, from the actual device,
-and never calls a CUDA query on a machine without CUDA.
+exactly one place: a copy pasted into each script drifts, and a script then runs in another precision
+than the one its printed config claims. It is made after the config is resolved, from the actual
+device, and never calls a CUDA query on a machine without CUDA. Progress bars for long work
+(progress) live here too, beside print0: both speak on rank 0 only.
 """
 
 import base64
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from errors import UserError
 
@@ -35,6 +38,16 @@ def print0(*args, **kwargs):
     """print on the first rank only (or always, outside torchrun)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, **kwargs, flush=True)
+
+
+def progress(iterable=None, desc="", total=None, unit="it"):
+    """A tqdm bar over iterable (or, with iterable None, one to .update(n) by hand) for work that takes
+    minutes: drawn on stderr when stderr is a terminal, nothing at all when it goes to a log file or a
+    pipe (tqdm's disable=None), and under torchrun on rank 0 only, so N ranks do not draw N bars.
+    leave=False: the bar is erased when done, so what stays on the screen is the results."""
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True,
+                disable=True if quiet else None)
 
 
 def pick_device(name):
@@ -66,7 +79,7 @@ def cuda_has_bf16(device):
 
     Decided from the compute capability, not torch.cuda.is_bf16_supported(): on recent PyTorch that
     counts emulated bfloat16 as support (its including_emulation defaults to True), so a T4 (7.5) or
-    V100 (7.0) would get bf16 matmuls several times slower than float16 (PITFALLS 19). Tensor cores
+    V100 (7.0) would get bf16 matmuls several times slower than float16. Tensor cores
     with bfloat16 arrived with Ampere, compute capability 8.0. ROCm reports AMD's own version
     numbers here, so there torch's answer stands (every AMD GPU it supports has bfloat16)."""
     name = torch.cuda.get_device_name(device)
@@ -525,8 +538,8 @@ def matmul_size(device):
 
 def measure_matmul_flops(device, dtype, n=None, repeats=10):
     """Best FLOP/s of an n x n matmul in dtype on this device: the practical peak where no data sheet
-    applies. CUDA and MPS run asynchronously, so the device is synchronised before each clock read
-    (PITFALLS 20); without that a GPU's "peak" is the launch latency."""
+    applies. CUDA and MPS run asynchronously: a kernel launch returns before the work is done, so the
+    device is synchronised before each clock read; without that a GPU's "peak" is the launch latency."""
     n = n or matmul_size(device)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)

@@ -18,7 +18,8 @@ Conventions:
   as generation sees them (the prompt encoded alone, the completion generated after it).
 - Loss normalisation is the caller's: sum the token losses of every micro-batch and divide by the
   number of targets (y != -1) of the whole optimizer step, so that micro-batches holding different
-  numbers of target tokens weigh each token equally (PITFALLS 2).
+  numbers of target tokens weigh each token equally. Averaging per micro-batch first would weigh a
+  token of a micro-batch with few targets more than one of a micro-batch with many.
 """
 
 import json
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import runtime
 from errors import MissingFile, UserError
 from dataloader import EpochOrder
 
@@ -335,7 +337,7 @@ def few_shot_prefix(chosen, template=None):
 
 
 def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=16, k_shot=0, shots=None,
-                        template=None, batch_size=16, seed=0):
+                        template=None, batch_size=16, seed=0, progress=True):
     """Greedy generation of each example's completion; exact-match accuracy, per-class table, confusion.
 
     Generation: generate_answers (greedy, KV cache, equal-length prompts batched; n_cropped counts the
@@ -348,6 +350,7 @@ def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=
     k-shot baseline: k_shot demonstrations chosen from `shots` (choose_shots, the same for every test
     example, none of them a test prompt) are put before each prompt, formatted by `template`
     (default '{prompt}{completion}\\n\\n'); the model is not trained.
+    progress: a bar over the examples on a terminal (generate_answers).
     Returns a JSON-able dict; format_generation_report(result) prints it.
     """
     if not examples:
@@ -357,7 +360,7 @@ def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=
     chosen = choose_shots(shots, k_shot, seed, exclude=[e["prompt"] for e in examples]) if k_shot > 0 else []
     prefix = few_shot_prefix(chosen, template) if k_shot > 0 else ""
     texts, n_cropped = generate_answers(model, tokenizer, [prefix + ex["prompt"] for ex in examples], device, ctx,
-                                        max_new_tokens, batch_size)
+                                        max_new_tokens, batch_size, progress=progress)
     predictions, golds = [], []
     for ex, text in zip(examples, texts):
         if "\n" not in ex["completion"].strip():
@@ -376,7 +379,7 @@ def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=
     return result
 
 
-def generate_answers(model, tokenizer, prompts, device, ctx, max_new_tokens, batch_size=16):
+def generate_answers(model, tokenizer, prompts, device, ctx, max_new_tokens, batch_size=16, progress=True):
     """Greedy answers to text prompts: (texts, n_cropped). Each text is what the model generated up
     to its first end-of-text token.
 
@@ -384,7 +387,8 @@ def generate_answers(model, tokenizer, prompts, device, ctx, max_new_tokens, bat
     at a time up to float rounding), and a batch ends once every row has produced end-of-text. A
     prompt longer than block_size - max_new_tokens (but at least half the window) keeps its tail, so
     the answer is generated without the window sliding; n_cropped counts them. An empty prompt starts
-    from end-of-text, as GPT-2 documents do.
+    from end-of-text, as GPT-2 documents do. progress: a bar counting the answers, on a terminal only
+    (runtime.progress).
     """
     ctx = ctx if ctx is not None else nullcontext()
     device = torch.device(device)
@@ -404,14 +408,18 @@ def generate_answers(model, tokenizer, prompts, device, ctx, max_new_tokens, bat
     by_len = {}
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
-    for n, idxs in sorted(by_len.items()):
-        for j in range(0, len(idxs), batch_size):
-            chunk = idxs[j:j + batch_size]
+    batches = [(n, idxs[j:j + batch_size]) for n, idxs in sorted(by_len.items())
+               for j in range(0, len(idxs), batch_size)]
+    bar = runtime.progress(None, "generating", total=len(prompts), unit="answer") if progress else None
+    with bar if bar is not None else nullcontext():
+        for n, chunk in batches:
             idx = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
             with ctx:
                 out = model.generate(idx, max_new_tokens, temperature=0.0, stop_id=tokenizer.eot)
             for i, row in zip(chunk, out[:, n:].tolist()):
                 generated[i] = row
+            if bar is not None:
+                bar.update(len(chunk))
     texts = []
     for ids in generated:
         if tokenizer.eot is not None and tokenizer.eot in ids:

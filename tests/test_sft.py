@@ -1,5 +1,6 @@
 """SFT data, loss masks, samplers and generation accuracy. Run: python -m pytest -q tests/test_sft.py"""
 
+import io
 import json
 import re
 import string
@@ -359,6 +360,30 @@ def test_long_prompts_keep_their_tail():
     assert "1 prompt(s) cropped" in format_generation_report(r)
     with pytest.raises(ValueError, match="example 0 has an empty prompt"):
         evaluate_generation(model, tok, [{"prompt": "", "completion": " x"}], "cpu", None)
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as stderr is in an interactive shell."""
+
+    def isatty(self):
+        return True
+
+
+def test_generation_counts_its_answers_on_a_terminal_only(monkeypatch, capfd):
+    tok = char_tok()
+    examples = [{"prompt": f"m{i}:", "completion": " pos"} for i in range(5)]
+    model = RiggedModel(tok, {f"m{i}:": " pos" for i in range(5)})
+    evaluate_generation(model, tok, examples, "cpu", None, max_new_tokens=4, batch_size=2)
+    out, err = capfd.readouterr()
+    assert "generating" not in out + err and "\r" not in err  # captured: not a terminal, so no bar
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    evaluate_generation(model, tok, examples, "cpu", None, max_new_tokens=4, batch_size=2)
+    assert "generating:" in terminal.getvalue() and "0/5" in terminal.getvalue()
+    terminal.seek(0)
+    terminal.truncate()
+    evaluate_generation(model, tok, examples, "cpu", None, max_new_tokens=4, batch_size=2, progress=False)
+    assert terminal.getvalue() == ""
 
 
 def test_real_model_generation_batches_match_one_at_a_time():

@@ -671,8 +671,9 @@ def _run(cfg, settings, stage, budget, progress):
     reader = (HubDocuments if source["kind"] == "hub" else FileDocuments)(
         source, cfg.text_column, start["doc"], start["state"], start["state_doc"])
     total = cfg.val_tokens + budget if budget else _expected_tokens(cfg)
+    # disable=None: drawn on a terminal, silent when stderr is a log file (a bar's redraws would fill it)
     bar = tqdm(total=total, initial=writer.tokens_done(), unit="tok", unit_scale=True, mininterval=1.0,
-               desc="tokens", dynamic_ncols=True)
+               desc="tokens", dynamic_ncols=True, disable=None)
     next_doc, drop = start["doc"], start["offset"]
     try:
         for first_doc, position, (tokens, lengths) in tokenize(read_batches(reader, start["doc"]), pool, 2 * num_proc):

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not installed
@@ -51,6 +52,7 @@ SPLITS = {"train": "train", "val": "validation_matched"}  # our token file -> GL
 LABELS = ("entailment", "neutral", "contradiction")  # GLUE's label ids 0, 1, 2
 PROMPT = "mnli hypothesis: {hypothesis} premise: {premise} target:"
 MAX_ERRORS = 10  # bad rows listed in one error message
+TOKENIZE_CHUNK = 10_000  # pairs per encode_ordinary_batch call: the bar moves often, tiktoken's threads stay busy
 
 
 @dataclass
@@ -125,10 +127,19 @@ def example(premise, hypothesis, label):
     return {"prompt": PROMPT.format(hypothesis=hypothesis, premise=premise), "completion": " " + LABELS[label]}
 
 
-def tokens(examples):
-    """Every example's prompt + completion in GPT-2 BPE, each followed by <|endoftext|>, as one uint16 array."""
+def tokens(examples, desc="tokenizing"):
+    """Every example's prompt + completion in GPT-2 BPE, each followed by <|endoftext|>, as one uint16 array.
+    Encoded in chunks (each text on its own, so the chunking changes no token) under a progress bar:
+    tqdm's disable=None draws it on a terminal and leaves a log file without it (tqdm itself rather than
+    runtime.progress, which would bring torch into a script that needs none)."""
     enc = gpt2_encoding()
-    ids = enc.encode_ordinary_batch([e["prompt"] + e["completion"] for e in examples])
+    texts = [e["prompt"] + e["completion"] for e in examples]
+    ids = []
+    with tqdm(total=len(texts), desc=desc, unit="pair", leave=False, disable=None) as bar:
+        for i in range(0, len(texts), TOKENIZE_CHUNK):
+            chunk = texts[i:i + TOKENIZE_CHUNK]
+            ids += enc.encode_ordinary_batch(chunk)
+            bar.update(len(chunk))
     out = np.empty(sum(len(x) + 1 for x in ids), dtype=np.uint16)
     pos = 0
     for x in ids:
@@ -161,7 +172,7 @@ def main(cfg):
     counts = {}
     for name, s in splits.items():
         examples = [example(*pair) for pair in s["pairs"]]
-        ids = tokens(examples)
+        ids = tokens(examples, f"{name}.bin")
         write_raw_tokens(out_dir / f"{name}.bin", ids)
         if name == "val":
             write_json_lines(out_dir / "validation_matched.jsonl", examples)
