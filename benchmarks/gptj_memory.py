@@ -17,10 +17,7 @@ Reported: the peak resident memory (VmHWM) of the process while loading and over
 includes the Python process itself (printed as the baseline), and the time of each; memory.py's
 estimate for the same step on this CPU (float32 compute) and for an 11 GB GPU (fp16 autocast, as a
 GTX 1080 Ti, which has no bf16), with its verdict. The target: the measured peak under 11 GB.
-
-Measured (defaults, 2-core AMD EPYC, torch 2.13.0, bitsandbytes 0.50.2): process 0.29 GB before the
-model; peak 7.91 GB while making it (157 s), 9.28 GB over the step (158 s, loss 11.584); estimate
-7.42 + 0.29 = 7.71 GB on this CPU, 7.65 GB on an 11 GB GPU. RATIO peak / budget = 0.844.
+Measured figures: docs/.
 """
 
 import time

@@ -29,9 +29,8 @@ torch.cuda.max_memory_allocated. The largest batch is bench.find_max_batch (doub
 bisection), capped by max_batch and search_seconds. Nothing is downloaded and nothing installed:
 random tokens, and torch, numpy, safetensors, tiktoken, tqdm, plus pytest for the tests part.
 
-Time on one H200 (torch 2.11.0+cu130, 16-core Xeon host), measured with --search_seconds=40: tests 36 s,
-gpt2 74 s (18 s of it compiling), chinchilla 69 s, sampling 15 s, plan 82 s: 276 s in all. Each part
-prints its seconds, and --compile=False saves the two compilations.
+The whole check takes a few minutes on a current GPU (figures: docs/). Each part prints its seconds,
+and --compile=False saves the two compilations.
 
 One table at the end, every number in out_file (JSON, rewritten after each part). Exit status 1 when
 a test fails, a part breaks or there is no CUDA; otherwise 0.

@@ -9,12 +9,7 @@ punctuation, documents of a few hundred words, written a row group at a time so 
 holds the corpus), runs prepare.py on it in a subprocess with the default val_tokens and shard_size,
 and prints tokens/s and the peak RSS of the largest process of that run (ru_maxrss of the children).
 The default corpus (120M tokens) fills one whole default shard of 100M tokens, so the peak includes
-the full shard buffer and write_shard's copy of it.
-
-Measured on a 2-core Intel Xeon (Linux, python 3.11.7, tiktoken 0.14.0, pyarrow 26.0.1), defaults:
-120,678,366 tokens (191 MB of parquet) in 50.5 s including start-up = 2.39M tokens/s with 2
-processes (1.19M per process); peak RSS 699 MB: ~280 MB of imports (dataloader brings in torch),
-200 MB shard buffer, 200 MB of write_shard's bytes copy while it writes.
+the full shard buffer and write_shard's copy of it. Measured figures: docs/.
 """
 
 import json

@@ -2,7 +2,7 @@
 Time to quality: how low the validation loss gets, start to finish of one train.py command, for the
 two CPU recipes, beside nanoGPT's own CPU recipe run by nanoGPT's own code on the same machine.
 
-    python benchmarks/time_to_quality.py --nanogpt_dir=../shared/reference/nanoGPT --plot=docs/time_to_quality.png
+    python benchmarks/time_to_quality.py --nanogpt_dir=/path/to/nanoGPT --plot=docs/time_to_quality.png
     python benchmarks/time_to_quality.py                   # our two recipes only (budget: nanoGPT's documented 116 s)
     python benchmarks/time_to_quality.py --recipes=config/train_shakespeare_char_cpu.py --targets=1.55 \
         --budgets_s=120 --train_args="--max_iters=20 --n_layer=2"                       # a quick check
@@ -52,8 +52,8 @@ class TimeToQualityConfig:
     # (needs nanogpt_dir; without it, the 116 s it took on the Xeon)
     budgets_s: str = "nanogpt,600"
     train_args: str = ""  # extra --key=value for every recipe (a quick check: "--max_iters=20")
-    # a nanoGPT checkout (e.g. ../shared/reference/nanoGPT): its own train.py runs its CPU recipe first,
-    # copied to a temporary directory with its data prepared there (not timed)
+    # a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT /path/to/nanoGPT): its own
+    # train.py runs its CPU recipe first, copied to a temporary directory with its data prepared there (not timed)
     nanogpt_dir: str = ""
     timeout_s: float = 3600.0  # give up on a run after this long
     # torch threads of the runs (OMP_NUM_THREADS); 0 = torch's default, one per core. On a machine other

@@ -88,7 +88,8 @@ def test_mfu_is_flops_per_token_times_tokens_per_second_over_peak(tmp_path, fixe
     row = bench.run(tiny(tmp_path, batch_sizes="2"))["rows"][0]
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65))
     n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert row["flops_per_token"] == 6 * n_matmul + 12 * 2 * 16 * 32  # PITFALLS 15
+    # 6N for the matmul weights' forward and backward, plus 12 * L * T * C for attention (PaLM, appendix B)
+    assert row["flops_per_token"] == 6 * n_matmul + 12 * 2 * 16 * 32
     assert row["peak_flops"] == PEAK
     assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_sec"] / PEAK, rel=1e-12)
     assert row["tokens_per_sec"] == pytest.approx(row["tokens_per_step"] / (row["ms_per_step"] / 1000), rel=1e-9)
