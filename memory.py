@@ -39,8 +39,7 @@ What is counted (bytes, per device, for one micro-batch; gradient accumulation a
 - logits: 12 bytes per logit (b*s*V*12) at the start of backward, whatever the compute dtype: the fp32
   log-softmax output cross-entropy keeps, the fp32 gradient the loss sends back to it and the one it
   returns, alive together. In forward the lm_head output (c), its fp32 copy and the log-softmax
-  output (4 + 4) reach c + 8 <= 12 and are gone by then. Measured on an H200 (GPT-2 124M, bf16
-  autocast, batch 16): 12.0 bytes per logit above the other activations at the step's peak. With
+  output (4 + 4) reach c + 8 <= 12 and are gone by then (a GPU's measured peak agrees: docs/). With
   GPT-2's 50,257-token vocabulary this is often the largest activation of all.
 - several ranks (world_size > 1): DDP replicates everything above on every GPU; with
   gradient_as_bucket_view (train.py sets it) its communication buckets are the gradients
@@ -93,11 +92,8 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
         with torch.device("meta"):  # shapes and counts only; gpt2-xl costs nothing
             model = GPT(model)
     cfg = model.config
-    params = list(model.parameters())  # shared (tied) tensors appear once
     size = (lambda p: param_dtype_bytes) if param_dtype_bytes else (lambda p: p.element_size())
-    quantized, quantized_rows = _quantized_weights(model, base_quant), 0
-    for n_rows in quantized.values():
-        quantized_rows += n_rows
+    quantized = _quantized_weights(model, base_quant)
 
     def nbytes(p):
         if id(p) in quantized:
@@ -105,6 +101,25 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
             return quantized_bytes(p.numel(), base_quant, quantized[id(p)])
         return p.numel() * size(p)
 
+    settings = dict(
+        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
+        mlp_width=model.transformer.h[0].mlp.c_fc.out_features if cfg.n_layer else 4 * cfg.n_embd,
+        batch_size=batch_size, block_size=block_size,
+        **_parameter_bytes(model, nbytes, size, trainable_params, param_dtype_bytes),
+        **_weight_copies(model, quantized, size, compute_dtype_bytes),
+        compute_bytes=compute_dtype_bytes, residual_bytes=max(size(model.transformer.wte.weight), compute_dtype_bytes),
+        optimizer=optimizer, activation_checkpointing=activation_checkpointing,
+        flash_attention=flash_attention, dropout=cfg.dropout if dropout is None else dropout,
+        world_size=world_size, fsdp=bool(fsdp and world_size > 1),
+    )
+    return estimate_from_settings(settings)
+
+
+def _parameter_bytes(model, nbytes, size, trainable_params, param_dtype_bytes):
+    """The parameter counts and sizes estimate_from_settings prices: all weights, the trainable ones
+    (gradients, optimizer states), Muon's matrices, and one block against the FSDP root unit."""
+    cfg = model.config
+    params = list(model.parameters())  # shared (tied) tensors appear once
     trainable = [p for p in params if p.requires_grad]
     if trainable_params is None:
         n_trainable = sum(p.numel() for p in trainable)
@@ -112,35 +127,33 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
         small = sum(p.numel() for p in trainable if p.numel() < BNB_MIN_SIZE)
     else:  # a count only: assume fp32-sized parameters of the large kind
         n_trainable, train_bytes, small = trainable_params, trainable_params * (param_dtype_bytes or 4), 0
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    lm_head = model.lm_head.weight
-    # (bitsandbytes' layers are nn.Linear too, stored in 1 byte or less: autocast copies none of them)
-    block_weights = [m.weight for m in linears if m.weight is not lm_head and id(m.weight) not in quantized]
-    wte = model.transformer.wte.weight
     block_bytes = sum(nbytes(p) for p in model.transformer.h[0].parameters()) if cfg.n_layer else 0
-    # a quantised layer's backward multiplies by its weight dequantised to the compute dtype: one
-    # matrix at a time, the largest (bitsandbytes' MatMul8bitLt / MatMul4Bit)
-    sizes = [m.in_features * m.out_features for m in model.modules()
-             if from_bitsandbytes(m) or id(getattr(m, "weight", None)) in quantized]
-    settings = dict(
-        n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, vocab_size=cfg.vocab_size,
-        mlp_width=model.transformer.h[0].mlp.c_fc.out_features if cfg.n_layer else 4 * cfg.n_embd,
-        batch_size=batch_size, block_size=block_size,
+    return dict(
         weights=sum(nbytes(p) for p in params),
         n_params=sum(p.numel() for p in params), n_trainable=n_trainable, trainable_bytes=train_bytes,
         n_small_trainable=small,
         muon_bytes=sum(nbytes(p) for p in model.muon_matrices()),  # what Muon would take
+        block_bytes=block_bytes, root_bytes=sum(p.numel() * size(p) for p in params) - cfg.n_layer * block_bytes,
+    )
+
+
+def _weight_copies(model, quantized, size, compute_dtype_bytes):
+    """What autocast copies of the weights cost (elements), and the scratch a quantised layer's
+    backward dequantises into (bytes)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    lm_head = model.lm_head.weight
+    # (bitsandbytes' layers are nn.Linear too, stored in 1 byte or less: autocast copies none of them)
+    block_weights = [m.weight for m in linears if m.weight is not lm_head and id(m.weight) not in quantized]
+    # a quantised layer's backward multiplies by its weight dequantised to the compute dtype: one
+    # matrix at a time, the largest (bitsandbytes' MatMul8bitLt / MatMul4Bit)
+    sizes = [m.in_features * m.out_features for m in model.modules()
+             if from_bitsandbytes(m) or id(getattr(m, "weight", None)) in quantized]
+    return dict(
         # autocast copies a weight only when it is stored wider than the compute dtype
         copied_block_weights=sum(w.numel() for w in block_weights if size(w) > compute_dtype_bytes),
         copied_lm_head=lm_head.numel() if size(lm_head) > compute_dtype_bytes else 0,
         dequantized_scratch=max(sizes, default=0) * compute_dtype_bytes,
-        compute_bytes=compute_dtype_bytes, residual_bytes=max(size(wte), compute_dtype_bytes),
-        optimizer=optimizer, activation_checkpointing=activation_checkpointing,
-        flash_attention=flash_attention, dropout=cfg.dropout if dropout is None else dropout,
-        world_size=world_size, fsdp=bool(fsdp and world_size > 1),
-        block_bytes=block_bytes, root_bytes=sum(p.numel() * size(p) for p in params) - cfg.n_layer * block_bytes,
     )
-    return estimate_from_settings(settings)
 
 
 def _quantized_weights(model, base_quant):
