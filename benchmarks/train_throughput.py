@@ -13,15 +13,8 @@ config file, so this measures what `python train.py <config_file>` does. They ru
 process: the same batch, learning rate and dropout seed for both at each step, the order of the two
 alternating, so a machine whose load drifts slows both alike. The first `warmup_steps` are not
 timed (torch.compile compiles then). Prints the mean loss of each side per log interval (as
-train.py logs it) and the largest difference, then the RATIO line of tokens/s (medians).
-
-Measured on a 2-core Xeon with AVX512-BF16/AMX (torch 2.13 CPU), defaults (baby GPT, batch 64, 100
-steps): bfloat16 eager + fused AdamW + fast dropout 6,152 tokens/s vs float32 eager 1,534 = 4.01x;
-the ten logged losses within 0.0050 (2.4698 vs 2.4729 at step 100; the two sides draw different
-dropout masks). Before fast dropout the same benchmark gave 3,466 vs 1,768 = 1.96x: torch's dropout
-(a Bernoulli draw per element, and SDPA leaving its fused kernel for a float32 path) was ~40% of the
-bfloat16 step. A CPU without bfloat16 (--fast_dtype=float32, batch 32, 12 steps): 2,723 vs 2,076
-tokens/s = 1.31x from fast dropout and fused AdamW alone.
+train.py logs it) and the largest difference, then the RATIO line of tokens/s (medians). The two sides
+draw different dropout masks, so their losses agree closely but not exactly. Measured figures: docs/.
 """
 
 import dataclasses
@@ -52,9 +45,8 @@ class ThroughputConfig:
     warmup_steps: int = 2  # first steps left out of the timing (compilation, allocator warm-up)
     log_interval: int = 10  # steps per logged mean loss; 0 = the config file's log_interval
     fast_dtype: str = "auto"  # precision of the fast side: auto = bfloat16 where the CPU/GPU has it natively
-    # torch.compile the fast side (skipped, with the reason, where it cannot run). Off by default: on the
-    # 2-core AVX-512/AMX Xeon, batch 8, inductor's code was slower than eager (bf16 fwd+bwd median 2.17 s
-    # compiled vs 1.85 s eager with dropout 0.2; 1.19 vs 1.09 s without dropout) after 34-72 s of compiling
+    # torch.compile the fast side (skipped, with the reason, where it cannot run). Off by default: on a
+    # small CPU inductor's code ran slower than eager, after a long compilation (figures: docs/)
     compile: bool = False
     fused: bool = True  # the fast side's AdamW uses the fused kernel (the baseline uses the foreach one)
     fast_dropout: bool = True  # the fast side's CPU dropout is model.fast_dropout (the baseline uses torch's)
@@ -84,6 +76,36 @@ def main(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     common.print_machine("training throughput: fast path vs float32 eager")
+    tcfg = training_config(cfg)
+    device = pick_device(cfg.device)
+    fast_dtype = pick_dtype(cfg.fast_dtype, device)
+    sampler, _, meta = train.load_data(tcfg, Dist())
+    model_args = dict(n_layer=tcfg.n_layer, n_head=tcfg.n_head, n_embd=tcfg.n_embd, block_size=tcfg.block_size,
+                      vocab_size=tcfg.vocab_size or meta.get("vocab_size") or 50304, dropout=tcfg.dropout,
+                      bias=tcfg.bias, qkv_bias=tcfg.qkv_bias, tie_weights=tcfg.tie_weights,
+                      activation=tcfg.activation)
+    tokens_per_step = tcfg.batch_size * tcfg.block_size
+    base = "float32 eager"
+    fast = f"{str(fast_dtype).replace('torch.', '')}{' compiled' if cfg.compile else ' eager'}" \
+           f"{' fused' if cfg.fused else ''}{' fast-dropout' if cfg.fast_dropout and tcfg.dropout else ''}"
+    sides = {base: make_side(tcfg, device, torch.float32, False, False, False, model_args),
+             fast: make_side(tcfg, device, fast_dtype, cfg.compile, cfg.fused, cfg.fast_dropout, model_args)}
+    n_params = sides[fast][1].get_num_params()
+    print(f"model: {tcfg.n_layer} layers x {tcfg.n_head} heads x {tcfg.n_embd} wide, {n_params:,} parameters, "
+          f"dropout {tcfg.dropout}; {tcfg.batch_size} batch x {tcfg.block_size} block = {tokens_per_step:,} tokens/step; "
+          f"{cfg.steps} steps ({cfg.warmup_steps} untimed)")
+
+    times, logged = run_lockstep(cfg, tcfg, sides, sampler, device)
+    worst = max(abs(l[fast] - l[base]) for _, l in logged)
+    print(f"LOSS max |{fast} - {base}| over {len(logged)} logged steps: {worst:.4f} "
+          f"(tolerance {cfg.loss_tolerance}: {'met' if worst <= cfg.loss_tolerance else 'NOT met'})")
+    rates = {name: tokens_per_step / common.median(t) for name, t in times.items()}
+    common.print_ratio("train_throughput", fast, rates[fast], base, rates[base], "tokens/s", cfg.target)
+    return {"rates": rates, "max_loss_diff": worst, "logged": logged}
+
+
+def training_config(cfg):
+    """The TrainConfig both sides train with: the config file, then train_args, then batch_size."""
     config_file = Path(cfg.config_file)
     if not config_file.exists() and (ROOT / config_file).exists():
         config_file = ROOT / config_file  # run from outside the repository
@@ -92,28 +114,17 @@ def main(cfg):
         tcfg.batch_size = cfg.batch_size
     if cfg.steps <= cfg.warmup_steps:
         raise UserError(f"steps ({cfg.steps}) must exceed warmup_steps ({cfg.warmup_steps}) to time anything")
-    log_every = cfg.log_interval or tcfg.log_interval
-    device = pick_device(cfg.device)
-    fast_dtype = pick_dtype(cfg.fast_dtype, device)
-    dist = Dist()
-    sampler, _, meta = train.load_data(tcfg, dist)
-    model_args = dict(n_layer=tcfg.n_layer, n_head=tcfg.n_head, n_embd=tcfg.n_embd, block_size=tcfg.block_size,
-                      vocab_size=tcfg.vocab_size or meta.get("vocab_size") or 50304, dropout=tcfg.dropout,
-                      bias=tcfg.bias, qkv_bias=tcfg.qkv_bias, tie_weights=tcfg.tie_weights,
-                      activation=tcfg.activation)
-    tokens_per_step = tcfg.batch_size * tcfg.block_size
-    fast_name = f"{str(fast_dtype).replace('torch.', '')}{' compiled' if cfg.compile else ' eager'}" \
-                f"{' fused' if cfg.fused else ''}{' fast-dropout' if cfg.fast_dropout and tcfg.dropout else ''}"
-    sides = {"float32 eager": make_side(tcfg, device, torch.float32, False, False, False, model_args),
-             fast_name: make_side(tcfg, device, fast_dtype, cfg.compile, cfg.fused, cfg.fast_dropout, model_args)}
-    n_params = sides[fast_name][1].get_num_params()
-    print(f"model: {tcfg.n_layer} layers x {tcfg.n_head} heads x {tcfg.n_embd} wide, {n_params:,} parameters, "
-          f"dropout {tcfg.dropout}; {tcfg.batch_size} batch x {tcfg.block_size} block = {tokens_per_step:,} tokens/step; "
-          f"{cfg.steps} steps ({cfg.warmup_steps} untimed)")
+    return tcfg
 
+
+def run_lockstep(cfg, tcfg, sides, sampler, device):
+    """Step every side on the same batch, learning rate and dropout seed, alternating which goes first.
+    Returns ({side: seconds of each timed step}, [(step, {side: mean loss over the log interval})])."""
+    log_every = cfg.log_interval or tcfg.log_interval
+    dist = Dist()
     times = {name: [] for name in sides}
     interval_loss = {name: 0.0 for name in sides}
-    logged = []  # (step, {name: mean loss over the interval})
+    logged = []
     for it in range(cfg.steps):
         lr = train.get_lr(it, tcfg)
         x, y = to_device(sampler.next_batch(), device)
@@ -136,14 +147,7 @@ def main(cfg):
             row = ", ".join(f"{k} {v:.4f}" for k, v in logged[-1][1].items())
             print(f"step {it + 1}: mean loss {row}; last step " +
                   ", ".join(f"{k} {t[-1] * 1000:,.0f} ms" for k, t in times.items() if t), flush=True)
-
-    base, fast = "float32 eager", fast_name
-    worst = max(abs(l[fast] - l[base]) for _, l in logged)
-    print(f"LOSS max |{fast} - {base}| over {len(logged)} logged steps: {worst:.4f} "
-          f"(tolerance {cfg.loss_tolerance}: {'met' if worst <= cfg.loss_tolerance else 'NOT met'})")
-    rates = {name: tokens_per_step / common.median(t) for name, t in times.items()}
-    common.print_ratio("train_throughput", fast, rates[fast], base, rates[base], "tokens/s", cfg.target)
-    return {"rates": rates, "max_loss_diff": worst, "logged": logged}
+    return times, logged
 
 
 if __name__ == "__main__":
