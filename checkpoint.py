@@ -23,7 +23,9 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -493,6 +495,91 @@ def delete_run(out_dir):
     for f in files:
         f.unlink()
     return ", ".join(([f"{len(ckpts)} checkpoint(s)"] if ckpts else []) + [f.name for f in files])
+
+
+# ----------------------------------------------------------------------------- one run per out_dir
+
+LOCK = "run.lock"
+
+
+def _this_process():
+    """Who holds a lock: the host, the process and when it started (so a reused process id after a
+    reboot or a long time is not taken for the holder), and torchrun's job id."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+            "boot": boot.read_text().strip() if boot.is_file() else None,
+            "job": os.environ.get("TORCHELASTIC_RUN_ID")}
+
+
+def _start_time(pid):
+    """The process's start time in clock ticks since boot (Linux), or None where it cannot be read."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _holder_alive(lock, me):
+    """False when the lock's holder is surely gone: this host, and the process is dead, another
+    process now has its id, or the machine rebooted since. Another host's holder counts as alive."""
+    if lock.get("host") != me["host"]:
+        return True
+    if lock.get("boot") and me["boot"] and lock["boot"] != me["boot"]:
+        return False
+    try:
+        os.kill(lock["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return lock.get("started") is None or _start_time(lock["pid"]) == lock["started"]
+
+
+def _read_lock(path):
+    """The lock's holder, or None for a lock cut off mid-write: being written this very moment when it
+    is seconds old, else left by a writer that died."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def claim_out_dir(out_dir, dist_info):
+    """Rank 0 takes out_dir/run.lock, so that a second training started into the same out_dir (by
+    mistake, or a restart racing a run still alive) is refused before it reads or writes anything,
+    while the first goes on. A lock whose holder is gone (kill -9, a reboot), this process's own, or one
+    of the same torchrun job (a restart after a worker died) is taken over. Every rank calls this."""
+    error = None
+    if dist_info.is_master:
+        path, me = Path(out_dir) / LOCK, _this_process()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # created only if absent, so two runs starting at once cannot both take it
+            with open(path, "x") as f:
+                json.dump(me, f)
+        except FileExistsError:
+            held = _read_lock(path) or {"host": me["host"], "pid": None}
+            ours = (held.get("pid"), held.get("host")) == (me["pid"], me["host"])
+            same_job = me["job"] is not None and held.get("job") == me["job"]
+            alive = _holder_alive(held, me) if held["pid"] else time.time() - path.stat().st_mtime < 10
+            if not ours and not same_job and alive:
+                error = (f"out_dir={out_dir} is in use by a live run (host {held.get('host')}, process "
+                         f"{held.get('pid')}): wait for it to end, or train into another --out_dir; if that process is "
+                         f"surely gone, delete {path}")
+            else:
+                write_json(path, me)
+    error = broadcast_object(error, dist_info)
+    if error:
+        raise UserError(error)
+
+
+def release_out_dir(out_dir):
+    """Rank 0 gives out_dir/run.lock back when the run ends (a lock left by a crash is taken over)."""
+    path = Path(out_dir) / LOCK
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, json.JSONDecodeError):
+        pass  # nothing to give back: never taken, or taken over
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl

@@ -9,13 +9,19 @@ The model's own options are checked by GPTConfig.problems (model.py); the optimi
 library by optimizers.optimizer_problems; the rest is here, a function per concern.
 """
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
 import build
 import checkpoint as ckpt_lib
 from errors import UserError
+from model import GPTConfig
 from optimizers import optimizer_problems
+
+# what a resume may not change: the weights' shapes, the data, the optimizer's kind
+RESUME_FIXED = GPTConfig.SHAPE_FIELDS + GPTConfig.COMPUTE_FIELDS + (
+    "lora_rank", "lora_targets", "train_1d_only", "base_quant", "sft_train_file", "dataset", "data_dir", "optimizer")
 
 
 def check_config(cfg, dist_info):
@@ -126,3 +132,16 @@ def check_sources(cfg):
             errors.append(f"block_size={cfg.block_size} exceeds the {context} positions of {cfg.init_from}: a pretrained "
                           f"model's context can only be cropped; use --block_size={context} or less")
     return errors
+
+
+def check_resume(saved, cfg, ckpt_dir):
+    """What a resume changes, {key: (checkpoint value, now)}, to be printed and then used; a UserError
+    naming them when it changes what it may not (RESUME_FIXED: the model's shape, the data, the
+    optimizer's kind)."""
+    changed = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("init_from", "resume_from", "overwrite") and k in saved and saved[k] != v}
+    refused = {k: c for k, c in changed.items() if k in RESUME_FIXED}
+    if refused:
+        raise UserError(f"cannot resume {ckpt_dir} with a different model, data or optimizer: " + ", ".join(
+            f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in refused.items()) + "; keep them as they were")
+    return changed

@@ -32,7 +32,7 @@ import configurator
 import evaluation
 import memory
 import sft
-from config_checks import check_config
+from config_checks import check_config, check_resume
 from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
                         prepare_shipped, resolve_data_dir, to_device)
 from errors import UserError
@@ -60,6 +60,9 @@ class TrainConfig(GPTConfig):
     save_interval: int = 0  # also save every this many iterations, independent of evaluation; 0 = off
     keep_last_n: int = 3  # checkpoints kept besides latest and best
     init_from: str = "scratch"  # 'scratch' | 'resume' | 'gpt2[-medium|-large|-xl]' | HF dir | one of our runs
+    # True: when out_dir holds a checkpoint, resume it (as init_from='resume'), else start as init_from says;
+    # the same command then continues a crashed run (a shell loop, torchrun --max-restarts, SLURM --requeue)
+    auto_resume: bool = False
     resume_from: str = ""  # with init_from='resume': a checkpoint (ckpt-NNNNNNN in out_dir, or a path) instead of latest
     overwrite: bool = False  # a new run into an out_dir holding one deletes its checkpoints and metrics
     seed: int = 1337
@@ -126,11 +129,6 @@ class TrainConfig(GPTConfig):
         pass  # (not GPTConfig's: check_config reports every problem of every key at once, as one error)
 
 
-# what a resume may not change: the weights' shapes, the data, the optimizer's kind
-RESUME_FIXED = GPTConfig.SHAPE_FIELDS + GPTConfig.COMPUTE_FIELDS + (
-    "lora_rank", "lora_targets", "train_1d_only", "base_quant", "sft_train_file", "dataset", "data_dir", "optimizer")
-
-
 # ----------------------------------------------------------------------------- pure functions
 
 def get_lr(it, cfg):
@@ -152,15 +150,6 @@ def get_lr(it, cfg):
         return cfg.learning_rate + (it - start) / max(1, cfg.lr_decay_iters - start) * (cfg.min_lr - cfg.learning_rate)
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def resume_changes(saved, cfg):
-    """(refused, changed): {key: (checkpoint value, now)} for what a resume may not change (the model's
-    shape, the data, the optimizer's kind) and for everything else that differs (printed, then used)."""
-    changed = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
-               if k not in ("init_from", "resume_from", "overwrite") and k in saved and saved[k] != v}
-    refused = {k: c for k, c in changed.items() if k in RESUME_FIXED}
-    return refused, {k: c for k, c in changed.items() if k not in refused}
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -325,6 +314,12 @@ def validate(run):
 def open_runtime(cfg):
     """Phase 1: config checks (before any process group: a wrong value is one line, not a hang),
     the process group, device and precision. Returns (dist, device, dtype, fsdp)."""
+    if cfg.auto_resume and cfg.init_from != "resume" and not cfg.eval_only:
+        if ckpt_lib.holds_checkpoint(cfg.out_dir):
+            print0(f"auto_resume: {cfg.out_dir} holds a run: resuming it (it started from init_from={cfg.init_from!r})")
+            cfg.init_from = "resume"
+        elif ckpt_lib.holds_run(cfg.out_dir):  # a run that died before its first checkpoint: start it again
+            cfg.overwrite = True
     check_config(cfg, Dist(world_size=int(os.environ.get("WORLD_SIZE", "1"))))
     dist_info, device = init_distributed(cfg.device, cfg.backend)
     setup_backends(device)
@@ -356,13 +351,11 @@ def resume_point(cfg, dist_info, device):
     """Phase 2: (checkpoint dir, state) to resume from, or (None, None) for a new run (whose out_dir
     is cleared first with overwrite=True)."""
     state, ckpt_dir = None, None
+    if not cfg.eval_only:  # one training per out_dir: refused here, before anything is read or written
+        ckpt_lib.claim_out_dir(cfg.out_dir, dist_info)
     if cfg.init_from == "resume":
         ckpt_dir, state = ckpt_lib.read_for_resume(cfg.out_dir, cfg.resume_from, dist_info)
-        refused, changed = resume_changes(state["config"], cfg)
-        if refused:
-            raise UserError(f"cannot resume {ckpt_dir} with a different model, data or optimizer: " + ", ".join(
-                f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in refused.items()) + "; keep them as they were")
-        for k, (a, b) in changed.items():
+        for k, (a, b) in check_resume(state["config"], cfg, ckpt_dir).items():
             if k == "activation":  # the model is rebuilt from the checkpoint's own arguments
                 print0(f"resume: {k} stays the checkpoint's {a!r} (the config says {b!r})")
             else:
@@ -558,6 +551,8 @@ def main(cfg):
     if state and state["iter_num"] >= cfg.max_iters and not cfg.eval_only:
         print0(f"resume: {ckpt_dir} is at iteration {state['iter_num']}, max_iters={cfg.max_iters}: the run is "
                f"finished and nothing was trained; raise --max_iters to train on")
+        if dist_info.is_master:
+            ckpt_lib.release_out_dir(cfg.out_dir)
         close_distributed(dist_info)
         return {"iter_num": state["iter_num"], "best_val_loss": state["best_val_loss"]}
     run = build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state)
@@ -579,6 +574,8 @@ def main(cfg):
     finally:
         stop.close()  # the signal handlers the process had before (it may go on: a test, a notebook)
         metrics.close()
+        if dist_info.is_master and not cfg.eval_only:
+            ckpt_lib.release_out_dir(cfg.out_dir)
     barrier(dist_info, device)  # no rank leaves while rank 0 still writes the final checkpoint
     result = {"iter_num": run.iter_num, "best_val_loss": run.best_val, "best_iter": run.best_iter,
               "early_stopped": early_stop(run)}

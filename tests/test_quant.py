@@ -242,13 +242,13 @@ def test_train_1d_only_over_an_int8_base_trains_the_biases_and_keeps_the_int8_we
 
 
 def test_a_resume_refuses_another_base_quant(tmp_path, gptj_dir):
-    import train
+    import config_checks
     out = tmp_path / "run"
     finetune(tmp_path, gptj_dir, out, lora_rank=4, max_iters=2, eval_interval=2, lr_decay_iters=2)
     with pytest.raises(UserError, match="base_quant"):
         finetune(tmp_path, gptj_dir, out, lora_rank=4, max_iters=4, eval_interval=2, lr_decay_iters=4,
                  base_quant="nf4", init_from="resume")
-    assert train.RESUME_FIXED.count("base_quant") == 1
+    assert config_checks.RESUME_FIXED.count("base_quant") == 1
 
 
 def test_base_quant_is_refused_where_nothing_frozen_would_train():
