@@ -22,9 +22,10 @@ Then the arithmetic: the checkpoint's bytes in their real dtypes times the numbe
 against the free space of out_dir's filesystem (a shortfall is an error); the ETA, tokens per
 parameter and cost; with budget_hours, the tokens and the Chinchilla-ratio model that fit.
 
-What the ETA leaves out: torch.compile (the search runs eager: a compiled run is faster, so with
-compile=True the ETA is an upper bound), data loading, checkpoint writes, DDP's gradient all-reduce
-(with ranks > 1 each rank is assumed to step as fast as this device alone).
+The ETA counts reading the real data (a micro-batch read and copied to the device, per micro-step and
+validation batch). It leaves out torch.compile (the search runs eager: a compiled run is faster, so
+with compile=True the ETA is an upper bound), checkpoint writes, and DDP's gradient all-reduce (with
+ranks > 1 each rank is assumed to step as fast as this device alone).
 """
 
 import dataclasses

@@ -262,7 +262,7 @@ def test_base_quant_is_refused_where_nothing_frozen_would_train():
 
 
 def test_gptj_6b_trainable_counts_on_the_meta_device():
-    """What README's table says each way trains, counted on GPT-J-6B's real shape (nothing allocated)."""
+    """What docs/gptj.md's table says each way trains, counted on GPT-J-6B's real shape (nothing allocated)."""
     counts = {}
     for way in ("1d", "attn", "all"):
         with torch.device("meta"):
