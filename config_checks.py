@@ -1,6 +1,7 @@
 """
 What train.py refuses before any work: every problem of a training config at once, as one UserError
-(one line per problem), before a process group starts, a model is built or a file is written.
+(one line per problem), before a process group starts, a model is built or a file is written; and
+what a command means for out_dir's run (auto_resume, a resume's changes).
 
     from config_checks import check_config
     check_config(cfg, Dist(world_size=2))   # raises UserError("invalid configuration:\n  ...")
@@ -11,6 +12,7 @@ library by optimizers.optimizer_problems; the rest is here, a function per conce
 
 import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 
 import build
@@ -18,6 +20,7 @@ import checkpoint as ckpt_lib
 from errors import UserError
 from model import GPTConfig
 from optimizers import optimizer_problems
+from runtime import print0
 
 # what a resume may not change: the weights' shapes, the data, the optimizer's kind
 RESUME_FIXED = GPTConfig.SHAPE_FIELDS + GPTConfig.COMPUTE_FIELDS + (
@@ -124,8 +127,9 @@ def check_sources(cfg):
         errors.append(f"out_dir={cfg.out_dir} is a checkpoint directory, not a run's out_dir: new checkpoints would "
                       f"nest inside it; use --out_dir={out.parent} --init_from=resume --resume_from={out.name}")
     elif cfg.init_from != "resume" and not cfg.overwrite and not cfg.eval_only and ckpt_lib.holds_run(out):
-        errors.append(f"out_dir={cfg.out_dir} already holds a run: continue it with --init_from=resume, start this one "
-                      f"in another --out_dir, or pass --overwrite=True to delete its checkpoints and metrics")
+        errors.append(f"out_dir={cfg.out_dir} already holds a run: continue it with --init_from=resume (or let the same "
+                      f"command continue it: --auto_resume=True), start this one in another --out_dir, or pass "
+                      f"--overwrite=True to delete its checkpoints and metrics")
     if cfg.init_from not in ("scratch", "resume"):
         context = build.source_context(cfg.init_from)
         if context is not None and cfg.block_size > context:
@@ -145,3 +149,18 @@ def check_resume(saved, cfg, ckpt_dir):
         raise UserError(f"cannot resume {ckpt_dir} with a different model, data or optimizer: " + ", ".join(
             f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in refused.items()) + "; keep them as they were")
     return changed
+
+
+def resolve_start(cfg):
+    """auto_resume=True: when out_dir holds a checkpoint, this command resumes it (init_from='resume');
+    where a run died before its first checkpoint, it starts afresh (overwrite). Under torchrun with
+    --max-restarts and without auto_resume, a warning: the restarted command would be refused."""
+    if cfg.auto_resume and cfg.init_from != "resume" and not cfg.eval_only:
+        if ckpt_lib.holds_checkpoint(cfg.out_dir):
+            print0(f"auto_resume: {cfg.out_dir} holds a run: resuming it (it started from init_from={cfg.init_from!r})")
+            cfg.init_from = "resume"
+        elif ckpt_lib.holds_run(cfg.out_dir):
+            cfg.overwrite = True
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and not cfg.auto_resume and cfg.init_from != "resume":
+        print0("warning: torchrun may restart this job (--max-restarts), but a restart of this command would be "
+               "refused once out_dir holds a checkpoint: add --auto_resume=True so that it resumes")

@@ -32,7 +32,7 @@ import configurator
 import evaluation
 import memory
 import sft
-from config_checks import check_config, check_resume
+from config_checks import check_config, check_resume, resolve_start
 from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
                         prepare_shipped, resolve_data_dir, to_device)
 from errors import UserError
@@ -314,12 +314,7 @@ def validate(run):
 def open_runtime(cfg):
     """Phase 1: config checks (before any process group: a wrong value is one line, not a hang),
     the process group, device and precision. Returns (dist, device, dtype, fsdp)."""
-    if cfg.auto_resume and cfg.init_from != "resume" and not cfg.eval_only:
-        if ckpt_lib.holds_checkpoint(cfg.out_dir):
-            print0(f"auto_resume: {cfg.out_dir} holds a run: resuming it (it started from init_from={cfg.init_from!r})")
-            cfg.init_from = "resume"
-        elif ckpt_lib.holds_run(cfg.out_dir):  # a run that died before its first checkpoint: start it again
-            cfg.overwrite = True
+    resolve_start(cfg)  # auto_resume: does this command resume out_dir's run?
     check_config(cfg, Dist(world_size=int(os.environ.get("WORLD_SIZE", "1"))))
     dist_info, device = init_distributed(cfg.device, cfg.backend)
     setup_backends(device)

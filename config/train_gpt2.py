@@ -16,6 +16,7 @@ eval_interval = 250  # 250 x 524,288 = 131M tokens between evaluations (76 in th
 eval_iters = 200  # 200 x 16 x 1024 = 3.3M of the 10M validation tokens, the same ones every time
 log_interval = 10
 always_save_checkpoint = True  # a checkpoint at every evaluation: a long run must survive a crash
+auto_resume = True  # the same command continues the run after a crash or a restart (torchrun --max-restarts)
 keep_last_n = 2
 wandb_log = False
 wandb_project = "homegpt"

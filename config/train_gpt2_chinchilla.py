@@ -20,7 +20,8 @@ eval_interval = 75
 save_interval = 0  # checkpoints come with the evaluations (always_save_checkpoint)
 eval_iters = 200  # 200 x 6 x 1024 = 1.2M of the 10M validation tokens (~20 s of forward passes)
 log_interval = 1  # one line per 25 s iteration
-always_save_checkpoint = True  # a 45 h run will be interrupted: resume with --init_from=resume
+always_save_checkpoint = True  # a 45 h run will be interrupted
+auto_resume = True  # the same command continues the run after a crash or a restart (torchrun --max-restarts)
 keep_last_n = 3
 init_from = "scratch"
 wandb_log = False

@@ -98,3 +98,11 @@ def test_a_lock_from_before_a_reboot_or_of_the_same_torchrun_job_does_not_block(
     with pytest.raises(UserError, match="in use by a live run"):  # pid 1 of another job on this boot: alive
         train.main(tiny_train_config(data, out, max_iters=6, eval_interval=2, init_from="resume"))
     assert os.path.exists(out / checkpoint.LOCK)
+
+
+def test_torchrun_restarts_without_auto_resume_are_warned_about(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")  # what torchrun --max-restarts=2 tells its workers
+    train.main(tiny_train_config(data, tmp_path / "a", max_iters=2, eval_interval=2))
+    assert "add --auto_resume=True" in capsys.readouterr().out
+    train.main(tiny_train_config(data, tmp_path / "b", max_iters=2, eval_interval=2, auto_resume=True))
+    assert "add --auto_resume=True" not in capsys.readouterr().out
