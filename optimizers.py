@@ -1,6 +1,7 @@
 """
 The optimizers beside torch's AdamW: Muon for the blocks' matrices, and several optimizers over
-disjoint parameters stepped as one (GPT.configure_optimizers builds them).
+disjoint parameters stepped as one (GPT.configure_optimizers builds them; make_optimizer builds
+a training run's from its config).
 
     from optimizers import ChainedOptimizer, Muon
     opt = ChainedOptimizer(torch.optim.AdamW(groups_a), Muon(groups_b))
@@ -12,6 +13,8 @@ one torch optimizer numbers its parameters.
 """
 
 import torch
+
+import runtime
 
 OPTIMIZERS = ("adamw", "adamw8bit", "muon")  # the names train.py, bench.py and memory.py accept
 
@@ -89,8 +92,8 @@ class ChainedOptimizer:
 class Muon(torch.optim.Muon):
     """torch.optim.Muon, with its Newton-Schulz orthogonalisation in float32 where bfloat16 matmuls
     are emulated: torch runs those iterations in bfloat16, which on a CPU without AVX512-BF16/AMX (an
-    AVX2 laptop or server) or a GPU before Ampere is several times slower than float32; on a 2-core
-    AVX2 EPYC the CPU recipe's steps took 3.7 s with it against 0.6 s for AdamW. Where bfloat16 is
+    AVX2 laptop or server) or a GPU before Ampere is several times slower than float32, enough to make
+    the CPU recipe's steps several times slower than with AdamW (docs/cpu_recipe.md). Where bfloat16 is
     native, torch's own path runs unchanged. Updates, momentum and state are torch's either way."""
 
     @torch.no_grad()
@@ -142,7 +145,14 @@ def newton_schulz_float32(grad, ns_coefficients, ns_steps, eps):
 def native_bf16(device):
     """True when the device computes bfloat16 matmuls natively (runtime decides: the CPU's
     AVX512-BF16/AMX, the GPU's compute capability)."""
-    from runtime import cpu_has_bf16, cuda_has_bf16
     if device.type == "cuda":
-        return cuda_has_bf16(device)[0]
-    return device.type == "cpu" and cpu_has_bf16()
+        return runtime.cuda_has_bf16(device)[0]
+    return device.type == "cpu" and runtime.cpu_has_bf16()
+
+
+def make_optimizer(model, cfg, device, fused=None):
+    """The run's optimizer over the model's trainable parameters (GPT.configure_optimizers)."""
+    return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type,
+                                      fused=fused, eight_bit=cfg.optimizer == "adamw8bit",
+                                      muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else 0.0,
+                                      muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
