@@ -55,14 +55,15 @@ import torch
 
 import configurator
 import memory
-from checkpoint import build_base, library_versions
+from build import build_base
+from checkpoint import library_versions
 from errors import UserError
 from configurator import parse_list
 from fileio import write_json
 from hf import GPT2_SHAPES
 from model import GPT, GPTConfig
 from optimizers import optimizer_problems
-from plan import find_max_batch
+from autobatch import find_max_batch
 from runtime import (Dist, OverBudget, autocast, compile_reason, cpu_model, free_memory, is_oom, make_scaler,
                      peak_flops, pick_device, pick_dtype, proc_status_bytes, reset_peak_rss, seed_everything,
                      setup_backends, synchronize)
@@ -93,7 +94,7 @@ class BenchConfig:
     max_batch: int = 4096  # 'auto' stops doubling here
     max_memory_gb: float = 0.0  # > 0: a row needing more counts as out of memory; 0 = the device's own limit
     dtypes: str = "float32,bfloat16"  # comma-separated: float32, bfloat16, float16, auto (runtime's choice)
-    compile: str = "auto"  # 'False', 'True', 'False,True'; auto = both on CUDA, off elsewhere (~50 s of compiling per row on 2 CPU cores)
+    compile: str = "auto"  # 'False', 'True', 'False,True'; auto = both on CUDA, off elsewhere (compiling a row is slow on a CPU)
     eval: bool = True  # also time forward-only (inference) steps
     # timing
     warmup: int = 1  # untimed steps per row (torch.compile compiles in these)
@@ -402,74 +403,90 @@ def run(cfg):
     budget = memory_budget(cfg, device)
     with torch.device("meta"):  # shapes and counts without allocating a big model
         shape_model = GPT(mcfg)
-    n_params = shape_model.get_num_params()
-    flops_per_token = shape_model.flops_per_token(mcfg.block_size)
-    print(f"model: {n_params:,} parameters, {flops_per_token / 1e6:,.1f} MFLOPs per token (training, 6N + 12LTC), "
-          f"block {mcfg.block_size}, device {device}")
-    print("timing: train.train_step on random tokens already on the device (compute-bound: no data "
-          f"loading); {cfg.warmup} warm-up + {cfg.steps} timed steps per row")
-
-    report = {"config": dataclasses.asdict(cfg), "model_args": dataclasses.asdict(mcfg), "n_params": n_params,
-              "flops_per_token": flops_per_token, "machine": machine_info(device), "versions": versions(),
-              "memory_measure": MEMORY_MEASURES.get(device.type, "not measured on this device (None)"),
-              "timing": "train.train_step on random tokens already on the device (no data loading); warm-up "
-                        "steps excluded; device synchronised before each clock read; tokens_per_sec = timed "
-                        "tokens / timed seconds; mfu = flops_per_token * tokens_per_sec / peak_flops",
-              "peak_flops": {}, "max_batch": {}, "rows": []}
-    dtype_names = list(dict.fromkeys(parse_list(cfg.dtypes)))
+    report = _new_report(cfg, shape_model, device)
     settings = compile_settings(cfg, device)
     if True in settings and cfg.warmup == 0:
         raise UserError("warmup=0 with compile would time the compilation itself; use --warmup=1 or more")
     sizes = None if cfg.batch_sizes == "auto" else [int(s) for s in parse_list(cfg.batch_sizes)]
     reason = compile_reason(device) if hasattr(torch, "compile") else "this PyTorch has no torch.compile"
     rows = report["rows"]
-    header_printed = False
-
-    def emit(row):
-        nonlocal header_printed
-        if not header_printed:
-            print(header())
-            header_printed = True
-        rows.append(row)
-        print(format_row(row), flush=True)
-
-    def skip(name, compile_settings, note):
-        for use_compile in compile_settings:
-            for b in sizes or [None]:
-                emit(new_row(name, use_compile, b, mcfg.block_size) | {"status": "skipped", "note": note})
-
-    for name in dtype_names:
+    for name in dict.fromkeys(parse_list(cfg.dtypes)):
         try:
             dtype = pick_dtype(name, device)
         except ValueError as e:  # e.g. bfloat16 on a T4: a row that says so, the others still run
-            skip(name, settings, str(e))
+            _skip(rows, name, settings, sizes, mcfg.block_size, str(e))
             continue
         real = str(dtype).replace("torch.", "")
-        if real not in report["peak_flops"]:
-            pf, source = peak_flops(device, dtype)
-            report["peak_flops"][real] = {"flops": pf, "source": source}
-            print(f"peak {real}: {pf / 1e12:.3f} TFLOP/s ({source})")
-        pf = report["peak_flops"][real]["flops"]
+        peak = _peak_flops_once(report, device, dtype)
         for use_compile in settings:
             if use_compile and reason:
-                skip(real, [True], reason)
-                continue
-
-            def try_batch(b):
-                row = run_row(cfg, shape_model, device, dtype, use_compile, b, pf, budget)
-                emit(row)
-                return row
-
-            if sizes is None:
-                best, _ = find_max_batch(try_batch, cfg.max_batch)
-                report["max_batch"][f"{real}/compile={use_compile}"] = best
-                print(f"largest batch that fits ({real}, compile={use_compile}): {best}")
+                _skip(rows, real, [True], sizes, mcfg.block_size, reason)
             else:
-                for b in sizes:
-                    try_batch(b)
+                _time_batches(cfg, report, shape_model, device, dtype, use_compile, sizes, peak, budget)
     write_json(cfg.out_file, report)
     print(f"wrote {cfg.out_file}")
     return report
+
+
+def _new_report(cfg, shape_model, device):
+    """The report's header (config, model, machine, versions, how things are measured), printed in
+    short; its rows, peak FLOP/s and largest batches are filled in as they are measured."""
+    mcfg = shape_model.config
+    n_params = shape_model.get_num_params()
+    flops_per_token = shape_model.flops_per_token(mcfg.block_size)
+    print(f"model: {n_params:,} parameters, {flops_per_token / 1e6:,.1f} MFLOPs per token (training, 6N + 12LTC), "
+          f"block {mcfg.block_size}, device {device}")
+    print("timing: train.train_step on random tokens already on the device (compute-bound: no data "
+          f"loading); {cfg.warmup} warm-up + {cfg.steps} timed steps per row")
+    return {"config": dataclasses.asdict(cfg), "model_args": dataclasses.asdict(mcfg), "n_params": n_params,
+            "flops_per_token": flops_per_token, "machine": machine_info(device), "versions": versions(),
+            "memory_measure": MEMORY_MEASURES.get(device.type, "not measured on this device (None)"),
+            "timing": "train.train_step on random tokens already on the device (no data loading); warm-up "
+                      "steps excluded; device synchronised before each clock read; tokens_per_sec = timed "
+                      "tokens / timed seconds; mfu = flops_per_token * tokens_per_sec / peak_flops",
+            "peak_flops": {}, "max_batch": {}, "rows": []}
+
+
+def _emit(rows, row):
+    """Add a row to the report and print it, under the table's header the first time."""
+    if not rows:
+        print(header())
+    rows.append(row)
+    print(format_row(row), flush=True)
+
+
+def _skip(rows, name, compile_settings, sizes, block_size, note):
+    """A 'skipped' row, saying why, for each configuration that cannot run here."""
+    for use_compile in compile_settings:
+        for b in sizes or [None]:
+            _emit(rows, new_row(name, use_compile, b, block_size) | {"status": "skipped", "note": note})
+
+
+def _peak_flops_once(report, device, dtype):
+    """The device's peak FLOP/s in dtype (runtime.peak_flops), looked up or measured once per dtype."""
+    real = str(dtype).replace("torch.", "")
+    if real not in report["peak_flops"]:
+        pf, source = peak_flops(device, dtype)
+        report["peak_flops"][real] = {"flops": pf, "source": source}
+        print(f"peak {real}: {pf / 1e12:.3f} TFLOP/s ({source})")
+    return report["peak_flops"][real]["flops"]
+
+
+def _time_batches(cfg, report, shape_model, device, dtype, use_compile, sizes, peak, budget):
+    """A row per batch size in sizes; with sizes None, the search for the largest batch that fits."""
+    def try_batch(b):
+        row = run_row(cfg, shape_model, device, dtype, use_compile, b, peak, budget)
+        _emit(report["rows"], row)
+        return row
+
+    if sizes is None:
+        real = str(dtype).replace("torch.", "")
+        best, _ = find_max_batch(try_batch, cfg.max_batch)
+        report["max_batch"][f"{real}/compile={use_compile}"] = best
+        print(f"largest batch that fits ({real}, compile={use_compile}): {best}")
+    else:
+        for b in sizes:
+            try_batch(b)
 
 
 def main(cfg):
