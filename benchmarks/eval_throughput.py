@@ -9,10 +9,7 @@ as train.py's validation and eval.py call it, against a plain float32 eager forw
 
 Both sides see the same batches, alternating in one process (a repeat is one pass over all
 max_batches batches per side); the medians give tokens/s. Also prints both losses: the fast path
-must agree with float32 to about 0.01 or it is not the same evaluation.
-
-Measured on a 2-core AVX512-BF16/AMX Xeon, defaults (baby GPT, 4 batches of 64 x 256), quiet:
-24,059 tokens/s vs 8,540 = 2.82x; losses 4.3002 vs 4.3004. Shared (load 5-8, --threads=1): 2.29x.
+must agree with float32 to about 0.01 or it is not the same evaluation. Measured figures: docs/speed.md.
 """
 
 from dataclasses import dataclass
@@ -65,7 +62,7 @@ def main(cfg):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.out_dir:
-        from checkpoint import load_model
+        from build import load_model
         model, _ = load_model(cfg.out_dir, device=device)
     else:
         torch.manual_seed(cfg.seed)

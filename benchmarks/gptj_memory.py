@@ -17,7 +17,7 @@ Reported: the peak resident memory (VmHWM) of the process while loading and over
 includes the Python process itself (printed as the baseline), and the time of each; memory.py's
 estimate for the same step on this CPU (float32 compute) and for an 11 GB GPU (fp16 autocast, as a
 GTX 1080 Ti, which has no bf16), with its verdict. The target: the measured peak under 11 GB.
-Measured figures: docs/.
+Measured figures: docs/gptj.md.
 """
 
 import time

@@ -29,7 +29,7 @@ torch.cuda.max_memory_allocated. The largest batch is bench.find_max_batch (doub
 bisection), capped by max_batch and search_seconds. Nothing is downloaded and nothing installed:
 random tokens, and torch, numpy, safetensors, tiktoken, tqdm, plus pytest for the tests part.
 
-The whole check takes a few minutes on a current GPU (figures: docs/). Each part prints its seconds,
+The whole check takes a few minutes on a current GPU (docs/gpu_check.md). Each part prints its seconds,
 and --compile=False saves the two compilations.
 
 One table at the end, every number in out_file (JSON, rewritten after each part). Exit status 1 when

@@ -11,7 +11,7 @@ process: the pages stay mapped, so RSS grows towards the whole file. dataloader.
 memmap per read, so the peak should not depend on the file's size. The files are written in a temporary
 directory (deleted afterwards unless work_dir is given) with random character ids and a meta.json,
 and each run uses random windows over the whole file, batch 64, so 100 steps touch 6,400 places.
-A ratio near 1.0x means the peak is the process, not the data. Measured figures: docs/.
+A ratio near 1.0x means the peak is the process, not the data. Measured figures: docs/speed.md.
 """
 
 import json

@@ -9,7 +9,7 @@ punctuation, documents of a few hundred words, written a row group at a time so 
 holds the corpus), runs prepare.py on it in a subprocess with the default val_tokens and shard_size,
 and prints tokens/s and the peak RSS of the largest process of that run (ru_maxrss of the children).
 The default corpus (120M tokens) fills one whole default shard of 100M tokens, so the peak includes
-the full shard buffer and write_shard's copy of it. Measured figures: docs/.
+the full shard buffer and write_shard's copy of it. Measured figures: docs/speed.md.
 """
 
 import json

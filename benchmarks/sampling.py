@@ -12,15 +12,10 @@ baby GPT's block of 256, 500 new tokens outgrow the context: past position 256 t
 every position's embedding shifts, the cache is dropped and each step recomputes the whole window, so
 both sides do the same work for the last ~250 tokens. With block 1024 the prompt and all 500 tokens
 fit, and the cache does what it promises. The weights are random unless out_dir names a trained run
-(checkpoint.load_model); the speed does not depend on them.
+(build.load_model); the speed does not depend on them. Measured figures: docs/speed.md.
 
-Measured on a 2-core AVX512-BF16/AMX Xeon, --repeats=1, 1 prompt token + 500 greedy tokens,
-identical tokens on both sides in every case:
-  quiet, float32              block 256: 64.5 vs 43.5 tokens/s = 1.48x  block 1024: 487.2 vs 33.4 = 14.58x
-  shared, 1 thread, float32   block 256: 13.0 vs 7.5 tokens/s = 1.74x   block 1024: 313.5 vs 19.6 = 15.96x
-  shared, 1 thread, bf16 autocast  block 256: 15.4 vs 10.8 = 1.43x      block 1024: 48.5 vs 14.5 = 3.35x
 Under torch.inference_mode autocast keeps no cast cache, so every new token re-casts all the weights
-to bfloat16 (aten::copy_ was 56% of cached decoding); hence float32 is the default here.
+to bfloat16, and on a CPU that copying dominates cached decoding; hence float32 is the default here.
 """
 
 from dataclasses import dataclass
@@ -46,7 +41,7 @@ class SamplingConfig:
     batch_size: int = 1  # samples generated at once
     repeats: int = 3  # timed generations per side (interleaved), after one untimed warm-up each
     device: str = "cpu"
-    dtype: str = "float32"  # 'auto' = sample.py's choice (bf16 autocast here: 6x slower per cached token, see above)
+    dtype: str = "float32"  # 'auto' = sample.py's choice (bf16 autocast would re-cast every weight per token, see above)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     seed: int = 1337
     target: float = 5.0  # the promised speed-up of the cache
@@ -54,7 +49,7 @@ class SamplingConfig:
 
 def build(cfg, block_size, device):
     if cfg.out_dir:
-        from checkpoint import load_model
+        from build import load_model
         model, _ = load_model(cfg.out_dir, device=device)
         return model
     torch.manual_seed(cfg.seed)

@@ -7,14 +7,14 @@ plain float32 eager (nanoGPT's CPU path), on the same model, data and dropout ma
     python benchmarks/train_throughput.py --train_args="--n_layer=2 --n_embd=64" --steps=20
     python benchmarks/train_throughput.py --compile=True --steps=20 --batch_size=8
 
-Both sides are built and stepped by train.py's own code (train.load_data, train.build_model,
-train.make_optimizer, runtime.autocast, train.train_step, train.get_lr), from one training
+Both sides are built and stepped by train.py's own code (train.load_data, build.build_model,
+optimizers.make_optimizer, runtime.autocast, train.train_step, train.get_lr), from one training
 config file, so this measures what `python train.py <config_file>` does. They run in lockstep in one
 process: the same batch, learning rate and dropout seed for both at each step, the order of the two
 alternating, so a machine whose load drifts slows both alike. The first `warmup_steps` are not
 timed (torch.compile compiles then). Prints the mean loss of each side per log interval (as
 train.py logs it) and the largest difference, then the RATIO line of tokens/s (medians). The two sides
-draw different dropout masks, so their losses agree closely but not exactly. Measured figures: docs/.
+draw different dropout masks, so their losses agree closely but not exactly. Measured figures: docs/speed.md.
 """
 
 import dataclasses
@@ -25,12 +25,14 @@ from pathlib import Path
 
 import torch
 
+import build
 import common
 import runtime
 import train
 from errors import UserError
 from configurator import parse_config
 from dataloader import to_device
+from optimizers import make_optimizer
 from runtime import Dist, autocast, make_scaler, pick_device, pick_dtype, seed_everything, step_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ class ThroughputConfig:
     log_interval: int = 10  # steps per logged mean loss; 0 = the config file's log_interval
     fast_dtype: str = "auto"  # precision of the fast side: auto = bfloat16 where the CPU/GPU has it natively
     # torch.compile the fast side (skipped, with the reason, where it cannot run). Off by default: on a
-    # small CPU inductor's code ran slower than eager, after a long compilation (figures: docs/)
+    # small CPU inductor's code ran slower than eager, after a long compilation (docs/speed.md)
     compile: bool = False
     fused: bool = True  # the fast side's AdamW uses the fused kernel (the baseline uses the foreach one)
     fast_dropout: bool = True  # the fast side's CPU dropout is model.fast_dropout (the baseline uses torch's)
@@ -59,9 +61,9 @@ class ThroughputConfig:
 def make_side(tcfg, device, dtype, compile_model, fused, fast_dropout, model_args):
     """(runner, model, optimizer, scaler, autocast context) built the way train.main builds them."""
     seed_everything(tcfg.seed)  # identical initial weights on both sides
-    model, _ = train.build_model(dataclasses.replace(tcfg, fast_dropout=fast_dropout), "scratch", model_args)
+    model, _ = build.build_model(dataclasses.replace(tcfg, fast_dropout=fast_dropout), "scratch", model_args)
     model.to(device)
-    optimizer = train.make_optimizer(model, tcfg, device, fused=fused)
+    optimizer = make_optimizer(model, tcfg, device, fused=fused)
     runner = model
     if compile_model:
         reason = runtime.compile_reason(device)
@@ -80,10 +82,7 @@ def main(cfg):
     device = pick_device(cfg.device)
     fast_dtype = pick_dtype(cfg.fast_dtype, device)
     sampler, _, meta = train.load_data(tcfg, Dist())
-    model_args = dict(n_layer=tcfg.n_layer, n_head=tcfg.n_head, n_embd=tcfg.n_embd, block_size=tcfg.block_size,
-                      vocab_size=tcfg.vocab_size or meta.get("vocab_size") or 50304, dropout=tcfg.dropout,
-                      bias=tcfg.bias, qkv_bias=tcfg.qkv_bias, tie_weights=tcfg.tie_weights,
-                      activation=tcfg.activation)
+    model_args = build.scratch_model_args(tcfg, meta)  # as train.py builds a model from scratch
     tokens_per_step = tcfg.batch_size * tcfg.block_size
     base = "float32 eager"
     fast = f"{str(fast_dtype).replace('torch.', '')}{' compiled' if cfg.compile else ' eager'}" \
