@@ -39,8 +39,8 @@ What is counted (bytes, per device, for one micro-batch; gradient accumulation a
 - logits: 12 bytes per logit (b*s*V*12) at the start of backward, whatever the compute dtype: the fp32
   log-softmax output cross-entropy keeps, the fp32 gradient the loss sends back to it and the one it
   returns, alive together. In forward the lm_head output (c), its fp32 copy and the log-softmax
-  output (4 + 4) reach c + 8 <= 12 and are gone by then (a GPU's measured peak agrees: docs/). With
-  GPT-2's 50,257-token vocabulary this is often the largest activation of all.
+  output (4 + 4) reach c + 8 <= 12 and are gone by then (an H200's measured peak agrees:
+  docs/gpu_check.md). With GPT-2's 50,257-token vocabulary this is often the largest activation of all.
 - several ranks (world_size > 1): DDP replicates everything above on every GPU; with
   gradient_as_bucket_view (train.py sets it) its communication buckets are the gradients
   themselves, so it adds no copy. FSDP divides weights, gradients and optimizer states by the ranks,
