@@ -13,6 +13,8 @@ checkpoint; --chat_template for a model without one), the answer streams as it i
 at <|endoftext|>. Instructions come from --start, or one per line from standard input until a blank
 line or end of input, so a pipe works as well as a terminal. Each instruction is answered on its own:
 the instruction formats are single-turn, so earlier turns are not fed back.
+Without --chat the samples are printed once all are done (they are generated as one batch); meanwhile
+a progress bar counts their tokens on stderr when that is a terminal, and stays out of logs and pipes.
 """
 
 import sys
@@ -21,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import holds_checkpoint, load_any
+from build import load_any
+from checkpoint import holds_checkpoint
 from errors import MissingFile, UserError
 from configurator import run
 from dataloader import Tokenizer
-from runtime import autocast, pick_device, pick_dtype, setup_backends
+from runtime import autocast, pick_device, pick_dtype, progress, setup_backends
 
 
 @dataclass
@@ -67,8 +70,11 @@ def main(cfg):
         raise UserError("the prompt encodes to no tokens; give --start some text")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :].repeat(cfg.num_samples, 1)  # (B, T)
     with torch.inference_mode(), autocast(device, dtype):
-        y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
-                           top_p=cfg.top_p if cfg.top_p < 1.0 else None, generator=gen, use_cache=cfg.use_cache)
+        # model.generate, a column at a time, so that the bar can count the tokens
+        steps = model.stream(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                             top_p=cfg.top_p if cfg.top_p < 1.0 else None, generator=gen, use_cache=cfg.use_cache)
+        new = list(progress(steps, f"sampling {cfg.num_samples} x", total=cfg.max_new_tokens, unit="tok"))
+        y = torch.cat([x] + new, dim=1)  # (B, T + max_new_tokens)
     samples = [tok.decode(row.tolist()) for row in y]
     for s in samples:
         print(s)
