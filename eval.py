@@ -60,7 +60,7 @@ class EvalConfig:
     judge_retries: int = 5  # tries after the first on 429, 5xx or a dropped connection
     judge_file: str = ""  # answers and scores, appended as they come and reused by a rerun; '' = out_file's name + .judge.jsonl
     out_file: str = "eval_results.json"  # every number, per model and task
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # progress bars on stderr when it is a terminal (never in a log); False = none
 
 
 def check_config(cfg):
@@ -114,14 +114,15 @@ def model_specs(cfg):
 
 def load_any(spec, device, option="--models", which="best", base_quant=""):
     """(model, tokenizer, info) for an out_dir of ours, a GPT-2 name or a Hugging Face directory
-    (checkpoint.load_any). Errors start with `option`, so that a hint says where to pass a path."""
+    (build.load_any). Errors start with `option`, so that a hint says where to pass a path."""
+    import build
     import checkpoint
     from dataloader import Tokenizer
     if option == "--out_dir" and not checkpoint.holds_checkpoint(spec):
         raise UserError(f"--out_dir={spec!r} holds no checkpoint (latest.json): train there first, or "
                         f"name the model with --init_from=<gpt2 name or HF directory> or --models=...")
     try:
-        model, data_meta, info = checkpoint.load_any(spec, device, which, base_quant)
+        model, data_meta, info = build.load_any(spec, device, which, base_quant)
     except ValueError as e:  # checkpoint.py and hf.py name the model, not the option that named it
         raise UserError(f"{option}: {e}") from e
     return model, Tokenizer(data_meta), info
@@ -141,7 +142,7 @@ def val_data_dir(cfg, info, spec):
 
 
 def eval_val(cfg, model, tokenizer, info, spec, device, ctx):
-    from dataloader import TokenData, eval_batches
+    from dataloader import TokenData, count_eval_batches, eval_batches
     from evaluation import evaluate_loss, progress_bar
     data_dir = val_data_dir(cfg, info, spec)
     data = TokenData(data_dir, "val")
@@ -152,8 +153,10 @@ def eval_val(cfg, model, tokenizer, info, spec, device, ctx):
     if kind == "char" and data.meta.get("itos") != (info.get("data_meta") or {}).get("itos"):
         raise UserError(f"{data_dir}: its characters differ from the ones {spec} was trained on")
     data.check_vocab(model.config.vocab_size)
-    batches = eval_batches(data, cfg.batch_size, model.config.block_size, cfg.eval_iters, model.config.vocab_size)
-    r = evaluate_loss(model, progress_bar(batches, cfg.progress, "val"), device, ctx)
+    T = model.config.block_size
+    batches = eval_batches(data, cfg.batch_size, T, cfg.eval_iters, model.config.vocab_size)
+    n_batches = count_eval_batches(data, cfg.batch_size, T, cfg.eval_iters)
+    r = evaluate_loss(model, progress_bar(batches, cfg.progress, f"{spec} val", n_batches), device, ctx)
     return dict(r, data_dir=str(data_dir))
 
 
@@ -171,7 +174,7 @@ def eval_generate(cfg, model, tokenizer, device, ctx, train_config=None):
     shots = sft.load_examples(cfg.shots_file, template) if cfg.k_shot > 0 else None
     result = sft.evaluate_generation(model, tokenizer, examples, device, ctx,
                                      max_new_tokens=cfg.max_new_tokens or MAX_NEW_TOKENS["generate"],
-                                     k_shot=cfg.k_shot, shots=shots, seed=cfg.seed)
+                                     k_shot=cfg.k_shot, shots=shots, seed=cfg.seed, progress=cfg.progress)
     print(sft.format_generation_report(result))
     return result
 

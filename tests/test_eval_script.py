@@ -5,6 +5,7 @@ benchmark JSONL, the side-by-side table, the JSON report and the errors a user s
 """
 
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -90,9 +91,9 @@ def test_cli_val_and_hellaswag_match_the_training_run(workdir):
 
 
 def test_in_process_val_equals_evaluate_loss_on_the_checkpoint(workdir):
-    import checkpoint
+    import build
     results = eval_script.main(cfg_for(workdir, tasks="val", batch_size=5))
-    model, _ = checkpoint.load_model(workdir / "run")
+    model, _ = build.load_model(workdir / "run")
     direct = evaluate_loss(model, eval_batches(TokenData(workdir / "data", "val"), 3, 16), torch.device("cpu"),
                            contextlib.nullcontext())
     assert results[str(workdir / "run")]["val"]["loss"] == pytest.approx(direct["loss"], rel=1e-6)
@@ -178,8 +179,9 @@ def test_generate_task_calls_sft(workdir, monkeypatch):
     calls = {}
 
     def evaluate_generation(model, tokenizer, examples, device, ctx, max_new_tokens=16, k_shot=0, shots=None,
-                            template=None, seed=0):
-        calls.update(n=len(examples), k_shot=k_shot, shots=shots, max_new_tokens=max_new_tokens, seed=seed)
+                            template=None, seed=0, progress=True):
+        calls.update(n=len(examples), k_shot=k_shot, shots=shots, max_new_tokens=max_new_tokens, seed=seed,
+                     progress=progress)
         return {"exact_match": 0.5, "n": len(examples), "samples": []}
     fake = types.SimpleNamespace(load_examples=lambda path, template=None: [{"file": Path(path).name}] * 3,
                                  evaluate_generation=evaluate_generation,
@@ -187,7 +189,8 @@ def test_generate_task_calls_sft(workdir, monkeypatch):
     monkeypatch.setitem(sys.modules, "sft", fake)
     res = eval_script.main(cfg_for(workdir, tasks="generate", data_file="test.jsonl", k_shot=2,
                                    shots_file="train.jsonl", limit=2, max_new_tokens=5))
-    assert calls == {"n": 2, "k_shot": 2, "shots": [{"file": "train.jsonl"}] * 3, "max_new_tokens": 5, "seed": 1337}
+    assert calls == {"n": 2, "k_shot": 2, "shots": [{"file": "train.jsonl"}] * 3, "max_new_tokens": 5, "seed": 1337,
+                     "progress": False}
     assert res[str(workdir / "run")]["generate"]["exact_match"] == 0.5
 
     monkeypatch.setitem(sys.modules, "sft", None)  # as if sft.py were not there
@@ -203,3 +206,42 @@ def test_generate_task_with_the_real_sft(workdir):
     gen = res[str(workdir / "run")]["generate"]
     assert gen["n"] == 2 and 0 <= gen["accuracy"] <= 1
     assert json.loads((workdir / "results.json").read_text())["results"][str(workdir / "run")]["generate"] == gen
+
+
+# ----------------------------------------------------------------------------- progress bars
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as stderr is in an interactive shell."""
+
+    def isatty(self):
+        return True
+
+
+def test_a_log_gets_no_progress_bars(workdir):
+    """--progress is on by default; with stderr a pipe (a log, nohup, CI) nothing of a bar is written."""
+    (workdir / "gen.jsonl").write_text(json.dumps({"prompt": "the cat sat on the", "completion": " mat."}) + "\n")
+    runs = [run("eval.py", "--out_dir=run", "--tasks=val,lambada", "--data_file=lambada.jsonl", "--device=cpu",
+                "--dtype=float32", "--out_file=bars.json", cwd=workdir),
+            run("eval.py", "--out_dir=run", "--tasks=generate", "--data_file=gen.jsonl", "--device=cpu",
+                "--dtype=float32", "--out_file=bars.json", cwd=workdir)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+        for out in (r.stdout, r.stderr):
+            assert "\r" not in out and "it/s" not in out and "%|" not in out, out[-2000:]
+
+
+def test_a_terminal_sees_a_bar_per_task_unless_progress_is_off(workdir, monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    (workdir / "gen.jsonl").write_text(json.dumps({"prompt": "the cat sat on the", "completion": " mat."}) + "\n")
+    eval_script.main(cfg_for(workdir, tasks="val", progress=True))
+    eval_script.main(cfg_for(workdir, tasks="hellaswag", data_file=str(workdir / "hs.jsonl"), progress=True))
+    eval_script.main(cfg_for(workdir, tasks="generate", data_file=str(workdir / "gen.jsonl"), progress=True))
+    drawn = terminal.getvalue()
+    run_dir = str(workdir / "run")
+    assert f"{run_dir} val:" in drawn and "/3" in drawn  # 17 windows of 16 tokens in batches of 8: 3 batches
+    assert f"{run_dir} hellaswag:" in drawn and "generating:" in drawn
+    terminal.seek(0)
+    terminal.truncate()
+    eval_script.main(cfg_for(workdir, tasks="val", progress=False))
+    assert terminal.getvalue() == ""
