@@ -11,7 +11,8 @@ dequantised first) and written as config.json + model.safetensors (float32, or -
 bfloat16); a model trained on GPT-2 BPE also gets the tokenizer files (rebuilt offline from
 tiktoken's ranks), so AutoTokenizer.from_pretrained(hf_dir) works too. A
 character-level model gets none: Hugging Face has no tokenizer for it (its vocabulary is in the
-checkpoint's data_meta). Each directory appears complete or not at all.
+checkpoint's data_meta). Each directory appears complete or not at all. A big model takes minutes to
+load and to write: on a terminal a bar names the step under way.
 
 With --adapter_dir, a LoRA run's adapter stays separate: adapter_config.json + adapter_model.safetensors
 in PEFT's format go to adapter_dir, the frozen base (without the adapter) to hf_dir, and
@@ -64,52 +65,85 @@ def lora_base(cfg):
 
 
 def main(cfg):
-    from checkpoint import load_model
-    from hf import export_hf, export_peft_adapter
-    from lora import count_params
+    from build import load_model
+    from runtime import progress
     adapter_dir = Path(cfg.adapter_dir) if cfg.adapter_dir else None
+    base = lora_base(cfg) if adapter_dir is not None else None
+    hf_dir = _target_dirs(cfg, adapter_dir)
+    # a 6B model takes minutes to read and as long again to write: the bar names the step under way
+    with progress(None, "export", total=1 + (hf_dir is not None) + (adapter_dir is not None), unit="step") as bar:
+        bar.set_postfix_str(f"loading {cfg.out_dir}")
+        try:
+            # on the CPU; LoRA merged, unless the adapter is exported on its own
+            model, info = load_model(cfg.out_dir, which=cfg.which, merge_lora=adapter_dir is None)
+        except UserError as e:
+            raise UserError(f"cannot load a checkpoint from {cfg.out_dir}: {e}") from e
+        bar.update()
+        if hf_dir is not None:
+            _export_weights(cfg, model, info, hf_dir, adapter_dir, base, bar)
+        if adapter_dir is None:
+            bar.write(f"load it with: AutoModelForCausalLM.from_pretrained('{hf_dir}')")
+            return hf_dir
+        _export_adapter(cfg, model, info, hf_dir, adapter_dir, base, bar)
+    return adapter_dir
+
+
+def _target_dirs(cfg, adapter_dir):
+    """The Hugging Face directory to write (None: the adapter alone), every target checked before the
+    (possibly slow) load."""
     if adapter_dir is None:
         hf_dir = Path(cfg.hf_dir or str(Path(cfg.out_dir)).rstrip("/\\") + "-hf")
     else:
-        base = lora_base(cfg)
         hf_dir = Path(cfg.hf_dir) if cfg.hf_dir else None  # None: the adapter applies to the run's own base
         if hf_dir is not None and hf_dir.resolve() == adapter_dir.resolve():
             raise UserError(f"--hf_dir and --adapter_dir are both {hf_dir}: give them different directories")
         _refuse_nonempty(adapter_dir, "--adapter_dir", cfg.overwrite)
     if hf_dir is not None:
         _refuse_nonempty(hf_dir, "--hf_dir", cfg.overwrite)
-    try:
-        # on the CPU; LoRA merged, unless the adapter is exported on its own
-        model, info = load_model(cfg.out_dir, which=cfg.which, merge_lora=adapter_dir is None)
-    except UserError as e:
-        raise UserError(f"cannot load a checkpoint from {cfg.out_dir}: {e}") from e
+    return hf_dir
+
+
+def _what(info):
+    return f"{info.get('checkpoint')} (iter {info.get('iter_num')})"
+
+
+def _export_weights(cfg, model, info, hf_dir, adapter_dir, base, bar):
+    """The model (LoRA merged), or with adapter_dir its frozen base, as a transformers directory."""
+    from hf import export_hf
+    from lora import count_params
     tokenizer = "gpt2" if (info.get("data_meta") or {}).get("tokenizer") == "gpt2" else None
     n_adapter, n_total = count_params(model) if adapter_dir else (0, model.get_num_params())
-    what = f"{info.get('checkpoint')} (iter {info.get('iter_num')})"
-    if hf_dir is not None:
-        if adapter_dir is not None and (info.get("config") or {}).get("base_quant"):
-            raise UserError(f"{cfg.out_dir} trained on a quantised base (base_quant="
-                            f"{info['config']['base_quant']!r}): its frozen base is the original model, so export "
-                            f"the adapter alone (drop --hf_dir: it applies to {base}), or merge it (drop --adapter_dir)")
-        export_hf(model, hf_dir, tokenizer=tokenizer, overwrite=cfg.overwrite, drop_lora=adapter_dir is not None,
-                  dtype=cfg.dtype)
-        print(f"exported {'the frozen base of ' if adapter_dir else ''}{what}, "
+    if adapter_dir is not None and (info.get("config") or {}).get("base_quant"):
+        raise UserError(f"{cfg.out_dir} trained on a quantised base (base_quant="
+                        f"{info['config']['base_quant']!r}): its frozen base is the original model, so export "
+                        f"the adapter alone (drop --hf_dir: it applies to {base}), or merge it (drop --adapter_dir)")
+    bar.set_postfix_str(f"writing {hf_dir}")
+    export_hf(model, hf_dir, tokenizer=tokenizer, overwrite=cfg.overwrite, drop_lora=adapter_dir is not None,
+              dtype=cfg.dtype)
+    bar.update()
+    bar.write(f"exported {'the frozen base of ' if adapter_dir else ''}{_what(info)}, "
               f"{(n_total - n_adapter) / 1e6:.2f}M parameters -> {hf_dir}")
-        if tokenizer is None:
-            print("no tokenizer files: the model was not trained on GPT-2 BPE; decode its ids with the "
+    if tokenizer is None:
+        bar.write("no tokenizer files: the model was not trained on GPT-2 BPE; decode its ids with the "
                   "checkpoint's data_meta (sample.py does)")
-    if adapter_dir is None:
-        print(f"load it with: AutoModelForCausalLM.from_pretrained('{hf_dir}')")
-        return hf_dir
+
+
+def _export_adapter(cfg, model, info, hf_dir, adapter_dir, base, bar):
+    """A LoRA run's adapter in PEFT's format, pointing at hf_dir when the base was written there, else
+    at the run's own base."""
+    from hf import export_peft_adapter
+    from lora import count_params
     # as given, not resolved: the pair of directories can move together
     base_ref = cfg.hf_dir if hf_dir is not None else base
+    bar.set_postfix_str(f"writing {adapter_dir}")
     export_peft_adapter(model, adapter_dir, base_ref, overwrite=cfg.overwrite)
+    bar.update()
     c = info.get("config") or {}
-    print(f"exported the LoRA adapter of {what}: rank {c.get('lora_rank')}, targets {c.get('lora_targets')!r}, "
-          f"{n_adapter:,} parameters -> {adapter_dir}, on the base {base_ref}")
-    print(f"load it with: python -c \"from transformers import AutoModelForCausalLM as M; from peft import "
-          f"PeftModel; m = PeftModel.from_pretrained(M.from_pretrained('{base_ref}'), '{adapter_dir}')\"")
-    return adapter_dir
+    bar.write(f"exported the LoRA adapter of {_what(info)}: rank {c.get('lora_rank')}, targets "
+              f"{c.get('lora_targets')!r}, {count_params(model)[0]:,} parameters -> {adapter_dir}, "
+              f"on the base {base_ref}")
+    bar.write(f"load it with: python -c \"from transformers import AutoModelForCausalLM as M; from peft import "
+              f"PeftModel; m = PeftModel.from_pretrained(M.from_pretrained('{base_ref}'), '{adapter_dir}')\"")
 
 
 if __name__ == "__main__":
