@@ -7,6 +7,7 @@ CUDA behaviour is tested on the CPU by monkeypatching the torch.cuda queries run
 (get_device_capability, get_device_name); tests/test_cuda.py runs the same paths on a real GPU.
 """
 
+import io
 import time
 import warnings
 
@@ -26,7 +27,7 @@ def fake_gpu(monkeypatch, name, capability):
     """torch.cuda answering as the named card would, on a machine without CUDA."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    # what recent torch says on a T4: emulated bfloat16 counts as support (PITFALLS 19)
+    # what recent torch says on a T4: its including_emulation defaults to True, so emulated bf16 counts
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     return torch.device("cuda")  # no CUDA needed: only the queries above are consulted
 
@@ -149,7 +150,7 @@ def test_a_card_not_in_the_table_is_measured_and_says_so(monkeypatch):
 
 def test_the_matmul_clock_waits_for_the_device(monkeypatch):
     """A stand-in for an asynchronous GPU: synchronize() is where the queued work finishes (10 ms).
-    A timer read before it would see only the launch and report an absurd peak (PITFALLS 20)."""
+    A timer read before it would see only the launch and report an absurd peak."""
     waits = []
 
     def synchronize(device):
@@ -227,10 +228,11 @@ def test_sample_and_eval_set_up_the_backends_like_train(monkeypatch):
 # ----------------------------------------------------------------------------- the KV cache's dtype
 
 def test_kv_cache_is_kept_in_the_autocast_dtype(monkeypatch, tiny_config):
+    import generate
     import model as model_lib
     made = []
-    real = model_lib.KVCache
-    monkeypatch.setattr(model_lib, "KVCache", lambda *a: made.append(real(*a)) or made[-1])
+    real = generate.KVCache
+    monkeypatch.setattr(generate, "KVCache", lambda *a: made.append(real(*a)) or made[-1])
     torch.manual_seed(0)
     model = model_lib.GPT(tiny_config)
     prompt = torch.randint(0, 65, (2, 5))
@@ -243,3 +245,36 @@ def test_kv_cache_is_kept_in_the_autocast_dtype(monkeypatch, tiny_config):
     assert made[1].v.dtype == torch.bfloat16
     assert torch.equal(cached, full)
     assert plain.shape == cached.shape
+
+
+# ----------------------------------------------------------------------------- progress bars
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as stderr is in an interactive shell."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_draws_on_a_terminal(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.delenv("RANK", raising=False)
+    assert list(runtime.progress(range(3), "scoring")) == [0, 1, 2]
+    assert "scoring:" in terminal.getvalue() and "0/3" in terminal.getvalue()
+    with runtime.progress(None, "writing", total=4, unit="step") as bar:
+        bar.update(4)
+    assert "writing:" in terminal.getvalue()
+
+
+def test_progress_is_silent_in_a_log_and_off_rank_0(monkeypatch, capfd):
+    log = io.StringIO()  # a file or a pipe: isatty() is False
+    monkeypatch.setattr("sys.stderr", log)
+    assert list(runtime.progress(range(3), "scoring")) == [0, 1, 2]
+    assert log.getvalue() == ""
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setenv("RANK", "1")  # torchrun's second process: rank 0 alone draws
+    assert list(runtime.progress(range(3), "scoring")) == [0, 1, 2]
+    assert terminal.getvalue() == ""
+    assert capfd.readouterr() == ("", "")
