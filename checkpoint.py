@@ -199,6 +199,10 @@ def _file_record(path, hash_files=True):
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path) if hash_files else None}
 
 
+class SaveFailed(UserError):
+    """A checkpoint could not be written (a full disk, a lost mount): the previous one is untouched."""
+
+
 def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False, is_best=False, keep_last_n=3,
                     gathered=None, hash_files=True):
     """Write ckpt-<iter> atomically, point latest (and best when is_best) at it, prune old ones.
@@ -244,8 +248,9 @@ def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False,
         # a full disk surfaces as OSError from our own writes, but as SafetensorError ("IoError ...
         # StorageFull") from inside safetensors' writer
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"saving checkpoint {final} failed: {e}. The previous checkpoint (latest.json) "
-                           f"is untouched; free disk space or pick another out_dir") from e
+        raise SaveFailed(f"saving checkpoint {final} failed: {e}. The previous checkpoint (latest.json) is "
+                         f"untouched; free disk space (then the same command with --init_from=resume, or "
+                         f"auto_resume, continues) or pick another out_dir") from e
     prune(out_dir, keep_last_n)
     return final
 
@@ -385,8 +390,15 @@ def save_run(run, is_best=False, hash_files=True):
     gathered = gather_sharded(run.model, run.optimizer) if run.fsdp else None
     sampler_ranks = gather_objects(run.sampler.state_dict(), run.dist)
     run.saved_at = run.iter_num
-    if not run.dist.is_master:
-        return
+    error = _write_run(run, is_best, hash_files, gathered, sampler_ranks) if run.dist.is_master else None
+    # every rank learns whether rank 0's write failed, and stops with it, instead of waiting on it
+    error = broadcast_object(error, run.dist)
+    if error:
+        raise SaveFailed(error)
+
+
+def _write_run(run, is_best, hash_files, gathered, sampler_ranks):
+    """Rank 0's half of save_run: the state and the files. Returns None, or why the write failed."""
     state = {"iter_num": run.iter_num, "tokens_seen": run.tokens_seen,
              "best_val_loss": run.best_val if math.isfinite(run.best_val) else None,
              "best_iter": run.best_iter, "evals_since_best": run.evals_since_best,
@@ -395,9 +407,14 @@ def save_run(run, is_best=False, hash_files=True):
              "sampler_ranks": sampler_ranks, "rng": rng_state(),
              "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
              "wandb_run_id": run.wandb_id, "data_meta": run.data_meta, "base": run.base}
-    path = save_checkpoint(run.cfg.out_dir, state, run.model, run.optimizer, trainable_only=run.partial,
-                           is_best=is_best, keep_last_n=run.cfg.keep_last_n, gathered=gathered, hash_files=hash_files)
+    try:
+        path = save_checkpoint(run.cfg.out_dir, state, run.model, run.optimizer, trainable_only=run.partial,
+                               is_best=is_best, keep_last_n=run.cfg.keep_last_n, gathered=gathered,
+                               hash_files=hash_files)
+    except SaveFailed as e:
+        return str(e)
     print0(f"saved checkpoint to {path}")
+    return None
 
 
 def restore_run(run, ckpt_dir, state):
@@ -572,14 +589,18 @@ def claim_out_dir(out_dir, dist_info):
         raise UserError(error)
 
 
-def release_out_dir(out_dir):
-    """Rank 0 gives out_dir/run.lock back when the run ends (a lock left by a crash is taken over)."""
+def release_out_dir(out_dir, remove_empty=False):
+    """Rank 0 gives out_dir/run.lock back when the run ends, however it ends (a lock left by a crash is
+    taken over). remove_empty: also remove out_dir when nothing else is in it (this run made it, and
+    was refused before writing anything)."""
     path = Path(out_dir) / LOCK
     try:
         if json.loads(path.read_text()).get("pid") == os.getpid():
             path.unlink()
+        if remove_empty:
+            Path(out_dir).rmdir()  # only an empty directory goes
     except (OSError, json.JSONDecodeError):
-        pass  # nothing to give back: never taken, or taken over
+        pass  # nothing to give back (never taken, or taken over), or out_dir holds what the run wrote
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl

@@ -79,6 +79,11 @@ def schedule_problems(cfg):
     errors += [f"{k} must be >= 0, got {getattr(cfg, k)}" for k in (
         "min_lr", "weight_decay", "grad_clip", "max_iters", "warmup_iters", "lr_decay_iters", "early_stop_patience",
         "save_interval", "keep_last_n") if getattr(cfg, k) < 0]
+    if cfg.max_iters == 0 and not cfg.eval_only:
+        errors.append("max_iters=0 trains nothing and saves nothing: give it a number of iterations, or evaluate with "
+                      "--eval_only=True")
+    if cfg.dist_timeout_s <= 0:
+        errors.append(f"dist_timeout_s must be positive (seconds), got {cfg.dist_timeout_s}")
     errors += [f"{k} must be in [0, 1), got {getattr(cfg, k)}" for k in ("beta1", "beta2")
                if not 0.0 <= getattr(cfg, k) < 1.0]
     if not 0.0 < cfg.cooldown_frac <= 1.0:
@@ -123,6 +128,12 @@ def finetune_problems(cfg, dist_info):
 def check_sources(cfg):
     """Problems with out_dir and init_from that the filesystem shows before anything runs."""
     errors, out = [], Path(cfg.out_dir)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)  # the part of the path already there
+    if existing is not None and not existing.is_dir():
+        errors.append(f"out_dir={cfg.out_dir}: {existing} is a file, not a directory: name another --out_dir")
+    elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        errors.append(f"out_dir={cfg.out_dir}: {existing} cannot be written by this user (or is on a read-only "
+                      f"filesystem): name another --out_dir")
     if (out / "state.json").exists():
         errors.append(f"out_dir={cfg.out_dir} is a checkpoint directory, not a run's out_dir: new checkpoints would "
                       f"nest inside it; use --out_dir={out.parent} --init_from=resume --resume_from={out.name}")

@@ -27,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 import runtime
+from dataloader import to_device
 from errors import UserError
 
 
@@ -322,3 +323,18 @@ def progress_bar(iterable, enabled, desc, total=None):
     """iterable with a progress bar on a terminal (runtime.progress: none in a log, none off rank 0);
     enabled=False (eval.py --progress=False) gives iterable back untouched."""
     return runtime.progress(iterable, desc, total) if enabled else iterable
+
+
+def validate(run):
+    """A training run's validation loss (train.Run), the same number on every rank (rank 0's: every rank
+    then takes the same save decision, and a save is a collective), or None without validation data.
+    DDP: rank 0 evaluates while the others wait for its number. FSDP: every rank runs the forward,
+    which gathers the shards, and the number is rank 0's."""
+    if run.val_batches is None:
+        return None
+    val = None
+    if run.dist.is_master or run.fsdp:
+        model = runtime.NoInferenceMode(run.model) if run.fsdp else run.model
+        batches = (to_device(b, run.device) for b in run.val_batches())
+        val = evaluate_loss(model, batches, run.device, run.ctx)["loss"]
+    return runtime.broadcast_object(val, run.dist)

@@ -119,6 +119,10 @@ def pick_dtype(name, device, decoding=False):
     if name not in DTYPES:
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
     dtype = DTYPES[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UserError("dtype=float16 on a CPU: CPUs have no fast float16 matmuls (tens of times slower than "
+                        "float32) and it saves nothing else; use float32, or bfloat16 (fast on CPUs with AVX512-BF16 "
+                        "or AMX)")
     if dtype == torch.bfloat16 and device.type == "cuda":
         native, why = cuda_has_bf16(device)
         if not native:
@@ -205,12 +209,12 @@ class Dist:
 # Rank 0 alone evaluates and writes checkpoints (with optimizer state, gpt2-xl's is ~20 GB) while the
 # other ranks wait at the next collective. NCCL's default of 10 minutes would kill a healthy run
 # there; a genuinely hung rank still fails, after this long.
-DIST_TIMEOUT_MIN = 60
-
-
-def init_distributed(device_name, backend="auto"):
+def init_distributed(device_name, backend="auto", timeout_s=600.0):
     """Read torchrun's environment; start the process group. backend 'auto' = nccl on CUDA, gloo on
-    CPU (and MPS). Returns (Dist, device). Outside torchrun: one process, device from pick_device."""
+    CPU (and MPS). Returns (Dist, device). Outside torchrun: one process, device from pick_device.
+    timeout_s: how long a collective waits for a rank that does not answer (a hung or stopped
+    process, a dead link) before it fails, ending the job, which torchrun may then restart; the
+    process group's own default is 30 minutes of silence."""
     if backend not in ("auto", "nccl", "gloo"):
         raise UserError(f"backend must be 'auto', 'nccl' or 'gloo', got {backend!r}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -231,7 +235,7 @@ def init_distributed(device_name, backend="auto"):
     if backend == "nccl" and device.type != "cuda":
         raise UserError(f"backend='nccl' needs CUDA devices, but device is {device.type}: use backend='gloo' or 'auto'")
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(minutes=DIST_TIMEOUT_MIN),
+                            timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if backend == "nccl" else None)
     return Dist(rank, local_rank, world_size), device
 

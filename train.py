@@ -14,6 +14,7 @@ Ctrl-C finishes the current step, saves and exits.
 
 import dataclasses
 import functools
+import gc
 import math
 import os
 import signal
@@ -38,9 +39,8 @@ from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, 
 from errors import UserError
 from model import GPT, GPTConfig
 from optimizers import make_optimizer
-from runtime import (Dist, NoInferenceMode, StopFlag, autocast, barrier, broadcast_object, close_distributed,
-                     init_distributed, make_scaler, peak_flops, pick_dtype, print0, seed_everything, setup_backends,
-                     shard_model, step_seed, wrap_for_training)
+from runtime import (Dist, StopFlag, autocast, barrier, close_distributed, init_distributed, make_scaler, peak_flops,
+                     pick_dtype, print0, seed_everything, setup_backends, shard_model, step_seed, wrap_for_training)
 
 
 @dataclass
@@ -120,9 +120,13 @@ class TrainConfig(GPTConfig):
     min_lr: float = 6e-5  # ~ learning_rate / 10 (Chinchilla)
     # system
     backend: str = "auto"  # torchrun process group: auto = nccl on CUDA, gloo on CPU; or 'nccl' / 'gloo'
+    # under torchrun, a rank that does not answer a collective for this long (hung, stopped, cut off) ends the
+    # job, so torchrun --max-restarts can restart it; long enough for rank 0's evaluations and saves
+    dist_timeout_s: float = 600.0
     fsdp: bool = False  # under torchrun, shard weights, gradients and optimizer states across ranks (FSDP) instead of DDP
     device: str = "auto"  # auto = cuda, then mps, then cpu
     dtype: str = "auto"  # auto = bfloat16 where native, float16 (+GradScaler) on older GPUs, else float32
+    ignore_memory_estimate: bool = False  # start even where the printed memory estimate says it does NOT fit
     compile: bool = False  # torch.compile the model (turned off, with the reason printed, where it cannot work)
 
     def __post_init__(self):
@@ -294,21 +298,6 @@ class Run:
 
 # ----------------------------------------------------------------------------- evaluation, metrics, signals
 
-def validate(run):
-    """Validation loss, the same number on every rank (rank 0's: every rank then takes the same
-    save decision, and a save is a collective), or None without validation data. DDP: rank 0
-    evaluates while the others wait for its number. FSDP: every rank runs the forward, which
-    gathers the shards, and the number is rank 0's."""
-    if run.val_batches is None:
-        return None
-    val = None
-    if run.dist.is_master or run.fsdp:
-        model = NoInferenceMode(run.model) if run.fsdp else run.model
-        batches = (to_device(b, run.device) for b in run.val_batches())
-        val = evaluation.evaluate_loss(model, batches, run.device, run.ctx)["loss"]
-    return broadcast_object(val, run.dist)
-
-
 # ----------------------------------------------------------------------------- main, in phases
 
 def open_runtime(cfg):
@@ -316,7 +305,7 @@ def open_runtime(cfg):
     the process group, device and precision. Returns (dist, device, dtype, fsdp)."""
     resolve_start(cfg)  # auto_resume: does this command resume out_dir's run?
     check_config(cfg, Dist(world_size=int(os.environ.get("WORLD_SIZE", "1"))))
-    dist_info, device = init_distributed(cfg.device, cfg.backend)
+    dist_info, device = init_distributed(cfg.device, cfg.backend, cfg.dist_timeout_s)
     setup_backends(device)
     dtype = pick_dtype(cfg.dtype, device)
     fsdp = cfg.fsdp and dist_info.enabled
@@ -346,8 +335,6 @@ def resume_point(cfg, dist_info, device):
     """Phase 2: (checkpoint dir, state) to resume from, or (None, None) for a new run (whose out_dir
     is cleared first with overwrite=True)."""
     state, ckpt_dir = None, None
-    if not cfg.eval_only:  # one training per out_dir: refused here, before anything is read or written
-        ckpt_lib.claim_out_dir(cfg.out_dir, dist_info)
     if cfg.init_from == "resume":
         ckpt_dir, state = ckpt_lib.read_for_resume(cfg.out_dir, cfg.resume_from, dist_info)
         for k, (a, b) in check_resume(state["config"], cfg, ckpt_dir).items():
@@ -393,14 +380,18 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
     if isinstance(sampler, (RandomSampler, SequentialSampler)):  # token files: their ids must fit the model
         sampler.data.check_vocab(model.config.vocab_size)
         sampler.vocab_size = model.config.vocab_size
-    model.to(device)
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print0(memory.budget_report(model, cfg.max_iters, tokens_per_iter, cfg.max_iters - (state or {}).get("iter_num", 0),
                                 device, *peak_flops(device, dtype), dist_info.world_size))
-    print0(memory.memory_report(memory.estimate_training_memory(
+    est, available = memory.estimate_training_memory(
         model, cfg.batch_size, cfg.block_size, compute_dtype_bytes=4 if dtype == torch.float32 else 2,
         optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing,
-        world_size=dist_info.world_size, fsdp=fsdp), memory.device_memory(device)))
+        world_size=dist_info.world_size, fsdp=fsdp), memory.device_memory(device)
+    print0(memory.memory_report(est, available))
+    if memory.fits(est, available) is False and not cfg.ignore_memory_estimate:
+        raise UserError("the memory estimate above does NOT fit this device: take one of the changes it lists, or "
+                        "pass --ignore_memory_estimate=True to try anyway")
+    model.to(device)
     if state:  # whole weights on every rank, before FSDP splits them
         ckpt_lib.restore_model(model, ckpt_dir, state)
     if fsdp:  # in place, before the optimizer, which must see the sharded parameters
@@ -417,7 +408,7 @@ def evaluate_and_save(run, metrics, lr, last_step):
     """Validation loss (when there is validation data), then a checkpoint: at each evaluation with
     always_save_checkpoint, else when val improved; always at the last step, so a run ends with its
     last weights saved. best.json moves only on improvement."""
-    val = validate(run)
+    val = evaluation.validate(run)
     improved = val is not None and val < run.best_val
     if val is not None:
         if improved:
@@ -542,19 +533,30 @@ def train_loop(run, runner, metrics, peak, stop):
 
 def main(cfg):
     dist_info, device, dtype, fsdp = open_runtime(cfg)
+    owner = dist_info.is_master and not cfg.eval_only  # one training per out_dir: its lock, taken before any read
+    new_dir = owner and not Path(cfg.out_dir).exists()
+    if not cfg.eval_only:
+        ckpt_lib.claim_out_dir(cfg.out_dir, dist_info)
+    try:
+        return train_run(cfg, dist_info, device, dtype, fsdp)
+    finally:
+        if owner:  # given back, and an out_dir this run made but never wrote to removed (refused: nothing left)
+            ckpt_lib.release_out_dir(cfg.out_dir, remove_empty=new_dir)
+
+
+def train_run(cfg, dist_info, device, dtype, fsdp):
+    """Phases 2 to 4 of main: the resume point, the run, the loop; then the run's result."""
     ckpt_dir, state = resume_point(cfg, dist_info, device)
     if state and state["iter_num"] >= cfg.max_iters and not cfg.eval_only:
         print0(f"resume: {ckpt_dir} is at iteration {state['iter_num']}, max_iters={cfg.max_iters}: the run is "
                f"finished and nothing was trained; raise --max_iters to train on")
-        if dist_info.is_master:
-            ckpt_lib.release_out_dir(cfg.out_dir)
         close_distributed(dist_info)
         return {"iter_num": state["iter_num"], "best_val_loss": state["best_val_loss"]}
     run = build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state)
     runner = wrap_for_training(run.model, device, dist_info, fsdp, cfg.compile)
     wandb_run = None
     if dist_info.is_master:
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)  # (eval_only takes no lock, which makes it)
         if state:
             ckpt_lib.trim_metrics(Path(cfg.out_dir) / "metrics.jsonl", run.iter_num)  # lines a crash left past it
         if cfg.wandb_log:
@@ -569,8 +571,6 @@ def main(cfg):
     finally:
         stop.close()  # the signal handlers the process had before (it may go on: a test, a notebook)
         metrics.close()
-        if dist_info.is_master and not cfg.eval_only:
-            ckpt_lib.release_out_dir(cfg.out_dir)
     barrier(dist_info, device)  # no rank leaves while rank 0 still writes the final checkpoint
     result = {"iter_num": run.iter_num, "best_val_loss": run.best_val, "best_iter": run.best_iter,
               "early_stopped": early_stop(run)}
@@ -579,7 +579,6 @@ def main(cfg):
         # process group is gone they abort the interpreter at exit ("terminate called without an
         # active exception"), so they go first
         del runner, run
-        import gc
         gc.collect()
     close_distributed(dist_info)
     if stop.signum == signal.SIGINT:

@@ -260,7 +260,7 @@ def test_a_full_disk_inside_safetensors_gets_the_clear_message(tmp_path, monkeyp
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
                               'message: "No space left on device" })')
     monkeypatch.setattr(ckpt_lib, "save_file", full)
-    with pytest.raises(RuntimeError, match="previous checkpoint .* is untouched; free disk space"):
+    with pytest.raises(ckpt_lib.SaveFailed, match="previous checkpoint .* is untouched; free disk space"):
         ckpt_lib.save_checkpoint(tmp_path, {"iter_num": 2}, model, opt)
     assert ckpt_lib.read_checkpoint(tmp_path)[1]["iter_num"] == 1
     assert not list(tmp_path.glob(".ckpt-*"))  # no debris

@@ -15,7 +15,7 @@ import pytest
 import checkpoint
 import train
 from errors import UserError
-from helpers import char_dataset, read_metrics, tiny_train_config
+from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,46 @@ def test_torchrun_restarts_without_auto_resume_are_warned_about(data, tmp_path, 
     assert "add --auto_resume=True" in capsys.readouterr().out
     train.main(tiny_train_config(data, tmp_path / "b", max_iters=2, eval_interval=2, auto_resume=True))
     assert "add --auto_resume=True" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- wrong input: one line, nothing written
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(learning_rate=-0.01), "learning_rate must be positive"),
+    (dict(max_iters=0), "max_iters=0 trains nothing"),
+    (dict(dtype="float16"), "dtype=float16 on a CPU"),
+    (dict(dist_timeout_s=0), "dist_timeout_s must be positive"),
+    (dict(batch_size=4096, block_size=4096), "memory estimate above does NOT fit"),
+])
+def test_wrong_input_is_refused_before_any_work_and_writes_nothing(data, tmp_path, overrides, message):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=message):
+        train.main(tiny_train_config(data, out, **overrides))
+    assert not out.exists()
+
+
+def test_an_out_dir_that_is_a_file_or_cannot_be_written_is_refused_before_any_work(data, tmp_path, monkeypatch):
+    (tmp_path / "taken").write_text("notes")
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        train.main(tiny_train_config(data, tmp_path / "taken" / "out"))
+    assert (tmp_path / "taken").read_text() == "notes"
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # (root may write anywhere: a read-only mount, as os sees it)
+    with pytest.raises(UserError, match="cannot be written by this user"):
+        train.main(tiny_train_config(data, tmp_path / "ro" / "out"))
+    assert not (tmp_path / "ro").exists()
+
+
+def test_a_run_that_does_not_fit_may_be_told_to_try_anyway(data, tmp_path, monkeypatch):
+    import memory
+    monkeypatch.setattr(memory, "device_memory", lambda device: 1000)  # a machine with 1,000 bytes
+    with pytest.raises(UserError, match="--ignore_memory_estimate=True"):
+        train.main(tiny_train_config(data, tmp_path / "a", max_iters=2))
+    assert train.main(tiny_train_config(data, tmp_path / "b", max_iters=2, ignore_memory_estimate=True))["iter_num"] == 2
+
+
+def test_a_wrong_value_on_the_command_line_is_one_line_and_exit_1(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char_cpu.py", "--learning_rate=-0.01",
+                        f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-2:] == [
+        "error: invalid configuration:", "  learning_rate must be positive, got -0.01"], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
