@@ -217,9 +217,10 @@ def test_a_converted_run_resumes_with_only_its_shape_given(nanogpt, tmp_path, mo
     assert abs(losses[0] - last_loss) < 0.25 and losses[0] < math.log(len(itos)) - 1.0, (losses, last_loss)
 
     saved = converted["config"]
-    # every key of ours is there, none None where ours cannot be None (a None can't be typed on the command line)
+    # every key of ours is there, none None where ours cannot be None (a None can't be typed on the command
+    # line); qkv_bias and attn_proj_bias are None by default, meaning "as bias"
     assert set(saved) == {f.name for f in dataclasses.fields(train.TrainConfig)}
-    assert all(v is not None or k == "qkv_bias" for k, v in saved.items())
+    assert all(v is not None or k in ("qkv_bias", "attn_proj_bias") for k, v in saved.items())
     assert saved["learning_rate"] == 3e-3 and saved["warmup_iters"] == 100 and saved["bias"] is False  # nanoGPT's
     assert converted["tokens_seen"] == STEPS * 16 * 32  # nanoGPT's iterations x its 1 accum x 16 batch x 32 block
 
