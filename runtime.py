@@ -234,8 +234,12 @@ def init_distributed(device_name, backend="auto", timeout_s=600.0):
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise UserError(f"backend='nccl' needs CUDA devices, but device is {device.type}: use backend='gloo' or 'auto'")
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s),
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    # torchrun keeps its store across the restarts of a job (--max-restarts): the ranks of a restarted
+    # group would read the addresses the dead group's ranks published there, and fail to connect
+    store = dist.PrefixStore(f"homegpt/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device if backend == "nccl" else None)
     return Dist(rank, local_rank, world_size), device
 

@@ -568,6 +568,13 @@ def train_run(cfg, dist_info, device, dtype, fsdp):
     stop = StopFlag()
     try:
         train_loop(run, runner, metrics, peak_flops(device, dtype)[0], stop)
+    except RuntimeError as e:  # a collective that waited dist_timeout_s: one line, not a traceback per rank
+        if dist_info.enabled and "timed out" in str(e).lower():
+            raise SystemExit(f"error: rank {dist_info.rank} waited {cfg.dist_timeout_s:g} s for another rank that "
+                             f"stopped answering (hung, stopped or cut off): {str(e).strip().splitlines()[0][-160:]}. "
+                             f"The job stops; torchrun --max-restarts restarts it, and auto_resume=True continues "
+                             f"from the last checkpoint") from e
+        raise
     finally:
         stop.close()  # the signal handlers the process had before (it may go on: a test, a notebook)
         metrics.close()
