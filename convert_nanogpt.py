@@ -49,6 +49,7 @@ import checkpoint as ckpt_lib
 from errors import MissingFile, UserError
 from configurator import run
 from model import GPT, GPTConfig
+from train import TrainConfig
 
 
 @dataclass
@@ -193,7 +194,6 @@ def dataset_meta(cfg, ncfg, gcfg):
 
 def train_config(cfg, ncfg, gcfg, margs):
     """The nanoGPT run's config under our TrainConfig's keys, every key present (see the docstring)."""
-    from train import TrainConfig  # lazily: train pulls in the whole training stack
     out = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
            for f in dataclasses.fields(TrainConfig)}
     dropped = []
@@ -220,7 +220,6 @@ def train_config(cfg, ncfg, gcfg, margs):
 def resume_command(train_cfg):
     """`python train.py --init_from=resume ...` with every key whose value is not our default, so the
     run goes on as nanoGPT had it configured; the old machine's device, dtype, compile, backend aside."""
-    from train import TrainConfig
     defaults = dataclasses.asdict(TrainConfig())
     args = ["--init_from=resume", f"--out_dir={train_cfg['out_dir']}"]
     args.append(f"--data_dir={train_cfg['data_dir']}" if train_cfg["data_dir"] else f"--dataset={train_cfg['dataset']}")

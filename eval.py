@@ -19,9 +19,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from errors import UserError
+import build
+import checkpoint
+import judge
+import sft
 from configurator import parse_list, run
+from dataloader import TokenData, Tokenizer, count_eval_batches, eval_batches
+from errors import UserError
+from evaluation import evaluate_loss, load_task, progress_bar, run_benchmark, run_lambada
 from fileio import write_json
+from runtime import autocast, pick_device, pick_dtype, seed_everything, setup_backends
 
 BENCHMARK_TASKS = ("hellaswag", "piqa", "winogrande", "lambada")
 TASKS = ("val",) + BENCHMARK_TASKS + ("generate", "judge")
@@ -115,9 +122,6 @@ def model_specs(cfg):
 def load_any(spec, device, option="--models", which="best", base_quant=""):
     """(model, tokenizer, info) for an out_dir of ours, a GPT-2 name or a Hugging Face directory
     (build.load_any). Errors start with `option`, so that a hint says where to pass a path."""
-    import build
-    import checkpoint
-    from dataloader import Tokenizer
     if option == "--out_dir" and not checkpoint.holds_checkpoint(spec):
         raise UserError(f"--out_dir={spec!r} holds no checkpoint (latest.json): train there first, or "
                         f"name the model with --init_from=<gpt2 name or HF directory> or --models=...")
@@ -142,8 +146,6 @@ def val_data_dir(cfg, info, spec):
 
 
 def eval_val(cfg, model, tokenizer, info, spec, device, ctx):
-    from dataloader import TokenData, count_eval_batches, eval_batches
-    from evaluation import evaluate_loss, progress_bar
     data_dir = val_data_dir(cfg, info, spec)
     data = TokenData(data_dir, "val")
     kind = data.meta.get("tokenizer")
@@ -161,12 +163,6 @@ def eval_val(cfg, model, tokenizer, info, spec, device, ctx):
 
 
 def eval_generate(cfg, model, tokenizer, device, ctx, train_config=None):
-    try:
-        import sft
-    except ModuleNotFoundError as e:
-        if e.name != "sft":
-            raise
-        raise UserError("the 'generate' task needs sft.py (supervised fine-tuning), which is missing") from e
     template = (train_config or {}).get("sft_template") or None  # the prompt format the model was tuned on
     examples = sft.load_examples(cfg.data_file, template)
     if cfg.limit > 0:
@@ -180,7 +176,6 @@ def eval_generate(cfg, model, tokenizer, device, ctx, train_config=None):
 
 
 def make_judge(cfg, device):
-    import judge
     if cfg.judge:
         return judge.LocalJudge(cfg.judge, device)
     return judge.HTTPJudge(cfg.judge_url, cfg.judge_model, os.environ.get(cfg.judge_key_env) or None,
@@ -192,7 +187,6 @@ def judge_file(cfg):
 
 
 def eval_judge(cfg, spec, model, tokenizer, info, device, ctx, judge_, results):
-    import judge
     # the prompt format the model was tuned with (its checkpoint's), else Alpaca's
     template = (info.get("data_meta") or {}).get("prompt_template") or (info.get("config") or {}).get("sft_template")
     items = judge.load_items(cfg.data_file or JUDGE_DATA, template or None, cfg.limit)
@@ -252,8 +246,6 @@ def format_table(results, tasks):
 
 def main(cfg):
     import torch
-    from evaluation import load_task, run_benchmark, run_lambada
-    from runtime import autocast, pick_device, pick_dtype, seed_everything, setup_backends
     tasks = check_config(cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -265,7 +257,6 @@ def main(cfg):
     items = {t: load_task(t, cfg.data_file, cfg.limit) for t in tasks if t in BENCHMARK_TASKS}
     judge_, judge_results = None, None
     if "judge" in tasks:  # one judge for every model, and one results file to resume from
-        import judge
         judge_, judge_results = make_judge(cfg, device), judge.ResultsFile(judge_file(cfg))
         print(f"judge: {judge_.name}; answers and scores in {judge_results.path} "
               f"({len(judge_results.records)} reusable records)")

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 import runtime
 from dataloader import to_device
 from errors import UserError
+from hf import load_hub_dataset
 
 
 # ----------------------------------------------------------------------------- validation loss
@@ -255,7 +256,6 @@ def _read_jsonl(path, fields, limit):
 
 
 def _download(task, hf_name, hf_config, split, fields, limit):
-    from hf import load_hub_dataset
     ds = load_hub_dataset(hf_name, hf_config, split, what=task,
                           hint=f"Offline, save the split as JSON lines with the fields {', '.join(fields)} and pass "
                                f"--data_file=path.jsonl")

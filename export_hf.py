@@ -26,6 +26,11 @@ from pathlib import Path
 
 from errors import UserError
 from configurator import run
+from checkpoint import holds_checkpoint, read_checkpoint
+from build import load_model
+from runtime import progress
+from hf import export_hf, export_peft_adapter
+from lora import count_params
 
 
 @dataclass
@@ -48,7 +53,6 @@ def _refuse_nonempty(path, option, overwrite):
 def lora_base(cfg):
     """The base a LoRA run builds on, as its checkpoint names it (a GPT-2 name, a Hugging Face
     directory or one of our runs); refuses a run without LoRA, and a base of ours without --hf_dir."""
-    from checkpoint import holds_checkpoint, read_checkpoint
     try:
         _, state = read_checkpoint(cfg.out_dir, cfg.which, verify=False)  # state.json only: the load verifies
     except UserError as e:
@@ -65,8 +69,6 @@ def lora_base(cfg):
 
 
 def main(cfg):
-    from build import load_model
-    from runtime import progress
     adapter_dir = Path(cfg.adapter_dir) if cfg.adapter_dir else None
     base = lora_base(cfg) if adapter_dir is not None else None
     hf_dir = _target_dirs(cfg, adapter_dir)
@@ -109,8 +111,6 @@ def _what(info):
 
 def _export_weights(cfg, model, info, hf_dir, adapter_dir, base, bar):
     """The model (LoRA merged), or with adapter_dir its frozen base, as a transformers directory."""
-    from hf import export_hf
-    from lora import count_params
     tokenizer = "gpt2" if (info.get("data_meta") or {}).get("tokenizer") == "gpt2" else None
     n_adapter, n_total = count_params(model) if adapter_dir else (0, model.get_num_params())
     if adapter_dir is not None and (info.get("config") or {}).get("base_quant"):
@@ -131,8 +131,6 @@ def _export_weights(cfg, model, info, hf_dir, adapter_dir, base, bar):
 def _export_adapter(cfg, model, info, hf_dir, adapter_dir, base, bar):
     """A LoRA run's adapter in PEFT's format, pointing at hf_dir when the base was written there, else
     at the run's own base."""
-    from hf import export_peft_adapter
-    from lora import count_params
     # as given, not resolved: the pair of directories can move together
     base_ref = cfg.hf_dir if hf_dir is not None else base
     bar.set_postfix_str(f"writing {adapter_dir}")

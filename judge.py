@@ -29,6 +29,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from errors import UserError
+import sft
+from evaluation import progress_bar
+from fileio import atomic_write, read_json_lines
 
 JUDGE_PROMPT = """You are grading a response to an instruction against a reference answer.
 
@@ -183,7 +186,6 @@ class ResultsFile:
     last record of an item wins when it is read back."""
 
     def __init__(self, path):
-        from fileio import atomic_write, read_json_lines
         self.path = Path(path)
         self.lock = threading.Lock()
         self.records = {}
@@ -215,7 +217,6 @@ class ResultsFile:
 def load_items(path, template=None, limit=0):
     """Test items from an SFT file: instruction, input, reference answer and the prompt the model sees
     (its own template: the dict recorded in its checkpoint, a template string, or Alpaca's)."""
-    import sft
     records = sft.read_records(path)[:limit or None]
     items = []
     for r in records:
@@ -234,8 +235,6 @@ def judge_model(spec, model, tokenizer, items, judge, results, device, ctx, max_
                 progress=True):
     """Answer every item (reusing answers in `results`), have `judge` score them (reusing its scores),
     and summarise: mean score, counts, the unparseable replies and the failed requests."""
-    import sft
-    from evaluation import progress_bar
     todo = [it for it in items if results.get(spec, it["id"], max_new_tokens) is None]
     reused = len(items) - len(todo)
     for i in progress_bar(range(0, len(todo), GENERATE_CHUNK), progress and len(todo) > GENERATE_CHUNK,

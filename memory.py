@@ -58,6 +58,9 @@ import torch
 
 from errors import UserError
 from quant import QUANTIZED_SUFFIXES, check_kind, from_bitsandbytes
+from optimizers import OPTIMIZERS
+from model import GPT
+from quant import quantized_bytes
 
 GB = 1024 ** 3
 BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizers quantise states in blocks of 256, one fp32 scale each
@@ -82,13 +85,11 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
     base_quant: 'int8' / 'nf4' prices the frozen block matmuls of a float (or meta) model as quant.py
     would store them; a model quantised already is priced as it is (bitsandbytes' own dtypes).
     """
-    from optimizers import OPTIMIZERS
     if optimizer not in OPTIMIZERS:
         raise UserError(f"optimizer={optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     if compute_dtype_bytes not in (2, 4):
         raise UserError(f"compute_dtype_bytes={compute_dtype_bytes}: expected 2 (bf16/fp16) or 4 (fp32)")
     if not isinstance(model, torch.nn.Module):
-        from model import GPT
         with torch.device("meta"):  # shapes and counts only; gpt2-xl costs nothing
             model = GPT(model)
     cfg = model.config
@@ -97,7 +98,6 @@ def estimate_training_memory(model, batch_size, block_size, trainable_params=Non
 
     def nbytes(p):
         if id(p) in quantized:
-            from quant import quantized_bytes
             return quantized_bytes(p.numel(), base_quant, quantized[id(p)])
         return p.numel() * size(p)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from errors import UserError
 from configurator import run
+from checkpoint import read_metrics
+from fileio import atomic_write
 
 
 @dataclass
@@ -44,7 +46,6 @@ def plot_runs(run_dirs, out, x="tokens"):
         from matplotlib.figure import Figure  # a bare Figure draws with Agg: no display, no pyplot state
     except ImportError as e:
         raise SystemExit("plot.py needs matplotlib: pip install -e .[plot]") from e
-    from checkpoint import read_metrics
     runs = [(name, read_metrics(d)) for name, d in zip(run_names(run_dirs), run_dirs)]
     fig = Figure(figsize=(9, 7), layout="constrained")
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
@@ -80,7 +81,6 @@ def _save_png(fig, out):
     if out.parent != Path(""):
         out.parent.mkdir(parents=True, exist_ok=True)
     import io
-    from fileio import atomic_write
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     atomic_write(out, [buf.getvalue()])

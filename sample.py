@@ -29,6 +29,7 @@ from errors import MissingFile, UserError
 from configurator import run
 from dataloader import Tokenizer
 from runtime import autocast, pick_device, pick_dtype, progress, setup_backends
+import sft
 
 
 @dataclass
@@ -55,7 +56,6 @@ def main(cfg):
     setup_backends(device)  # as train.py: TF32 float32 matmuls on CUDA
     dtype = pick_dtype(cfg.dtype, device, decoding=True)
     if cfg.chat and cfg.chat_template:  # a wrong template stops before the model loads
-        import sft
         sft.check_template(cfg.chat_template)
     if cfg.init_from == "resume" and not holds_checkpoint(cfg.out_dir):
         raise MissingFile(f"--out_dir={cfg.out_dir} holds no checkpoint (latest.json): train there first, or sample "

@@ -21,6 +21,7 @@ import evaluation
 from dataloader import TokenData, eval_batches, to_device
 from model import GPT, GPTConfig
 from runtime import autocast, pick_device, pick_dtype
+from build import load_model
 
 
 @dataclass
@@ -62,7 +63,6 @@ def main(cfg):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     if cfg.out_dir:
-        from build import load_model
         model, _ = load_model(cfg.out_dir, device=device)
     else:
         torch.manual_seed(cfg.seed)

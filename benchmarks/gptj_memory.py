@@ -27,6 +27,12 @@ import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
 
 from configurator import run
+import memory
+import lora
+from model import GPT, GPTConfig
+from hf import place_weight
+from runtime import Dist, make_scaler, proc_status_bytes, reset_peak_rss
+from train import train_step
 
 GIB = 2 ** 30
 
@@ -50,14 +56,12 @@ class GPTJMemoryConfig:
 
 
 def gptj_config(cfg):
-    from model import GPTConfig
     return GPTConfig(block_size=2048, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                      n_embd=cfg.n_embd, bias=True, qkv_bias=False, attn_proj_bias=False, tie_weights=False,
                      lm_head_bias=True, rotary_dim=cfg.rotary_dim, parallel_residual=True)
 
 
 def estimate(model, cfg, compute_bytes, base_quant=""):
-    import memory
     return memory.estimate_training_memory(model, cfg.batch_size, cfg.block_size, compute_dtype_bytes=compute_bytes,
                                            optimizer="adamw8bit", activation_checkpointing=True,
                                            base_quant=base_quant)
@@ -65,8 +69,6 @@ def estimate(model, cfg, compute_bytes, base_quant=""):
 
 def random_quantized_model(cfg):
     """The GPT-J-shaped model, each weight drawn at random and placed (quantised) one at a time."""
-    from hf import place_weight
-    from model import GPT
     with torch.device("meta"):
         model = GPT(gptj_config(cfg))
     g = torch.Generator().manual_seed(cfg.seed)
@@ -83,7 +85,6 @@ def random_quantized_model(cfg):
 
 
 def finetune(model, cfg):
-    import lora
     if cfg.train_1d_only:
         lora.train_only_1d(model)
     else:
@@ -91,11 +92,6 @@ def finetune(model, cfg):
 
 
 def main(cfg):
-    import lora
-    import memory
-    from model import GPT
-    from runtime import Dist, make_scaler, proc_status_bytes, reset_peak_rss
-    from train import train_step
     for line in common.machine_lines():
         print(line)
     budget = int(cfg.budget_gb * GIB)

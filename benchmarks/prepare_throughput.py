@@ -28,6 +28,7 @@ import numpy as np
 import common  # noqa: F401  (puts the checkout on sys.path)
 from errors import UserError
 from configurator import configure
+from dataloader import gpt2_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data" / "fineweb" / "prepare.py"
@@ -83,7 +84,6 @@ def documents(rng, forms, n_docs):
 
 def write_corpus(directory, cfg):
     """Write the corpus a block of documents at a time until it holds about cfg.tokens tokens."""
-    from dataloader import gpt2_encoding
     rng = np.random.default_rng(cfg.seed)
     forms = word_forms(vocabulary(rng))
     enc = gpt2_encoding()

@@ -26,6 +26,7 @@ import common
 from errors import UserError
 from model import GPT, GPTConfig
 from runtime import autocast, pick_device, pick_dtype
+from build import load_model
 
 
 @dataclass
@@ -49,7 +50,6 @@ class SamplingConfig:
 
 def build(cfg, block_size, device):
     if cfg.out_dir:
-        from build import load_model
         model, _ = load_model(cfg.out_dir, device=device)
         return model
     torch.manual_seed(cfg.seed)
