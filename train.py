@@ -130,7 +130,7 @@ class TrainConfig(GPTConfig):
     compile: bool = False  # torch.compile the model (turned off, with the reason printed, where it cannot work)
 
     def __post_init__(self):
-        pass  # (not GPTConfig's: check_config reports every problem of every key at once, as one error)
+        """Not GPTConfig's check: check_config reports every problem of every key at once, as one error."""
 
 
 # ----------------------------------------------------------------------------- pure functions

@@ -219,7 +219,7 @@ def test_sample_and_eval_set_up_the_backends_like_train(monkeypatch):
     monkeypatch.setattr(sample, "setup_backends", setup_backends)
     with pytest.raises(BackendsSetUp):
         sample.main(sample.SampleConfig(device="cpu"))
-    monkeypatch.setattr(runtime, "setup_backends", setup_backends)  # eval.main imports it when it runs
+    monkeypatch.setattr(eval_script, "setup_backends", setup_backends)
     with pytest.raises(BackendsSetUp):
         eval_script.main(eval_script.EvalConfig(device="cpu", out_dir="no-such-run"))
     assert seen == [torch.device("cpu")] * 2
