@@ -4,6 +4,9 @@ The first run on a CUDA GPU: does homegpt work on this card, and how fast is it?
     python benchmarks/gpu_check.py                                       # everything -> gpu_check.json
     python benchmarks/gpu_check.py --out_file=rtx4090.json
     python benchmarks/gpu_check.py --parts=gpt2,sampling --compile=False  # a quicker look
+    python benchmarks/gpu_check.py --parts=fp16,gptj,memory24,nanogpt,levers --nanogpt_dir=/path/to/nanoGPT
+    python benchmarks/gpu_check.py --device=cpu --dry_run=True --nanogpt_dir=/path/to/nanoGPT  # no GPU: the
+                                                  # prepared parts' code at tiny shapes, a minute on a CPU
 
 Parts, in this order (--parts picks some):
   tests       `python -m pytest -q -m cuda tests/` in a subprocess, with its passed / failed counts
@@ -21,16 +24,32 @@ Parts, in this order (--parts picks some):
   plan        `bench.py --plan` for the GPU baby GPT (config/train_shakespeare_char.py, plan_iters
               iterations, eager), then train.py with the overrides it printed: its ETA against the
               run's wall time from process start (Tiny Shakespeare ships with the checkout)
+  fp16        the baby GPT, 200 steps from one seed in bf16 and in fp16 + GradScaler (a card without
+              bf16): the loss curves within fp16_tolerance, steps skipped after calibration (gpu_levers.py)
+  gptj        GPT-J-6B's shape, int8 base + LoRA + adamw8bit + checkpointing, built on the GPU: one
+              step's peak memory against 11 GiB and memory.py (gpu_memory.py; needs bitsandbytes)
+  memory24    the allocator capped at cap_gib (24): the Chinchilla model at batch 6 and GPT-2 XL's
+              fine-tune with each memory knob of its config: fits, peak, tok/s, memory.py's verdict
+  nanogpt     nanoGPT's own scripts beside ours on this GPU: the baby GPT's time to val <= 1.47 and
+              its val at the same wall time; GPT-2 124M tokens/s and MFU at the best micro-batch
+              (gpu_sidebyside.py; needs --nanogpt_dir, skipped with a note without it)
+  levers      GPT-2 124M toward 50% MFU: the baseline against for-each AdamW, eager, other
+              micro-batches and compile modes, each row's effect on tokens/s (gpu_levers.py)
 
-Every training row is bench.run_row, the function behind bench.py: a fresh model and fused AdamW,
-train.train_step on random tokens already on the GPU, warm-up steps untimed (compilation happens
-there), the device synchronised before every clock read, peak memory from
+Every training row of gpt2 and chinchilla is bench.run_row, the function behind bench.py: a fresh
+model and fused AdamW, train.train_step on random tokens already on the GPU, warm-up steps untimed
+(compilation happens there), the device synchronised before every clock read, peak memory from
 torch.cuda.max_memory_allocated. The largest batch is bench.find_max_batch (doubling, then
 bisection), capped by max_batch and search_seconds. Nothing is downloaded and nothing installed:
-random tokens, and torch, numpy, safetensors, tiktoken, tqdm, plus pytest for the tests part.
+random tokens, and torch, numpy, safetensors, tiktoken, tqdm, plus pytest for the tests part. The
+prepared parts time the same way through gpu_rows.train_row, which also varies what bench.run_row
+fixes (compile mode, fused AdamW, LoRA, an int8 base, a memory cap); gptj and memory24's 8-bit rows
+need bitsandbytes, which a machine without network gets as a carried wheel (docs/gpu_check.md).
 
-The whole check takes a few minutes on a current GPU (docs/gpu_check.md). Each part prints its seconds,
-and --compile=False saves the two compilations.
+The first five parts take ~5 minutes on an H200, the last five ~8 more (estimated: docs/gpu_check.md,
+which has the command a lent GPU runs). Each part prints its seconds, and --compile=False saves the
+first two parts' compilations. --dry_run=True runs the last five at tiny shapes with a handful of
+steps, on a CPU too (--device=cpu), so their code is tested where no GPU is (tests/test_gpu_check_prep.py).
 
 One table at the end, every number in out_file (JSON, rewritten after each part). Exit status 1 when
 a test fails, a part breaks or there is no CUDA; otherwise 0.
@@ -58,14 +77,19 @@ import configurator  # noqa: E402
 from errors import UserError
 from fileio import write_json  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from runtime import (autocast, compile_reason, peak_flops, pick_device, pick_dtype, setup_backends,  # noqa: E402
-                     synchronize)
+from runtime import (autocast, compile_reason, cpu_model, peak_flops, pick_device, pick_dtype,  # noqa: E402
+                     setup_backends, synchronize)
 from train import TrainConfig  # noqa: E402
+import memory  # noqa: E402
+from gpu_levers import fp16_table, levers_table, run_fp16, run_levers  # noqa: E402
+from gpu_memory import gptj_table, memory24_table, run_gptj, run_memory24  # noqa: E402
+from gpu_sidebyside import nanogpt_table, run_nanogpt  # noqa: E402
+from gpu_rows import past  # noqa: E402
 
 
 @dataclass
 class GpuCheckConfig:
-    parts: str = "tests,gpt2,chinchilla,sampling,plan"  # comma-separated; they run in this order
+    parts: str = "tests,gpt2,chinchilla,sampling,plan,fp16,gptj,memory24,nanogpt,levers"  # run in this order
     compile: bool = True  # also time torch.compile'd training (one compilation per model, ~1 min each)
     warmup: int = 2  # untimed training steps per row (compilation happens in the first)
     steps: int = 10  # timed training steps per row
@@ -75,12 +99,29 @@ class GpuCheckConfig:
     tests_timeout: int = 300  # seconds before the test subprocess is stopped and counted as failed
     plan_iters: int = 2000  # the planned and run baby GPT's max_iters (~1 min on an A100-class card, estimated)
     plan_calibration_s: float = 30.0  # the plan's micro-batch search time
-    device: str = "cuda"  # which GPU, e.g. cuda:1
+    # the prepared parts (fp16, gptj, memory24, nanogpt, levers)
+    dry_run: bool = False  # tiny shapes, a handful of steps, 'eager' compile backend: their code on a CPU in a minute
+    fp16_steps: int = 200  # steps of the baby GPT in each precision
+    fp16_tolerance: float = 0.05  # nats: the most a window's mean loss may differ between bf16 and fp16
+    cap_gib: float = 24.0  # memory24: the card size the allocator is capped at
+    nanogpt_dir: str = ""  # a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT); '' skips nanogpt
+    nanogpt_wall_s: float = 90.0  # each baby GPT run (nanoGPT's and ours) is stopped after this long
+    nanogpt_target: float = 1.47  # the val loss whose time from process start is compared
+    nanogpt_batches: str = "16,32"  # GPT-2 124M micro-batches timed on both sides (one nanoGPT process each)
+    nanogpt_bench_timeout_s: float = 300.0  # one nanoGPT bench.py run (its compilation included)
+    lever_batches: str = "32,64"  # micro-batches besides the config's 16 (memory.py: 30.8 and 59.5 GiB, eager)
+    lever_modes: str = "reduce-overhead,max-autotune-no-cudagraphs"  # torch.compile modes besides 'default'
+    # > 0: a part, or a levers row or nanogpt micro-batch, not started this many seconds after the first
+    # part is skipped, so the table comes out before a lent machine's time is up (0 = no limit)
+    time_limit_s: float = 0.0
+    device: str = "cuda"  # which GPU, e.g. cuda:1; cpu only with dry_run
     seed: int = 1337
     out_file: str = "gpu_check.json"
 
 
-PARTS = ("tests", "gpt2", "chinchilla", "sampling", "plan")
+PARTS = ("tests", "gpt2", "chinchilla", "sampling", "plan", "fp16", "gptj", "memory24", "nanogpt", "levers")
+DRY_PARTS = ("fp16", "gptj", "memory24", "nanogpt", "levers")  # the parts with a dry run
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODELS = {"gpt2": ("config/train_gpt2.py", "GPT-2 124M"),
           "chinchilla": ("config/train_gpt2_chinchilla.py", "GPT-2 163M untied")}
 # TrainConfig keys that shape the timed step; bench.BenchConfig uses the same names
@@ -92,8 +133,10 @@ NO_CUDA = ("gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False); ru
 
 
 def check_config(cfg):
-    """The parts to run; all problems with the knobs at once as a ValueError."""
-    parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
+    """The parts to run; all problems with the knobs at once as a ValueError. A dry run's default
+    parts are the prepared ones, the only ones it has."""
+    default = cfg.parts == GpuCheckConfig.parts
+    parts = list(DRY_PARTS) if cfg.dry_run and default else [p.strip() for p in cfg.parts.split(",") if p.strip()]
     errors = []
     if not parts or any(p not in PARTS for p in parts):
         errors.append(f"parts={cfg.parts!r}: expected a comma-separated list of {', '.join(PARTS)}")
@@ -106,11 +149,38 @@ def check_config(cfg):
         errors.append(f"search_seconds must be >= 0, got {cfg.search_seconds}")
     if cfg.sample_tokens >= 1024:
         errors.append(f"sample_tokens={cfg.sample_tokens}: keep it under the block of 1024, where the cache is used")
-    if not cfg.device.startswith("cuda"):
-        errors.append(f"device={cfg.device!r}: this checks a CUDA GPU (cuda or cuda:N)")
+    if not (cfg.device.startswith("cuda") or (cfg.dry_run and cfg.device == "cpu")):
+        errors.append(f"device={cfg.device!r}: this checks a CUDA GPU (cuda or cuda:N); cpu only with --dry_run=True")
+    if cfg.dry_run and not set(parts) <= set(DRY_PARTS):
+        errors.append(f"dry_run=True runs only {', '.join(DRY_PARTS)}; drop "
+                      f"{', '.join(p for p in parts if p not in DRY_PARTS)} from parts")
+    errors += prepared_problems(cfg)
     if errors:
         raise UserError("invalid configuration:\n  " + "\n  ".join(errors))
     return sorted(dict.fromkeys(parts), key=PARTS.index)
+
+
+def prepared_problems(cfg):
+    """What is wrong with the prepared parts' knobs, as messages."""
+    errors = []
+    for key in ("fp16_steps", "fp16_tolerance", "cap_gib", "nanogpt_wall_s", "nanogpt_target",
+                "nanogpt_bench_timeout_s"):
+        if getattr(cfg, key) <= 0:
+            errors.append(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.time_limit_s < 0:
+        errors.append(f"time_limit_s must be >= 0 (0 = no limit), got {cfg.time_limit_s}")
+    if cfg.fp16_steps < 20:
+        errors.append(f"fp16_steps={cfg.fp16_steps}: the curves are compared over 10 windows, give 20 or more")
+    for key in ("nanogpt_batches", "lever_batches"):
+        sizes = configurator.parse_list(getattr(cfg, key))
+        if not all(b.isdigit() and int(b) > 0 for b in sizes) or (key == "nanogpt_batches" and not sizes):
+            errors.append(f"{key}={getattr(cfg, key)!r}: expected positive integers like '16,32'")
+    bad = [m for m in configurator.parse_list(cfg.lever_modes) if m not in COMPILE_MODES]
+    if bad:
+        errors.append(f"lever_modes={cfg.lever_modes!r}: {', '.join(bad)} is not one of {', '.join(COMPILE_MODES)}")
+    if cfg.nanogpt_dir and not Path(cfg.nanogpt_dir).is_dir():
+        errors.append(f"nanogpt_dir={cfg.nanogpt_dir!r} is not a directory (a nanoGPT checkout)")
+    return errors
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -206,8 +276,28 @@ def table_rows(report):
                          f"(micro-batch {p['batch_size']}, largest {p['largest']})"))
         if p.get("status") != "ok":
             rows.append(("plan", p.get("status", "error"), p.get("note", "")))
+    rows += prepared_rows(parts)
     for part, seconds in report["elapsed_s"].items():
         rows.append(("time", part, f"{seconds:.0f} s"))
+    return rows
+
+
+PREPARED_TABLES = (("fp16", fp16_table), ("gptj", gptj_table), ("memory24", memory24_table),
+                   ("nanogpt", nanogpt_table), ("levers", levers_table))
+
+
+def prepared_rows(parts):
+    """The table rows of the prepared parts; a part that broke before measuring anything, or was
+    skipped, in one row with its note."""
+    rows = []
+    for part, table in PREPARED_TABLES:
+        if part not in parts:
+            continue
+        res = parts[part]
+        if set(res) <= {"status", "note"}:
+            rows.append((part, res["status"], res["note"]))
+        else:
+            rows += table(res)
     return rows
 
 
@@ -223,9 +313,10 @@ def problems(report):
     finding about the card, not a failure)."""
     out = []
     for part, res in report["parts"].items():
-        if res.get("status") not in (None, "ok"):
+        if res.get("status") not in (None, "ok", "skipped"):  # a part skipped for want of an input says so
             out.append(f"{part}: {res['status']}" + (f" ({res['note']})" if res.get("note") else ""))
-        out += [f"{part}: {r['dtype']} batch {r['batch_size']} compile={r['compile']}: {r['note']}"
+        out += [f"{part}: " + (r["label"] if "label" in r else f"{r['dtype']} batch {r['batch_size']} "
+                                                             f"compile={r['compile']}") + f": {r['note']}"
                 for r in res.get("rows", []) + res.get("search", []) if r.get("status") == "error"]
     return out
 
@@ -371,11 +462,18 @@ def run_plan(cfg, device):
     return result
 
 
-def main(cfg):
-    if not torch.cuda.is_available():
-        raise SystemExit(NO_CUDA.format(torch.__version__))
-    parts = check_config(cfg)
+def open_device(cfg, parts):
+    """The device, set up as train.py sets it (TF32 matmuls), and the report's description of it. A
+    dry run on a CPU describes the CPU."""
     device = pick_device(cfg.device)
+    if device.type != "cuda":
+        # one thread: a dry run's speed means nothing, and on a busy machine torch's pool of several
+        # stalls whenever another process holds a core (a tenth of the speed on a shared 2-core VM)
+        torch.set_num_threads(1)
+        print(f"gpu_check: dry run on {cpu_model()}, torch {torch.__version__}, 1 thread; parts: {', '.join(parts)}",
+              flush=True)
+        return device, {"name": f"{cpu_model()} (dry run)", "capability": "-",
+                        "memory_bytes": memory.device_memory(device)}
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(device)
@@ -383,11 +481,47 @@ def main(cfg):
     props = torch.cuda.get_device_properties(device)
     major, minor = torch.cuda.get_device_capability(device)
     print(f"gpu_check: {props.name} (compute capability {major}.{minor}, {gib(props.total_memory)}), torch "
-          f"{torch.__version__}, CUDA {torch.version.cuda}; parts: {', '.join(parts)}", flush=True)
+          f"{torch.__version__}, CUDA {torch.version.cuda}; parts: {', '.join(parts)}"
+          + (" (dry run)" if cfg.dry_run else ""), flush=True)
+    return device, {"name": props.name, "capability": f"{major}.{minor}", "memory_bytes": props.total_memory}
+
+
+def run_part(cfg, part, device, dtype, peak, deadline=None, save=None):
+    """One part's result; an exception in it is its result ('error'), so the other parts still run.
+    The long parts (nanogpt, levers) stop starting rows at deadline and save() what they have so far."""
+    try:
+        if part == "tests":
+            return run_tests(cfg, device)
+        if part in MODELS:
+            return run_model(cfg, part, device, dtype, peak)
+        if part == "plan":
+            return run_plan(cfg, device)
+        if part == "sampling":
+            return run_sampling(cfg, device, dtype)
+        if part == "fp16":
+            return run_fp16(cfg, device)
+        if part == "gptj":
+            return run_gptj(cfg, device, dtype)
+        if part == "memory24":
+            return run_memory24(cfg, device, dtype, peak)
+        if part == "nanogpt":
+            return run_nanogpt(cfg, device, dtype, peak, deadline, save)
+        assert part == "levers", part
+        return run_levers(cfg, device, dtype, peak, deadline, save)
+    except Exception as e:  # noqa: BLE001 -- one broken part must not hide the others' numbers;
+        traceback.print_exc()  # it is printed here, in the table and the JSON, and fails the run
+        bench.free_memory(device)
+        return {"status": "error", "note": f"{type(e).__name__}: {e}"}
+
+
+def main(cfg):
+    if not (cfg.dry_run and cfg.device == "cpu") and not torch.cuda.is_available():
+        raise SystemExit(NO_CUDA.format(torch.__version__))
+    parts = check_config(cfg)
+    device, gpu = open_device(cfg, parts)
     dtype = pick_dtype("auto", device)  # prints its reason
     report = {"config": dataclasses.asdict(cfg), "versions": bench.versions(), "machine": bench.machine_info(device),
-              "gpu": {"name": props.name, "capability": f"{major}.{minor}", "memory_bytes": props.total_memory},
-              "dtype": str(dtype).replace("torch.", ""), "peak_flops": {}, "parts": {}, "elapsed_s": {}}
+              "gpu": gpu, "dtype": str(dtype).replace("torch.", ""), "peak_flops": {}, "parts": {}, "elapsed_s": {}}
     for d in dict.fromkeys([dtype, torch.float32]):
         flops, source = peak_flops(device, d)
         report["peak_flops"][str(d).replace("torch.", "")] = {"flops": flops, "source": source}
@@ -396,21 +530,17 @@ def main(cfg):
     bench.free_memory(device)  # a measured peak leaves ~1 GB of matmul operands in the allocator's cache
 
     start = time.perf_counter()
+    deadline = time.monotonic() + cfg.time_limit_s if cfg.time_limit_s > 0 else None
     for part in parts:
         t0 = time.perf_counter()
-        try:
-            if part == "tests":
-                result = run_tests(cfg, device)
-            elif part in MODELS:
-                result = run_model(cfg, part, device, dtype, peak)
-            elif part == "plan":
-                result = run_plan(cfg, device)
-            else:
-                result = run_sampling(cfg, device, dtype)
-        except Exception as e:  # noqa: BLE001 -- one broken part must not hide the others' numbers;
-            traceback.print_exc()  # it is printed here, in the table and the JSON, and fails the run
-            result = {"status": "error", "note": f"{type(e).__name__}: {e}"}
-            bench.free_memory(device)
+
+        def save(partial, part=part):  # a part cut off by the machine's limit keeps the rows it measured
+            report["parts"][part] = partial | {"status": "incomplete"}
+            write_json(cfg.out_file, report)
+        if past(deadline):
+            result = {"status": "skipped", "note": f"time_limit_s={cfg.time_limit_s:g} reached before it started"}
+        else:
+            result = run_part(cfg, part, device, dtype, peak, deadline, save)
         report["parts"][part] = result
         report["elapsed_s"][part] = time.perf_counter() - t0
         print(f"{part}: {report['elapsed_s'][part]:.0f} s", flush=True)

@@ -392,3 +392,25 @@ def test_the_plan_part_plans_a_run_then_runs_it(gpu_check, monkeypatch, tmp_path
     (part, what, res), = [r for r in gpu_check.table_rows(report) if r[0] == "plan"]
     assert what == f"{tiny_cfg}, 20 iters, {result['overrides']}" and res.startswith("ETA ")
     assert f"{result['eta_s'] / result['wall_s']:.2f}x" in res and gpu_check.problems(report) == []
+
+
+@gpu
+def test_the_prepared_parts_rows_cap_and_read_the_allocator(gpu_check):
+    """gpu_check's prepared parts (benchmarks/gpu_rows.py) on a real GPU: a row built on the device under
+    a memory cap reads its allocated and reserved peaks, and the cap is lifted afterwards."""
+    import importlib
+    gpu_rows = importlib.import_module("gpu_rows")
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    tcfg = gpu_rows.recipe("config/train_gpt2.py", dry_run=True)
+    dtype = torch.bfloat16 if native_bf16() else torch.float16
+    fraction = gpu_rows.cap_memory(cuda, 4.0)
+    try:
+        row = gpu_rows.train_row("tiny", gpu_rows.builder(tcfg, cuda, 0), tcfg, cuda, dtype, 2, (1, 2), fused=True,
+                                 peak_flops=1e12)
+    finally:
+        gpu_rows.uncap_memory(cuda)
+    assert 0 < fraction < 1 and row["status"] == "ok", row["note"]
+    assert 0 < row["peak_allocated_bytes"] <= row["peak_reserved_bytes"] <= 4 * 2**30
+    assert row["ms_per_step"] > 0 and row["mfu"] > 0 and row["dtype"] == str(dtype).replace("torch.", "")
+    big = torch.empty(5 * 2**30, dtype=torch.uint8, device=cuda)  # over the old cap: it was lifted
+    del big
