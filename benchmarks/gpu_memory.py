@@ -2,7 +2,8 @@
 Two prepared parts of benchmarks/gpu_check.py about what fits in a card's memory:
 
   gptj      GPT-J-6B's shape (random weights, made on the GPU one tensor at a time, each block
-            matmul quantised to int8 as it arrives, as benchmarks/gptj_memory.py does on a CPU),
+            matmul quantised to int8 as it arrives, as benchmarks/gptj_memory.py does on a CPU;
+            bitsandbytes quantises on the GPU only a weight that comes from the host: int8_linear_on),
             LoRA, 8-bit AdamW and activation checkpointing as config/finetune_gptj_lora_all.py
             sets them, at its batch 4 x 128: one warm-up and two timed training steps, the peak
             memory against an 11 GiB card and against memory.py's estimate. Needs bitsandbytes.
@@ -29,6 +30,7 @@ import memory
 from gptj_memory import GPTJMemoryConfig, gptj_config
 from hf import place_weight
 from model import GPT
+from quant import INT8_THRESHOLD, QUANTIZED_SUFFIXES, bitsandbytes
 from gpu_rows import GIB, builder, cap_memory, estimate, finish, gib, recipe, shape_of, train_row, uncap_memory
 
 GPTJ_CONFIG = "config/finetune_gptj_lora_all.py"
@@ -44,10 +46,26 @@ XL_VARIANTS = ((), ("--optimizer=adamw8bit",), ("--optimizer=adamw8bit", "--acti
                ("--lora_rank=8",), ("--init_from=gpt2-large",))
 
 
+def int8_linear_on(device, weight, bias):
+    """quant.quantized_linear's int8 layer (frozen, LLM.int8), quantised on `device`. bitsandbytes 0.50
+    quantises an Int8Params as it moves from the CPU to another device, and leaves one already on CUDA
+    in float (Int8Params.to): quantized_linear of a weight drawn on the GPU would keep GPT-J's block
+    matmuls in float32 (22.5 GB), and one quantised on the CPU takes seconds per matrix (4.4 s for
+    GPT-J's 16384 x 4096 on a 2-core EPYC). So each weight goes through the host once and is
+    quantised by the GPU on its way back."""
+    bnb = bitsandbytes()
+    out_features, in_features = weight.shape
+    m = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
+                            threshold=INT8_THRESHOLD, device="meta")
+    m.weight = bnb.nn.Int8Params(weight.detach().cpu(), requires_grad=False, has_fp16_weights=False).to(device)
+    return m
+
+
 def random_quantized(mcfg, device, base_quant, seed):
     """mcfg's GPT with random weights (std 0.02; LayerNorm gains 1, biases 0) drawn on the device one
-    tensor at a time and placed by the loader's hf.place_weight, which quantises each block matmul
-    as it arrives: the float model (24 GB for GPT-J) never exists, on the GPU or off it."""
+    tensor at a time, each block matmul quantised to int8 as it arrives, every other tensor placed by
+    the loader's hf.place_weight: the float model (24 GB for GPT-J) never exists, on the GPU or off it."""
+    assert base_quant == "int8", f"the gptj part builds an int8 base, not {base_quant!r}"
     with torch.device("meta"):
         model = GPT(mcfg)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -58,7 +76,11 @@ def random_quantized(mcfg, device, base_quant, seed):
             t = torch.zeros(p.shape, device=device)
         else:
             t = torch.randn(p.shape, generator=g, device=device).mul_(0.02)
-        place_weight(model, key, t, base_quant)
+        name, _, attr = key.rpartition(".")
+        if attr == "weight" and name.startswith("transformer.h.") and name.endswith(QUANTIZED_SUFFIXES):
+            model.set_submodule(name, int8_linear_on(device, t, model.get_submodule(name).bias))
+        else:  # (a quantised layer's bias, still on the meta device, is placed here as well)
+            place_weight(model, key, t)
         del t
     return model
 

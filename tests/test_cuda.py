@@ -414,3 +414,17 @@ def test_the_prepared_parts_rows_cap_and_read_the_allocator(gpu_check):
     assert row["ms_per_step"] > 0 and row["mfu"] > 0 and row["dtype"] == str(dtype).replace("torch.", "")
     big = torch.empty(5 * 2**30, dtype=torch.uint8, device=cuda)  # over the old cap: it was lifted
     del big
+
+
+@gpu
+def test_the_gptj_part_quantises_its_random_base_on_the_gpu(gpu_check):
+    """bitsandbytes quantises a weight that moves from the host to the GPU, not one drawn there: the
+    gptj part's base must end in int8 on the GPU, or GPT-J's matmuls would stay float32 (22.5 GB)."""
+    pytest.importorskip("bitsandbytes")
+    import importlib
+    gm = importlib.import_module("gpu_memory")
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    model = gm.random_quantized(gm.gptj_config(gm.GPTJMemoryConfig(**gm.DRY_GPTJ)), cuda, "int8", 0)
+    weights = [m.weight for n, m in model.named_modules() if n.endswith(("attn.c_attn", "mlp.c_fc"))]
+    assert weights and all(w.dtype == torch.int8 and w.device.type == "cuda" for w in weights)
+    assert all(p.device.type == "cuda" for p in model.parameters())

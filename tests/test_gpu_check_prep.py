@@ -291,6 +291,19 @@ def test_the_gptj_part_builds_an_int8_lora_model_and_steps(gc, tmp_path):
     assert rows[1][1] == "an 11 GiB card" and "memory.py: fits" in rows[1][2]
 
 
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (pip install -e .[dev])")
+def test_the_random_gptj_base_is_int8_in_its_block_matmuls_only(gc):
+    m = gc.gpu_memory
+    model = m.random_quantized(m.gptj_config(m.GPTJMemoryConfig(**m.DRY_GPTJ)), torch.device("cpu"), "int8", 0)
+    blocks = {n: mod for n, mod in model.named_modules() if n.startswith("transformer.h.") and n.endswith(
+        ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))}
+    assert len(blocks) == 2 * 4 and all(mod.weight.dtype == torch.int8 for mod in blocks.values())
+    assert blocks["transformer.h.0.mlp.c_fc"].bias.dtype == torch.float32  # GPT-J's MLP biases stay float
+    floats = [n for n, p in model.named_parameters() if p.dtype == torch.float32]
+    assert "transformer.wte.weight" in floats and "lm_head.weight" in floats
+    assert not [n for n, p in model.named_parameters() if p.is_meta]  # every tensor was placed
+
+
 def test_the_gptj_part_says_how_to_bring_bitsandbytes(gc, tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
