@@ -115,7 +115,7 @@ def stamped_run(cmd, cwd, wall_s, log_path, threads=0):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            errors="replace", start_new_session=True)
     lines = []
 
     def read():
@@ -151,10 +151,13 @@ def copy_checkout(src, dst):
 
 
 def checkout_version(src):
-    """The checkout's commit: its COMMIT file, else `git rev-parse HEAD`, else None."""
+    """The checkout's commit: its COMMIT file (a copy without .git, as carried to a lent machine),
+    else `git rev-parse HEAD` of its own .git (never of a repository around it), else None."""
     src = Path(src)
     if (src / "COMMIT").is_file():
         return (src / "COMMIT").read_text().split()[0]
+    if not (src / ".git").exists() or not shutil.which("git"):
+        return None
     r = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
     return r.stdout.strip() or None
 

@@ -416,3 +416,17 @@ def test_the_docs_name_the_prepared_command():
     assert "## Prepared, not yet run" in text
     section = text.split("## Prepared, not yet run", 1)[1]
     assert "--nanogpt_dir=" in section and "bitsandbytes" in section and "carry" in section
+
+
+def test_the_nanogpt_commit_is_its_own_never_the_surrounding_repositorys(gc, tmp_path):
+    """A checkout copied into ours without its .git (as carried to a lent machine) must not report our
+    commit, which git would find in the repository around it."""
+    s = gc.gpu_sidebyside
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "-C", str(tmp_path), "commit", "-q", "--allow-empty", "-m", "outer"], check=True)
+    inner = tmp_path / "nanogpt"
+    inner.mkdir()
+    assert s.checkout_version(tmp_path) and s.checkout_version(inner) is None
+    (inner / "COMMIT").write_text("3adf61e154c3 Wed Nov 12\n")
+    assert s.checkout_version(inner) == "3adf61e154c3"
