@@ -46,7 +46,7 @@ prepared parts time the same way through gpu_rows.train_row, which also varies w
 fixes (compile mode, fused AdamW, LoRA, an int8 base, a memory cap); gptj and memory24's 8-bit rows
 need bitsandbytes, which a machine without network gets as a carried wheel (docs/gpu_check.md).
 
-The first five parts take ~5 minutes on an H200, the last five ~8 more (estimated: docs/gpu_check.md,
+The first five parts take ~5 minutes on an H200, the last five ~9 more (estimated: docs/gpu_check.md,
 which has the command a lent GPU runs). Each part prints its seconds, and --compile=False saves the
 first two parts' compilations. --dry_run=True runs the last five at tiny shapes with a handful of
 steps, on a CPU too (--device=cpu), so their code is tested where no GPU is (tests/test_gpu_check_prep.py).

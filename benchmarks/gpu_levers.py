@@ -95,7 +95,7 @@ def levers_table(res):
 
 def loss_curve(tcfg, mcfg, data, device, dtype, steps, seed):
     """(losses, skipped flags, loss scales) of `steps` train.py steps from seed: the same initial
-    weights, batches, learning rates and dropout masks whatever dtype is. A float16 step is skipped
+    weights, batches, learning rates and per-step dropout seeds whatever dtype is. A float16 step is skipped
     when the scaler lowered its scale (it found inf/NaN gradients and did not step)."""
     seed_everything(seed)
     model = GPT(mcfg).to(device)  # initialised on the CPU: bit-identical weights in both runs
