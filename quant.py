@@ -92,8 +92,9 @@ def quantized_linear(weight, bias, kind):
     if kind == "int8":
         m = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
                                 threshold=INT8_THRESHOLD, device="meta")
-        # Int8Params.to() quantises a float tensor (via float16) as it moves to a real device
-        m.weight = bnb.nn.Int8Params(weight.detach(), requires_grad=False, has_fp16_weights=False).to(device)
+        # Int8Params.to() quantises a float tensor (via float16) as it moves from the host to a device: a
+        # weight already on the GPU goes through the host, or it would stay float there
+        m.weight = bnb.nn.Int8Params(weight.detach().cpu(), requires_grad=False, has_fp16_weights=False).to(device)
     else:
         m = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=None,
                               compress_statistics=True, quant_type="nf4", device="meta")
