@@ -20,12 +20,13 @@ exactly as training did (and as `sample.py --chat` does).
 them) or q8_0 (8-bit blocks of 32 with a scale each, quantised by `gguf` itself). LoRA is merged and
 a quantised base dequantised first. What llama.cpp's gpt2 architecture does not compute is refused
 in one line, before anything is written: the options export_hf.py refuses, rotary positions and
-GPT-J's parallel block, a character vocabulary with characters outside ASCII, and a character model
+GPT-J's parallel block, the exact GELU (llama.cpp's gpt2 computes the tanh form), a character vocabulary with characters outside ASCII, and a character model
 without biases (its end-of-text token needs the final LayerNorm's). The file appears
 whole or not at all, and an existing one is replaced only with --overwrite=True.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,10 @@ def exportable(config, data_meta):
                         "architecture, which this exporter does not write: export GPT-2-shaped models (learned "
                         "positions, sequential blocks), or use export_hf.py for transformers")
     architecture(config)  # the options no transformers class computes, refused as export_hf.py refuses them
+    if config.activation != "gelu_tanh":
+        raise UserError(f"activation={config.activation!r}: llama.cpp's gpt2 computes GPT-2's tanh GELU, not the exact "
+                        f"one this model trained with (nanoGPT's), so it would not compute this model: export it to "
+                        f"Hugging Face instead (python export_hf.py), whose GPT-2 has the exact GELU")
     kind = (data_meta or {}).get("tokenizer", "gpt2")
     if kind == "char":
         odd = [c for c in data_meta["itos"] if len(c.encode("utf-8")) != 1]
@@ -215,7 +220,7 @@ def write_gguf(model, data_meta, path, dtype):
             w.add_tensor(name, data, raw_dtype=raw_dtype)  # (a quantised one as its bytes, with its type)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=True)
+        w.write_tensors_to_file(progress=sys.stderr.isatty())  # a bar on a terminal, nothing in a log
         w.close()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -198,6 +198,10 @@ def test_what_cannot_be_exported_is_refused_in_one_line_and_nothing_is_written(r
     odd = {"tokenizer": "char", "itos": ["a", "é"]}
     with pytest.raises(UserError, match="several bytes"):
         export_gguf.exportable(build.load_model(runs["char"])[0].config, odd)
+    exact = build.load_model(runs["char"])[0].config
+    exact.activation = "gelu"  # nanoGPT's exact GELU
+    with pytest.raises(UserError, match="tanh GELU"):
+        export_gguf.exportable(exact, {"tokenizer": "gpt2"})
     no_bias = runs["base"] / "no-bias"
     train.main(tiny_train_config(char_dataset(runs["base"] / "nb-data", 20_000), no_bias, max_iters=2,
                                  eval_interval=2, bias=False))
