@@ -89,7 +89,7 @@ COMMANDS = [(page.relative_to(ROOT).as_posix(), n, argv) for page in PAGES for n
 
 def test_readme_has_the_commands_a_newcomer_runs():
     scripts = {argv[0] for _, argv in readme_commands()}
-    assert {"train.py", "sample.py", "eval.py", "export_hf.py", "data/shakespeare/prepare.py",
+    assert {"train.py", "sample.py", "eval.py", "export_hf.py", "export_gguf.py", "data/shakespeare/prepare.py",
             "benchmarks/gpu_check.py", "bench.py"} <= scripts, scripts
 
 
