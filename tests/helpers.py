@@ -1,5 +1,6 @@
-"""Small builders shared by the end-to-end tests: a char dataset and a tiny training config."""
+"""Small builders shared by the end-to-end tests: a char dataset, a tiny training config, a fake terminal."""
 
+import io
 import sys
 from pathlib import Path
 
@@ -34,6 +35,13 @@ def tiny_train_config(data_dir, out_dir, **overrides):
                lr_decay_iters=20, learning_rate=3e-3, min_lr=3e-4)
     cfg.update(overrides)
     return TrainConfig(**cfg)
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as stderr is in an interactive shell."""
+
+    def isatty(self):
+        return True
 
 
 from checkpoint import read_metrics  # noqa: E402,F401  (the tests read runs as plot.py does)

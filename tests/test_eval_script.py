@@ -5,7 +5,6 @@ benchmark JSONL, the side-by-side table, the JSON report and the errors a user s
 """
 
 import contextlib
-import io
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ import torch
 import eval as eval_script
 from dataloader import TokenData, eval_batches, write_raw_tokens
 from evaluation import evaluate_loss
+from helpers import Terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "the cat sat on the mat. a dog ran to the log. " * 60
@@ -205,13 +205,6 @@ def test_generate_task_with_the_real_sft(workdir):
 
 
 # ----------------------------------------------------------------------------- progress bars
-
-class Terminal(io.StringIO):
-    """A stream that says it is a terminal, as stderr is in an interactive shell."""
-
-    def isatty(self):
-        return True
-
 
 def test_a_log_gets_no_progress_bars(workdir):
     """--progress is on by default; with stderr a pipe (a log, nohup, CI) nothing of a bar is written."""

@@ -4,20 +4,11 @@
     python -m pytest -q tests/test_export_hf.py
 """
 
-import io
-
 import pytest
 
 import export_hf
 import train
-from helpers import char_dataset, tiny_train_config
-
-
-class Terminal(io.StringIO):
-    """A stream that says it is a terminal, as stderr is in an interactive shell."""
-
-    def isatty(self):
-        return True
+from helpers import Terminal, char_dataset, tiny_train_config
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import runtime
+from helpers import Terminal
 
 
 @pytest.fixture(autouse=True)
@@ -248,13 +249,6 @@ def test_kv_cache_is_kept_in_the_autocast_dtype(monkeypatch, tiny_config):
 
 
 # ----------------------------------------------------------------------------- progress bars
-
-class Terminal(io.StringIO):
-    """A stream that says it is a terminal, as stderr is in an interactive shell."""
-
-    def isatty(self):
-        return True
-
 
 def test_progress_draws_on_a_terminal(monkeypatch):
     terminal = Terminal()

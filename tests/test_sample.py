@@ -4,22 +4,13 @@ over them appears on a terminal only, never in captured output or a log.
     python -m pytest -q tests/test_sample.py
 """
 
-import io
-
 import pytest
 import torch
 
 import sample
 import train
 from dataloader import Tokenizer
-from helpers import char_dataset, tiny_train_config
-
-
-class Terminal(io.StringIO):
-    """A stream that says it is a terminal, as stderr is in an interactive shell."""
-
-    def isatty(self):
-        return True
+from helpers import Terminal, char_dataset, tiny_train_config
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """SFT data, loss masks, samplers and generation accuracy. Run: python -m pytest -q tests/test_sft.py"""
 
-import io
 import json
 import re
 import string
@@ -12,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from dataloader import Tokenizer
+from helpers import Terminal
 from model import GPT, GPTConfig
 from sft import (ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, SFTSampler, choose_shots, evaluate_generation,
                  format_generation_report, load_examples, sft_eval_batches, tokenize_examples)
@@ -360,13 +360,6 @@ def test_long_prompts_keep_their_tail():
     assert "1 prompt(s) cropped" in format_generation_report(r)
     with pytest.raises(ValueError, match="example 0 has an empty prompt"):
         evaluate_generation(model, tok, [{"prompt": "", "completion": " x"}], "cpu", None)
-
-
-class Terminal(io.StringIO):
-    """A stream that says it is a terminal, as stderr is in an interactive shell."""
-
-    def isatty(self):
-        return True
 
 
 def test_generation_counts_its_answers_on_a_terminal_only(monkeypatch, capfd):
