@@ -55,7 +55,7 @@ import torch
 
 import configurator
 import memory
-from build import build_base
+from weights import build_base
 from checkpoint import library_versions
 from errors import UserError
 from configurator import parse_list

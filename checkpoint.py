@@ -2,7 +2,7 @@
 The one checkpoint format: a directory of safetensors and JSON, no pickle anywhere.
 
     from checkpoint import read_checkpoint
-    ckpt_dir, state = read_checkpoint("out-shakespeare-char")  # the latest; build.load_model gives the model
+    ckpt_dir, state = read_checkpoint("out-shakespeare-char")  # the latest; weights.load_model gives the model
 
     out_dir/
       latest.json, best.json       pointers: {"checkpoint": "ckpt-0000500", "iter_num": 500}

@@ -15,7 +15,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-import build
+import weights
 import checkpoint as ckpt_lib
 from errors import UserError
 from model import GPTConfig
@@ -142,7 +142,7 @@ def check_sources(cfg):
                       f"command continue it: --auto_resume=True), start this one in another --out_dir, or pass "
                       f"--overwrite=True to delete its checkpoints and metrics")
     if cfg.init_from not in ("scratch", "resume"):
-        context = build.source_context(cfg.init_from)
+        context = weights.source_context(cfg.init_from)
         if context is not None and cfg.block_size > context:
             errors.append(f"block_size={cfg.block_size} exceeds the {context} positions of {cfg.init_from}: a pretrained "
                           f"model's context can only be cropped; use --block_size={context} or less")

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import build
+import weights
 import checkpoint
 import judge
 import sft
@@ -121,12 +121,12 @@ def model_specs(cfg):
 
 def load_any(spec, device, option="--models", which="best", base_quant=""):
     """(model, tokenizer, info) for an out_dir of ours, a GPT-2 name or a Hugging Face directory
-    (build.load_any). Errors start with `option`, so that a hint says where to pass a path."""
+    (weights.load_any). Errors start with `option`, so that a hint says where to pass a path."""
     if option == "--out_dir" and not checkpoint.holds_checkpoint(spec):
         raise UserError(f"--out_dir={spec!r} holds no checkpoint (latest.json): train there first, or "
                         f"name the model with --init_from=<gpt2 name or HF directory> or --models=...")
     try:
-        model, data_meta, info = build.load_any(spec, device, which, base_quant)
+        model, data_meta, info = weights.load_any(spec, device, which, base_quant)
     except ValueError as e:  # checkpoint.py and hf.py name the model, not the option that named it
         raise UserError(f"{option}: {e}") from e
     return model, Tokenizer(data_meta), info

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import build
+import weights
 from configurator import run
 from errors import UserError
 from fileio import fsync_dir
@@ -245,10 +245,10 @@ def _stored(array, dtype, gguf):
 def main(cfg):
     path = target_path(cfg)
     if cfg.out_dir:  # LoRA merged, a quantised base dequantised: a plain float GPT
-        model, info = build.load_model(cfg.out_dir, which=cfg.which)
+        model, info = weights.load_model(cfg.out_dir, which=cfg.which)
         data_meta = info.get("data_meta") or {"tokenizer": "gpt2"}
     else:
-        model, data_meta, _ = build.load_any(cfg.init_from)
+        model, data_meta, _ = weights.load_any(cfg.init_from)
     exportable(model.config, data_meta)
     size = write_gguf(model, data_meta, path, cfg.dtype)
     print(f"wrote {path} ({size / 2**20:,.1f} MiB, {cfg.dtype}); run it with llama.cpp (llama-cli -m {path}), or in "

@@ -27,7 +27,7 @@ from pathlib import Path
 from errors import UserError
 from configurator import run
 from checkpoint import holds_checkpoint, read_checkpoint
-from build import load_model
+from weights import load_model
 from runtime import progress
 from hf import export_hf, export_peft_adapter
 from lora import count_params

@@ -769,14 +769,14 @@ PEFT_PREFIX = "base_model.model."
 
 def peft_adapter(model):
     """(adapter_config dict, tensors) in PEFT's LoRA format for a GPT whose LoRALinear layers are in
-    place (build.load_model(..., merge_lora=False)). Refuses what one LoraConfig cannot say."""
+    place (weights.load_model(..., merge_lora=False)). Refuses what one LoraConfig cannot say."""
     if architecture(model.config) != "gpt2":
         raise UserError("a PEFT adapter is exported for GPT-2 models only (GPT-J's q, k and v are three layers in "
                         "transformers, one c_attn here): export the merged model instead (drop --adapter_dir)")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
     if not layers:
         raise UserError("the model has no LoRA adapters to export: was it trained with --lora_rank > 0, "
-                         "and loaded with build.load_model(path, merge_lora=False)?")
+                         "and loaded with weights.load_model(path, merge_lora=False)?")
     # one LoraConfig holds one rank, alpha and dropout; apply_lora always gives every layer the same
     settings = {(m.rank, m.alpha, m.lora_dropout.p) for m in layers.values()}
     if len(settings) > 1:

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import build
+import weights
 import configurator
 import evaluation
 import memory
@@ -194,12 +194,12 @@ def build_model_for(cfg, device):
     if cfg.init_from == "resume":
         _, state = read_for_resume(cfg.out_dir, cfg.resume_from, Dist())
         if not state.get("trainable_only"):
-            return build.build_model(cfg, "scratch", dict(state["model_args"], dropout=cfg.dropout))
-        return build.build_model(cfg, state["config"]["init_from"], None, base=state.get("base"))
+            return weights.build_model(cfg, "scratch", dict(state["model_args"], dropout=cfg.dropout))
+        return weights.build_model(cfg, state["config"]["init_from"], None, base=state.get("base"))
     if cfg.init_from == "scratch":
         meta = data_meta(cfg)
-        return build.build_model(cfg, "scratch", build.scratch_model_args(cfg, meta))
-    return build.build_model(cfg, cfg.init_from, None, base=build.base_reference(cfg.init_from))
+        return weights.build_model(cfg, "scratch", weights.scratch_model_args(cfg, meta))
+    return weights.build_model(cfg, cfg.init_from, None, base=weights.base_reference(cfg.init_from))
 
 
 def data_meta(cfg):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from build import load_any
+from weights import load_any
 from checkpoint import holds_checkpoint
 from errors import MissingFile, UserError
 from configurator import run

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import autobatch
-import build
+import weights
 import checkpoint as ckpt_lib
 import configurator
 import evaluation
@@ -358,7 +358,7 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
     origin = state["config"]["init_from"] if state else cfg.init_from
     meta_hint = state.get("data_meta") if state else None
     if origin != "scratch" and not meta_hint:
-        meta_hint = build.source_data_meta(origin)  # a fine-tune reads text with its base's tokenizer
+        meta_hint = weights.source_data_meta(origin)  # a fine-tune reads text with its base's tokenizer
     if not cfg.sft_train_file and dist_info.is_master:
         prepare_shipped(resolve_data_dir(cfg.data_dir, cfg.dataset))  # Tiny Shakespeare: one command to a model
     barrier(dist_info, device)
@@ -369,9 +369,9 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
     if state and not state.get("trainable_only"):  # the checkpoint holds every weight: no base to fetch
         build_from, model_args = "scratch", dict(state["model_args"], dropout=cfg.dropout)
     elif origin == "scratch":
-        model_args = build.scratch_model_args(cfg, data_meta)
-    base = state.get("base") if state else build.base_reference(origin)
-    model, partial = build.build_model(cfg, build_from, model_args, base=base)
+        model_args = weights.scratch_model_args(cfg, data_meta)
+    base = state.get("base") if state else weights.base_reference(origin)
+    model, partial = weights.build_model(cfg, build_from, model_args, base=base)
     if cfg.batch_size == "auto":  # the search needs the model; the data then comes in the chosen batches
         model.to(device)
         cfg = autobatch.resolve_auto_batch(train_step, cfg, model, device, dtype, dist_info)

@@ -21,7 +21,7 @@ import evaluation
 from dataloader import TokenData, eval_batches, to_device
 from model import GPT, GPTConfig
 from runtime import autocast, pick_device, pick_dtype
-from build import load_model
+from weights import load_model
 
 
 @dataclass

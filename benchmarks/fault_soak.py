@@ -29,7 +29,7 @@ from pathlib import Path
 import common  # noqa: F401  (the checkout on sys.path)
 import torch
 
-import build
+import weights
 import checkpoint
 from configurator import configure
 
@@ -158,8 +158,8 @@ def soak(cfg, work):
             checkpoint.read_checkpoint(c)
         except (ValueError, FileNotFoundError):
             lost += 1
-    a, _ = build.load_model(alone, which="latest")
-    b, _ = build.load_model(faulted, which="latest")
+    a, _ = weights.load_model(alone, which="latest")
+    b, _ = weights.load_model(faulted, which="latest")
     equal = all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     return rows, lost, equal
 

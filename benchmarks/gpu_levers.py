@@ -23,7 +23,7 @@ import torch
 
 from configurator import parse_list
 from dataloader import TokenData, make_sampler, prepare_shipped, resolve_data_dir, to_device
-from build import saved_config, scratch_model_args
+from weights import saved_config, scratch_model_args
 from model import GPT
 from optimizers import make_optimizer
 from runtime import Dist, autocast, cuda_has_bf16, free_memory, make_scaler, seed_everything, step_seed

@@ -30,7 +30,7 @@ import configurator  # noqa: E402
 import lora  # noqa: E402
 import memory  # noqa: E402
 from bench import PeakMemory, model_config  # noqa: E402
-from build import apply_finetune  # noqa: E402
+from weights import apply_finetune  # noqa: E402
 from model import GPT  # noqa: E402
 from optimizers import make_optimizer  # noqa: E402
 from runtime import Dist, autocast, free_memory, is_oom, make_scaler, synchronize  # noqa: E402
@@ -56,7 +56,7 @@ def step_counts(cfg):
 
 
 def finish(model, tcfg):
-    """What train.py does to a built model: LoRA or 1-D training (build.apply_finetune), a bfloat16
+    """What train.py does to a built model: LoRA or 1-D training (weights.apply_finetune), a bfloat16
     frozen base, activation checkpointing, the dropout kernels."""
     if apply_finetune(model, dataclasses.asdict(tcfg)) and tcfg.base_dtype != "float32":
         lora.freeze_base_dtype(model, tcfg.base_dtype)

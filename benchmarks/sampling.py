@@ -12,7 +12,7 @@ baby GPT's block of 256, 500 new tokens outgrow the context: past position 256 t
 every position's embedding shifts, the cache is dropped and each step recomputes the whole window, so
 both sides do the same work for the last ~250 tokens. With block 1024 the prompt and all 500 tokens
 fit, and the cache does what it promises. The weights are random unless out_dir names a trained run
-(build.load_model); the speed does not depend on them. Measured figures: docs/speed.md.
+(weights.load_model); the speed does not depend on them. Measured figures: docs/speed.md.
 
 Under torch.inference_mode autocast keeps no cast cache, so every new token re-casts all the weights
 to bfloat16, and on a CPU that copying dominates cached decoding; hence float32 is the default here.
@@ -26,7 +26,7 @@ import common
 from errors import UserError
 from model import GPT, GPTConfig
 from runtime import autocast, pick_device, pick_dtype
-from build import load_model
+from weights import load_model
 
 
 @dataclass

@@ -7,7 +7,7 @@ plain float32 eager (nanoGPT's CPU path), on the same model, data and dropout ma
     python benchmarks/train_throughput.py --train_args="--n_layer=2 --n_embd=64" --steps=20
     python benchmarks/train_throughput.py --compile=True --steps=20 --batch_size=8
 
-Both sides are built and stepped by train.py's own code (train.load_data, build.build_model,
+Both sides are built and stepped by train.py's own code (train.load_data, weights.build_model,
 optimizers.make_optimizer, runtime.autocast, train.train_step, train.get_lr), from one training
 config file, so this measures what `python train.py <config_file>` does. They run in lockstep in one
 process: the same batch, learning rate and dropout seed for both at each step, the order of the two
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-import build
+import weights
 import common
 import runtime
 import train
@@ -61,7 +61,7 @@ class ThroughputConfig:
 def make_side(tcfg, device, dtype, compile_model, fused, fast_dropout, model_args):
     """(runner, model, optimizer, scaler, autocast context) built the way train.main builds them."""
     seed_everything(tcfg.seed)  # identical initial weights on both sides
-    model, _ = build.build_model(dataclasses.replace(tcfg, fast_dropout=fast_dropout), "scratch", model_args)
+    model, _ = weights.build_model(dataclasses.replace(tcfg, fast_dropout=fast_dropout), "scratch", model_args)
     model.to(device)
     optimizer = make_optimizer(model, tcfg, device, fused=fused)
     runner = model
@@ -82,7 +82,7 @@ def main(cfg):
     device = pick_device(cfg.device)
     fast_dtype = pick_dtype(cfg.fast_dtype, device)
     sampler, _, meta = train.load_data(tcfg, Dist())
-    model_args = build.scratch_model_args(tcfg, meta)  # as train.py builds a model from scratch
+    model_args = weights.scratch_model_args(tcfg, meta)  # as train.py builds a model from scratch
     tokens_per_step = tcfg.batch_size * tcfg.block_size
     base = "float32 eager"
     fast = f"{str(fast_dtype).replace('torch.', '')}{' compiled' if cfg.compile else ' eager'}" \

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-import build
+import weights
 import checkpoint as ckpt_lib
 import train
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
@@ -108,15 +108,15 @@ def test_damaged_checkpoints_are_refused_naming_the_file(tmp_path, damage):
         (path / "state.json").write_text(json.dumps(st))
         match = "format version 99.*upgrade"
     with pytest.raises((ValueError, FileNotFoundError), match=match):
-        build.load_model(tmp_path)
+        weights.load_model(tmp_path)
 
 
 def test_no_checkpoint_and_nanogpt_hint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        build.load_model(tmp_path)
+        weights.load_model(tmp_path)
     (tmp_path / "ckpt.pt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="convert_nanogpt.py"):
-        build.load_model(tmp_path)
+        weights.load_model(tmp_path)
 
 
 def _losses(out):
@@ -142,8 +142,8 @@ def test_exact_resume_with_dropout_and_accumulation(data, tmp_path, sampling, op
     train.main(tiny_train_config(data, split, max_iters=12, init_from="resume", **common))
     # the same floats, bit for bit; the first half's closing evaluation at iteration 6 is an extra line
     assert _losses(straight) == [m for m in _losses(split) if m[0] != 6 or m[1] is not None]
-    a, _ = build.load_model(straight)
-    b, _ = build.load_model(split)
+    a, _ = weights.load_model(straight)
+    b, _ = weights.load_model(split)
     for x, y in zip(a.parameters(), b.parameters()):
         assert torch.equal(x, y)
 
@@ -182,7 +182,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(data, tmp_
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert list(out.glob(".ckpt-0000008.tmp-*"))  # the half-written save is there, hidden
-    model, info = build.load_model(out)
+    model, info = weights.load_model(out)
     assert info["iter_num"] == 4
     train.main(tiny_train_config(data, out, max_iters=8, eval_interval=4, init_from="resume"))
     assert ckpt_lib.read_checkpoint(out)[1]["iter_num"] == 8
@@ -272,7 +272,7 @@ def test_a_save_without_hashes_loads_with_its_sizes_checked(tmp_path):
                                     hash_files=False)
     _, state = ckpt_lib.read_checkpoint(tmp_path)
     assert {r["sha256"] for r in state["files"].values()} == {None}
-    build.load_model(tmp_path)
+    weights.load_model(tmp_path)
     (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:-8])
     with pytest.raises(ValueError, match="bytes, expected"):
         ckpt_lib.read_checkpoint(tmp_path)
@@ -293,7 +293,7 @@ def test_a_reader_of_a_live_run_follows_latest_when_its_checkpoint_is_pruned(tmp
             ckpt_lib.save_checkpoint(tmp_path, {"iter_num": 2} | args, model, opt, keep_last_n=1)
         return real(ckpt, verify)
     monkeypatch.setattr(ckpt_lib, "_validated_state", trainer_saves_meanwhile)
-    _, info = build.load_model(tmp_path)
+    _, info = weights.load_model(tmp_path)
     assert info["iter_num"] == 2 and calls["n"] >= 2
 
 
@@ -353,6 +353,6 @@ def test_a_run_ends_with_its_last_weights_and_readers_take_the_best(data, tmp_pa
     train.main(tiny_train_config(data, out, max_iters=6, eval_interval=2, always_save_checkpoint=False))
     assert json.loads((out / "best.json").read_text())["iter_num"] == 2
     assert json.loads((out / "latest.json").read_text())["iter_num"] == 6  # the last weights, saved
-    assert build.load_any(str(out), which="best")[2]["iter_num"] == 2
-    assert build.load_any(str(out), which="latest")[2]["iter_num"] == 6
+    assert weights.load_any(str(out), which="best")[2]["iter_num"] == 2
+    assert weights.load_any(str(out), which="latest")[2]["iter_num"] == 6
     assert sample.SampleConfig.which == eval_script.EvalConfig.which == export_hf.ExportConfig.which == "best"

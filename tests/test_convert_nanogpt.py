@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import build
+import weights
 import checkpoint as ckpt_lib
 import convert_nanogpt as cn
 import train
@@ -101,7 +101,7 @@ def test_converted_nanogpt_checkpoint_gives_the_same_logits_and_optimizer_state(
     r = subprocess.run([sys.executable, "convert_nanogpt.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out_dir={out}",
                         f"--dataset_meta={meta}"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    model, info = build.load_model(out)
+    model, info = weights.load_model(out)
     assert info["iter_num"] == 250 and info["best_val_loss"] == pytest.approx(1.47)
     assert info["data_meta"]["tokenizer"] == "char"
     ref.eval()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-import build
+import weights
 import checkpoint as ckpt_lib
 import train
 from dataloader import SequentialSampler, TokenData
@@ -153,8 +153,8 @@ def test_two_ranks_reproduce_one_process_with_accumulation(runs):
 def test_a_two_rank_checkpoint_resumes_in_one_process(runs, data):
     resumed = resume(runs["ddp6"], runs["base"] / "ddp6_then_one", data, 10)
     assert_close(train_losses(resumed, first=7), train_losses(runs["one10"], first=7))
-    a, _ = build.load_model(resumed)
-    b, _ = build.load_model(runs["one10"])
+    a, _ = weights.load_model(resumed)
+    b, _ = weights.load_model(runs["one10"])
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, atol=1e-5), n
 
@@ -173,8 +173,8 @@ def test_fsdp_matches_ddp_and_checkpoints_move_between_sharded_and_not(runs, dat
     _, st_f = ckpt_lib.read_checkpoint(fsdp6)
     _, st_d = ckpt_lib.read_checkpoint(runs["ddp6"])
     assert st_f["optimizer"]["param_groups"] == st_d["optimizer"]["param_groups"]
-    fm, _ = build.load_model(fsdp6)
-    dm, _ = build.load_model(runs["ddp6"])
+    fm, _ = weights.load_model(fsdp6)
+    dm, _ = weights.load_model(runs["ddp6"])
     assert fm.lm_head.weight is fm.transformer.wte.weight
     for (n, p), q in zip(fm.named_parameters(), dm.parameters()):
         assert torch.allclose(p, q, atol=1e-5), n

@@ -91,9 +91,9 @@ def test_cli_val_and_hellaswag_match_the_training_run(workdir):
 
 
 def test_in_process_val_equals_evaluate_loss_on_the_checkpoint(workdir):
-    import build
+    import weights
     results = eval_script.main(cfg_for(workdir, tasks="val", batch_size=5))
-    model, _ = build.load_model(workdir / "run")
+    model, _ = weights.load_model(workdir / "run")
     direct = evaluate_loss(model, eval_batches(TokenData(workdir / "data", "val"), 3, 16), torch.device("cpu"),
                            contextlib.nullcontext())
     assert results[str(workdir / "run")]["val"]["loss"] == pytest.approx(direct["loss"], rel=1e-6)

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-import build
+import weights
 import checkpoint
 import train
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
@@ -79,8 +79,8 @@ def worker(p, local_rank):
 
 
 def same_weights(a, b):
-    x, _ = build.load_model(a, which="latest")
-    y, _ = build.load_model(b, which="latest")
+    x, _ = weights.load_model(a, which="latest")
+    y, _ = weights.load_model(b, which="latest")
     return all(torch.equal(u, v) for u, v in zip(x.state_dict().values(), y.state_dict().values()))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from build import load_model
+from weights import load_model
 from dataloader import Tokenizer, write_raw_tokens
 from helpers import read_metrics, tiny_train_config
 from lora import LoRALinear

@@ -12,7 +12,7 @@ no biases and an untied head.
 import pytest
 import torch
 
-import build
+import weights
 import export_gguf
 import sft
 import train
@@ -63,7 +63,7 @@ def export(run, path, dtype):
 
 def ours_greedy(run, prompt_ids, n):
     """The tokens sample.py picks at --temperature=0 (GPT.generate, greedy)."""
-    model, _ = build.load_model(run)
+    model, _ = weights.load_model(run)
     idx = torch.tensor([prompt_ids])
     return model.generate(idx, n, temperature=0)[0, len(prompt_ids):].tolist()
 
@@ -82,7 +82,7 @@ def llama_greedy(path, prompt_ids, n):
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_llama_cpp_continues_a_prompt_with_our_greedy_tokens(runs, tmp_path, kind, dtype):
     path = export(runs[kind], tmp_path / f"{kind}.gguf", dtype)
-    _, info = build.load_model(runs[kind])
+    _, info = weights.load_model(runs[kind])
     prompt = Tokenizer(info["data_meta"]).encode(PROMPT)
     ours = ours_greedy(runs[kind], prompt, 64)
     assert llama_greedy(path, prompt, 64) == ours
@@ -94,7 +94,7 @@ def test_q8_0_logits_stay_within_a_stated_tolerance_of_ours(runs, tmp_path):
     of 64 tokens, q8_0's logits stay within 0.5 of ours (measured: 0.20 at most, on logits spanning
     -18.6 .. 14.4) and pick our top token at 95% of the positions at least (measured: 98.5%)."""
     path = export(runs["bpe"], tmp_path / "q8.gguf", "q8_0")
-    model, _ = build.load_model(runs["bpe"])
+    model, _ = weights.load_model(runs["bpe"])
     prompt = gpt2_encoding().encode_ordinary(PROMPT)
     seq = prompt + ours_greedy(runs["bpe"], prompt, 64)
     with torch.no_grad():
@@ -123,13 +123,13 @@ def test_llama_cpp_tokenizes_hard_text_as_tiktoken_does(runs, tmp_path):
 def test_a_character_model_tokenizes_as_its_vocabulary_does(runs, tmp_path):
     path = export(runs["char"], tmp_path / "char.gguf", "f32")
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    _, info = build.load_model(runs["char"])
+    _, info = weights.load_model(runs["char"])
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == Tokenizer(info["data_meta"]).encode(text)
     # its own end-of-text token (not character 11, llama.cpp's default), after the characters, never chosen
     n_chars = len(info["data_meta"]["itos"])
     assert llm.token_eos() == n_chars and llm.n_vocab() == n_chars + 1
-    model, _ = build.load_model(runs["char"])
+    model, _ = weights.load_model(runs["char"])
     full = llama_cpp.Llama(model_path=str(path), n_ctx=32, logits_all=True, verbose=False)
     ids = Tokenizer(info["data_meta"]).encode(text[:30])
     full.eval(ids)
@@ -143,7 +143,7 @@ def test_a_character_model_tokenizes_as_its_vocabulary_does(runs, tmp_path):
 def test_an_instruction_tuned_run_chats_with_its_own_template(runs, tmp_path):
     """tokenizer.chat_template wraps a message into the very bytes sample.py --chat encodes."""
     meta = {"tokenizer": "gpt2", "vocab_size": 50257, "prompt_template": sft.prompt_templates(None)}
-    model, _ = build.load_model(runs["bpe"])
+    model, _ = weights.load_model(runs["bpe"])
     path = tmp_path / "chat.gguf"
     export_gguf.write_gguf(model, meta, path, "f16")
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
@@ -168,7 +168,7 @@ def test_an_imported_gpt2_computes_in_llama_cpp_what_it_computes_here(tmp_path):
     transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
     path = export_gguf.main(export_gguf.GGUFConfig(init_from=str(hf_dir), gguf=str(tmp_path / "gpt2.gguf"),
                                                    dtype="f32"))
-    model, _, _ = build.load_any(str(hf_dir))
+    model, _, _ = weights.load_any(str(hf_dir))
     prompt = gpt2_encoding().encode_ordinary(PROMPT)
     with torch.no_grad():
         ours = model(torch.tensor([prompt]))[0][0, -1]
@@ -197,8 +197,8 @@ def test_what_cannot_be_exported_is_refused_in_one_line_and_nothing_is_written(r
         export(rotary, tmp_path / "rotary.gguf", "f16")
     odd = {"tokenizer": "char", "itos": ["a", "é"]}
     with pytest.raises(UserError, match="several bytes"):
-        export_gguf.exportable(build.load_model(runs["char"])[0].config, odd)
-    exact = build.load_model(runs["char"])[0].config
+        export_gguf.exportable(weights.load_model(runs["char"])[0].config, odd)
+    exact = weights.load_model(runs["char"])[0].config
     exact.activation = "gelu"  # nanoGPT's exact GELU
     with pytest.raises(UserError, match="tanh GELU"):
         export_gguf.exportable(exact, {"tokenizer": "gpt2"})

@@ -103,7 +103,7 @@ def test_a_combination_transformers_cannot_load_is_refused_naming_the_fields(tmp
 
 
 def test_a_checkpoint_from_before_these_fields_still_loads_into_gpt2():
-    from build import check_model_args
+    from weights import check_model_args
     old = {"block_size": 16, "vocab_size": VOCAB, "n_layer": 2, "n_head": 2, "n_embd": 32, "bias": True,
            "qkv_bias": True, "tie_weights": True, "dropout": 0.0, "activation": "gelu_tanh"}
     now = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB)
@@ -121,7 +121,7 @@ def test_lora_fine_tune_of_a_gptj_directory_exports_a_gptj_that_matches(tmp_path
 
     import export_hf
     import train
-    from build import load_model
+    from weights import load_model
     from helpers import tiny_train_config
     torch.manual_seed(0)
     base = GPTJForCausalLM(GPTJConfig(vocab_size=50400, n_positions=64, n_embd=32, n_layer=2, n_head=4,

@@ -511,7 +511,7 @@ def _train(tmp_path, out, *extra):
 
 
 def _check_export_matches_checkpoint(out, hf_out):
-    from build import load_model
+    from weights import load_model
     ours, _ = load_model(str(out))
     loaded, info = GPT2LMHeadModel.from_pretrained(str(hf_out), output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])

@@ -14,7 +14,7 @@ import torch
 import sample
 import sft
 import train
-from build import load_model
+from weights import load_model
 from checkpoint import read_checkpoint
 from errors import MissingFile, UserError
 from dataloader import Tokenizer

@@ -15,7 +15,7 @@ import torch
 
 import hf
 import train
-from build import load_model
+from weights import load_model
 from checkpoint import read_metrics
 from errors import UserError
 from helpers import all_logits, char_dataset, tiny_train_config

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import build
+import weights
 import train
 from errors import UserError
 from helpers import char_dataset, tiny_train_config
@@ -32,7 +32,7 @@ def expected():
 
 
 def test_an_old_checkpoint_computes_what_it_computed():
-    model, info = build.load_model(FIXTURE)
+    model, info = weights.load_model(FIXTURE)
     assert info["iter_num"] == 4
     idx = torch.arange(16).remainder(65)[None]
     with torch.no_grad():
@@ -68,4 +68,4 @@ def test_a_checkpoint_that_used_a_removed_option_is_refused_in_one_line(tmp_path
     state["model_args"]["norm"] = "rmsnorm"
     state_file.write_text(json.dumps(state))
     with pytest.raises(UserError, match="norm='rmsnorm'.*no longer computes"):
-        build.load_model(run)
+        weights.load_model(run)

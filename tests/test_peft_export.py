@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 import export_hf  # noqa: E402
 import hf  # noqa: E402
 import train  # noqa: E402
-from build import load_model  # noqa: E402
+from weights import load_model  # noqa: E402
 from helpers import all_logits, char_dataset, tiny_train_config  # noqa: E402
 from lora import LoRALinear, apply_lora  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402

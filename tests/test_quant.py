@@ -185,7 +185,7 @@ def finetune(tmp_path, gptj_dir, out, **overrides):
 
 
 def test_lora_over_an_nf4_base_learns(tmp_path, gptj_dir):
-    from build import load_any
+    from weights import load_any
     out = tmp_path / "run"
     finetune(tmp_path, gptj_dir, out, lora_rank=4, lora_alpha=8, lora_dropout=0.0, base_quant="nf4")
     val = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m]
@@ -196,7 +196,7 @@ def test_lora_over_an_nf4_base_learns(tmp_path, gptj_dir):
 
 def test_lora_over_an_int8_base_learns_and_its_merged_export_matches(tmp_path, gptj_dir):
     import export_hf
-    from build import load_any, load_model
+    from weights import load_any, load_model
     out = tmp_path / "run"
     finetune(tmp_path, gptj_dir, out, lora_rank=4, lora_alpha=8, lora_dropout=0.0, optimizer="adamw8bit")
     val = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m]
@@ -222,7 +222,7 @@ def test_lora_over_an_int8_base_learns_and_its_merged_export_matches(tmp_path, g
 
 
 def test_train_1d_only_over_an_int8_base_trains_the_biases_and_keeps_the_int8_weights(tmp_path, gptj_dir):
-    from build import load_any
+    from weights import load_any
     from checkpoint import read_checkpoint
     out = tmp_path / "run"
     before = hf.from_pretrained(str(gptj_dir), base_quant="int8")

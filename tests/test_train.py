@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import build
+import weights
 import train
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
 from model import GPT, GPTConfig
@@ -123,7 +123,7 @@ def test_non_finite_loss_is_skipped_then_stops_with_a_checkpoint(tmp_path, monke
     monkeypatch.setattr(GPT, "forward", forward)
     with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
         train.main(tiny_train_config(data, out, max_iters=50, eval_interval=100, max_bad_steps=3))
-    from build import load_model
+    from weights import load_model
     model, info = load_model(out)
     assert info["iter_num"] == 9  # 6 good steps, 3 skipped ones that do not touch the weights
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -132,7 +132,7 @@ def test_non_finite_loss_is_skipped_then_stops_with_a_checkpoint(tmp_path, monke
 def test_muon_matrices_follow_the_schedule_at_muon_lr():
     cfg = train.TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, optimizer="muon",
                             learning_rate=4e-3, muon_lr=0.02, warmup_iters=10, lr_decay_iters=100, min_lr=4e-4)
-    model, _ = build.build_model(cfg, "scratch", dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65))
+    model, _ = weights.build_model(cfg, "scratch", dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65))
     opt = train.make_optimizer(model, cfg, torch.device("cpu"))
     for it in (0, 50, 100):
         lr = train.get_lr(it, cfg)
@@ -234,10 +234,10 @@ def test_a_fine_tune_from_a_character_checkpoint_directory_reads_text_with_its_c
     tuned = tmp_path / "tuned"
     train.main(tiny_train_config(data, tuned, init_from=str(base / "ckpt-0000002"), sft_train_file=str(sft),
                                  max_iters=2, eval_interval=2, batch_size=2))
-    import build
-    model, info = build.load_model(tuned)
+    import weights
+    model, info = weights.load_model(tuned)
     assert info["data_meta"]["tokenizer"] == "char"
-    assert model.config.vocab_size == build.load_model(base)[0].config.vocab_size == 58
+    assert model.config.vocab_size == weights.load_model(base)[0].config.vocab_size == 58
 
 
 def test_training_puts_the_signal_handlers_back(tmp_path):

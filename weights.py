@@ -2,7 +2,7 @@
 Every way a GPT comes to be: from scratch for a run, from OpenAI's or a Hugging Face model (hf.py),
 from one of our runs (its checkpoint, LoRA merged or not), with LoRA or 1-D training on top.
 
-    from build import load_model, load_any
+    from weights import load_model, load_any
     model, info = load_model("out-shakespeare-char")          # a run's latest checkpoint, on the CPU
     model, data_meta, info = load_any("gpt2")                 # whatever a user names as a model
 
