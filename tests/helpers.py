@@ -37,6 +37,13 @@ def tiny_train_config(data_dir, out_dir, **overrides):
     return TrainConfig(**cfg)
 
 
+def tiny_run(path, **overrides):
+    """A tiny char model trained into path/out on 20,000 characters (path/data); returns the out_dir."""
+    import train
+    train.main(tiny_train_config(char_dataset(path / "data", n_chars=20_000), path / "out", **overrides))
+    return path / "out"
+
+
 class Terminal(io.StringIO):
     """A stream that says it is a terminal, as stderr is in an interactive shell."""
 

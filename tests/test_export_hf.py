@@ -7,16 +7,12 @@
 import pytest
 
 import export_hf
-import train
-from helpers import Terminal, char_dataset, tiny_train_config
+from helpers import Terminal, tiny_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("export")
-    data = char_dataset(d / "data", n_chars=20_000)
-    train.main(tiny_train_config(data, d / "out", max_iters=2, eval_interval=2, eval_iters=1))
-    return d / "out"
+    return tiny_run(tmp_path_factory.mktemp("export"), max_iters=2, eval_interval=2, eval_iters=1)
 
 
 def test_export_says_what_it_wrote_and_draws_no_bar_in_a_log(run, tmp_path, capfd):

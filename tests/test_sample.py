@@ -8,17 +8,13 @@ import pytest
 import torch
 
 import sample
-import train
 from dataloader import Tokenizer
-from helpers import Terminal, char_dataset, tiny_train_config
+from helpers import Terminal, tiny_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sample")
-    data = char_dataset(d / "data", n_chars=20_000)
-    train.main(tiny_train_config(data, d / "out", max_iters=4, eval_interval=4, eval_iters=1))
-    return d / "out"
+    return tiny_run(tmp_path_factory.mktemp("sample"), max_iters=4, eval_interval=4, eval_iters=1)
 
 
 def sample_cfg(run, **kw):
