@@ -41,6 +41,7 @@ class EvalConfig:
     init_from: str = "resume"  # 'resume' = out_dir's latest checkpoint; or gpt2[-medium|-large|-xl] or a HF dir
     out_dir: str = "out"  # the run evaluated when init_from='resume'
     which: str = "best"  # a run's 'best' checkpoint (lowest validation loss; its latest if it never evaluated) or 'latest'
+    base_dir: str = ""  # a LoRA / 1-D run whose base run moved: where it is now (it must hold the checkpoint trained on)
     models: str = ""  # comma-separated out_dirs / gpt2 names / HF dirs, side by side; '' = init_from
     tasks: str = "val"  # comma-separated: val, hellaswag, piqa, winogrande, lambada, generate
     dataset: str = ""  # prepared dataset for 'val' (data/<dataset>); '' = the checkpoint's own
@@ -119,14 +120,14 @@ def model_specs(cfg):
     return [(cfg.init_from, "--init_from")]
 
 
-def load_any(spec, device, option="--models", which="best", base_quant=""):
+def load_any(spec, device, option="--models", which="best", base_quant="", base_dir=""):
     """(model, tokenizer, info) for an out_dir of ours, a GPT-2 name or a Hugging Face directory
     (weights.load_any). Errors start with `option`, so that a hint says where to pass a path."""
     if option == "--out_dir" and not checkpoint.holds_checkpoint(spec):
         raise UserError(f"--out_dir={spec!r} holds no checkpoint (latest.json): train there first, or "
                         f"name the model with --init_from=<gpt2 name or HF directory> or --models=...")
     try:
-        model, data_meta, info = weights.load_any(spec, device, which, base_quant)
+        model, data_meta, info = weights.load_any(spec, device, which, base_quant, base_dir)
     except ValueError as e:  # checkpoint.py and hf.py name the model, not the option that named it
         raise UserError(f"{option}: {e}") from e
     return model, Tokenizer(data_meta), info
@@ -262,7 +263,7 @@ def main(cfg):
               f"({len(judge_results.records)} reusable records)")
     results = {}
     for spec, option in model_specs(cfg):
-        model, tokenizer, info = load_any(spec, device, option, cfg.which, cfg.base_quant)
+        model, tokenizer, info = load_any(spec, device, option, cfg.which, cfg.base_quant, cfg.base_dir)
         if cfg.block_size > model.config.block_size:
             raise UserError(f"block_size={cfg.block_size} exceeds {spec}'s context of {model.config.block_size}")
         if cfg.block_size:

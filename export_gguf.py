@@ -47,6 +47,7 @@ class GGUFConfig:
     out_dir: str = ""  # one of our runs (or one ckpt-NNNNNNN directory) to export
     init_from: str = ""  # instead of out_dir: a GPT-2 name ('gpt2' ... 'gpt2-xl') or a Hugging Face GPT-2 directory
     which: str = "best"  # the run's 'best' checkpoint (its latest when it never evaluated) or 'latest'
+    base_dir: str = ""  # a LoRA / 1-D run whose base run moved: where it is now (it must hold the checkpoint trained on)
     gguf: str = ""  # the file to write; '' = <out_dir or model name>.gguf
     dtype: str = "f16"  # the matrices' type: 'f32', 'f16' or 'q8_0'
     overwrite: bool = False  # replace an existing file
@@ -245,10 +246,10 @@ def _stored(array, dtype, gguf):
 def main(cfg):
     path = target_path(cfg)
     if cfg.out_dir:  # LoRA merged, a quantised base dequantised: a plain float GPT
-        model, info = weights.load_model(cfg.out_dir, which=cfg.which)
+        model, info = weights.load_model(cfg.out_dir, which=cfg.which, base_dir=cfg.base_dir)
         data_meta = info.get("data_meta") or {"tokenizer": "gpt2"}
     else:
-        model, data_meta, _ = weights.load_any(cfg.init_from)
+        model, data_meta, _ = weights.load_any(cfg.init_from, base_dir=cfg.base_dir)
     exportable(model.config, data_meta)
     size = write_gguf(model, data_meta, path, cfg.dtype)
     print(f"wrote {path} ({size / 2**20:,.1f} MiB, {cfg.dtype}); run it with llama.cpp (llama-cli -m {path}), or in "

@@ -37,6 +37,7 @@ from lora import count_params
 class ExportConfig:
     out_dir: str = "out"  # the run to export, or one ckpt-NNNNNNN directory
     which: str = "best"  # the run's 'best' checkpoint (lowest validation loss; its latest if it never evaluated) or 'latest'
+    base_dir: str = ""  # a LoRA / 1-D run whose base run moved: where it is now (it must hold the checkpoint trained on)
     hf_dir: str = ""  # the Hugging Face directory to write; '' = <out_dir>-hf (with adapter_dir: no base written)
     adapter_dir: str = ""  # '' = merge LoRA into the exported model; else write the adapter here in PEFT's format and export the unmerged base to hf_dir
     overwrite: bool = False  # replace an existing non-empty hf_dir / adapter_dir
@@ -61,9 +62,10 @@ def lora_base(cfg):
     if not rank or not state.get("base"):
         raise UserError(f"--adapter_dir exports a LoRA adapter, but {cfg.out_dir} is not a LoRA run "
                         f"(lora_rank={rank}): drop --adapter_dir to export its weights as one model")
-    base = state["base"]
-    if holds_checkpoint(base) and not cfg.hf_dir:
-        raise UserError(f"the run's base {base} is one of our runs, which transformers cannot load: pass "
+    base = state["base"]  # a dict: one of our runs' checkpoints, pinned (weights.base_reference)
+    if (isinstance(base, dict) or holds_checkpoint(base)) and not cfg.hf_dir:
+        where = base["run"] if isinstance(base, dict) else base
+        raise UserError(f"the run's base {where} is one of our runs, which transformers cannot load: pass "
                         f"--hf_dir=<dir> to export the base there too (the adapter will point at it)")
     return base
 
@@ -77,7 +79,8 @@ def main(cfg):
         bar.set_postfix_str(f"loading {cfg.out_dir}")
         try:
             # on the CPU; LoRA merged, unless the adapter is exported on its own
-            model, info = load_model(cfg.out_dir, which=cfg.which, merge_lora=adapter_dir is None)
+            model, info = load_model(cfg.out_dir, which=cfg.which, merge_lora=adapter_dir is None,
+                                     base_dir=cfg.base_dir)
         except UserError as e:
             raise UserError(f"cannot load a checkpoint from {cfg.out_dir}: {e}") from e
         bar.update()

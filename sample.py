@@ -37,6 +37,7 @@ class SampleConfig:
     init_from: str = "resume"  # 'resume' (the checkpoint in out_dir) or 'gpt2', 'gpt2-xl', an HF dir, ...
     out_dir: str = "out"  # the run to sample from when init_from='resume'
     which: str = "best"  # the run's 'best' checkpoint (lowest validation loss; its latest if it never evaluated) or 'latest'
+    base_dir: str = ""  # a LoRA / 1-D run whose base run moved: where it is now (it must hold the checkpoint trained on)
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 3
     max_new_tokens: int = 500
@@ -60,7 +61,8 @@ def main(cfg):
     if cfg.init_from == "resume" and not holds_checkpoint(cfg.out_dir):
         raise MissingFile(f"--out_dir={cfg.out_dir} holds no checkpoint (latest.json): train there first, or sample "
                           f"a pretrained model with --init_from=gpt2 (or another GPT-2 name or HF directory)")
-    model, data_meta, _ = load_any(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from, device, cfg.which)
+    model, data_meta, _ = load_any(cfg.out_dir if cfg.init_from == "resume" else cfg.init_from, device, cfg.which,
+                                  base_dir=cfg.base_dir)
     tok = Tokenizer(data_meta)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     if cfg.chat:

@@ -64,6 +64,7 @@ class TrainConfig(GPTConfig):
     # the same command then continues a crashed run (a shell loop, torchrun --max-restarts, SLURM --requeue)
     auto_resume: bool = False
     resume_from: str = ""  # with init_from='resume': a checkpoint (ckpt-NNNNNNN in out_dir, or a path) instead of latest
+    base_dir: str = ""  # a LoRA / 1-D run whose base run moved: where it is now (it must hold the checkpoint trained on)
     overwrite: bool = False  # a new run into an out_dir holding one deletes its checkpoints and metrics
     seed: int = 1337
     max_bad_steps: int = 10  # stop (with a checkpoint) after this many non-finite steps in a row
@@ -370,7 +371,7 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
         build_from, model_args = "scratch", dict(state["model_args"], dropout=cfg.dropout)
     elif origin == "scratch":
         model_args = weights.scratch_model_args(cfg, data_meta)
-    base = state.get("base") if state else weights.base_reference(origin)
+    base = weights.repoint_base(state.get("base") if state else weights.base_reference(origin), cfg.base_dir)
     model, partial = weights.build_model(cfg, build_from, model_args, base=base)
     if cfg.batch_size == "auto":  # the search needs the model; the data then comes in the chosen batches
         model.to(device)

@@ -21,6 +21,7 @@ import lora
 import quant
 from checkpoint import holds_checkpoint, read_checkpoint, restore_model
 from errors import MissingFile, UserError
+from fileio import file_sha256
 from model import GPT, GPTConfig
 
 # GPTConfig fields that older checkpoints may hold, with the one value today's model still computes:
@@ -58,7 +59,7 @@ def build_model(cfg, origin, model_args, base=None):
         model = GPT(saved_config(model_args))
         partial = False
     else:
-        model = build_base(base or origin, cfg.base_quant)
+        model = build_base(base or origin, cfg.base_quant, cfg.base_dir)
         model.set_dropout(cfg.dropout)  # pretrained weights with this run's dropout
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
@@ -104,26 +105,80 @@ def source_data_meta(init_from):
 
 
 def base_reference(init_from):
-    """How a fine-tune's checkpoints name the base they build on: an absolute path for local models
-    (so a resume works from another working directory), the name for hub models; None from scratch."""
+    """What a fine-tune's checkpoints record of the base they build on (state["base"]); None from scratch.
+
+    One of our runs, or one of its checkpoint directories (a LoRA run too): a pin, the exact weights
+    the fine-tune starts from, whatever the base run does next (trains on, prunes, is retrained):
+        {"run": "/abs/out-base", "checkpoint": "ckpt-0000500", "sha256": "<of its model.safetensors>"}
+    The hash is the one the base checkpoint's state.json records, so pinning reads no weights (a save
+    cut short by SIGTERM recorded sizes only: that file is hashed here). Every load of the fine-tune
+    loads this checkpoint, not the base run's latest, and refuses when it is gone or hashes otherwise.
+
+    A GPT-2 name or hub repository stays its name, a Hugging Face directory its absolute path: not
+    pinned (the hub serves what it serves; hashing a local GPT-J directory would read 24 GB per load).
+    Checkpoints of earlier releases hold a plain path to the base run (loaded at its latest): they
+    load as they always did."""
     if init_from == "scratch":
         return None
+    if holds_checkpoint(init_from):
+        ckpt, state = read_checkpoint(init_from, verify=False)  # its state.json only
+        ckpt = ckpt.resolve()
+        sha = (state.get("files", {}).get("model.safetensors") or {}).get("sha256")
+        return {"run": str(ckpt.parent), "checkpoint": ckpt.name,
+                "sha256": sha or file_sha256(ckpt / "model.safetensors")}
     return str(Path(init_from).resolve()) if Path(init_from).exists() else init_from
 
 
-def load_any(spec, device="cpu", which="latest", base_quant=""):
+def repoint_base(base, base_dir):
+    """A checkpoint's base reference moved to base_dir (the config key of every command that loads a
+    fine-tune): where the base run is now, or one copied checkpoint directory of it. A pin keeps its
+    checkpoint and hash, which the load checks; an old plain reference becomes base_dir."""
+    if not base_dir:
+        return base
+    if base is None:
+        raise UserError(f"base_dir={base_dir!r} re-points the base of a LoRA or train_1d_only run, and this model "
+                        f"has none (it holds every weight): drop --base_dir")
+    where = str(Path(base_dir).resolve())
+    return dict(base, run=where) if isinstance(base, dict) else where
+
+
+def pinned_checkpoint(base):
+    """The checkpoint directory a pin names (base_reference), after checking that its model.safetensors
+    hashes as pinned; one line naming the base, the checkpoint and what changed when it does not."""
+    run, name, sha = Path(base["run"]), base["checkpoint"], base["sha256"]
+    ckpt = run if (run / "state.json").is_file() else run / name  # (base_dir may name the checkpoint itself)
+    pinned = f"checkpoint {name} of the base run {run} (sha256 {sha[:12]})"
+    if not run.is_dir():
+        raise UserError(f"the base this run was fine-tuned on is gone: {run} does not exist (moved or deleted); it "
+                        f"trained on {pinned}: pass --base_dir=<where the base run is now>")
+    if not (ckpt / "model.safetensors").is_file() or not (ckpt / "state.json").is_file():
+        raise UserError(f"the base run {run} no longer holds {name}, the checkpoint this run was fine-tuned on "
+                        f"(pruned by the base run's keep_last_n, or deleted); its other checkpoints hold other weights, "
+                        f"which would change what this run computes: restore {ckpt}, or pass --base_dir=<a copy of "
+                        f"the base run holding {name}>, or fine-tune afresh from the base as it is now")
+    now = file_sha256(ckpt / "model.safetensors")
+    if now != sha:
+        raise UserError(f"the base has changed: {ckpt}/model.safetensors hashes {now[:12]}, but this run was fine-tuned "
+                        f"on {pinned} (retrained or overwritten into the same out_dir, or damaged): restore the "
+                        f"original, or pass --base_dir=<a copy of the base run holding it>, or fine-tune afresh")
+    return ckpt
+
+
+def load_any(spec, device="cpu", which="latest", base_quant="", base_dir=""):
     """(model in eval mode, its data meta, info) for whatever a user names as a model: one of our runs
     or checkpoint directories (its latest or best checkpoint), a Hugging Face GPT-2 / GPT-J directory
     or hub repository, or an OpenAI GPT-2 name. The one loader behind sample.py and eval.py.
 
     A run trained on a quantised base loads as it trained, its adapters unmerged on the quantised
     weights (merged, a 6B base would be a 24 GB float model); base_quant quantises a pretrained
-    model's matmuls as it loads (e.g. GPT-J-6B for a few-shot evaluation on an 11 GB card)."""
+    model's matmuls as it loads (e.g. GPT-J-6B for a few-shot evaluation on an 11 GB card).
+    base_dir: where a fine-tune's base is now, when it moved (repoint_base)."""
     if holds_checkpoint(spec):
         quantised = bool((read_checkpoint(spec, which, verify=False)[1].get("config") or {}).get("base_quant"))
-        model, info = load_model(spec, device=device, which=which, merge_lora=not quantised)
+        model, info = load_model(spec, device=device, which=which, merge_lora=not quantised, base_dir=base_dir)
         return model, info.get("data_meta") or {"tokenizer": "gpt2", "vocab_size": 50257}, info
     if spec in hf.HF_MODELS or (Path(spec) / "config.json").is_file() or (hf.HUB_REPO.fullmatch(spec) and not Path(spec).exists()):
+        repoint_base(None, base_dir)  # (refuses a base_dir: a pretrained model has no base)
         gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257}  # (GPT-J's tokenizer is GPT-2's BPE too)
         model = hf.from_pretrained(spec, base_quant=base_quant).to(device).eval()
         return model, gpt2, {"config": {}, "data_meta": gpt2, "checkpoint": spec}
@@ -133,15 +188,21 @@ def load_any(spec, device="cpu", which="latest", base_quant=""):
                       f"(config.json) or one of our runs (an out_dir with latest.json); check the name or the path")
 
 
-def build_base(init_from, base_quant=""):
+def build_base(base, base_quant="", base_dir=""):
     """The model a fine-tune starts from: OpenAI GPT-2 by name, a Hugging Face directory or hub
-    repository, or one of our runs; with base_quant ('int8' / 'nf4') its block matmuls quantised."""
-    if holds_checkpoint(init_from):
-        model, _ = load_model(init_from, merge_lora=True)
+    repository, or one of our runs (a pin from base_reference: that checkpoint, its hash checked);
+    base_dir: where that base is now (repoint_base); with base_quant ('int8' / 'nf4') its block
+    matmuls quantised."""
+    base = repoint_base(base, base_dir)
+    if isinstance(base, dict) or holds_checkpoint(base):
+        if isinstance(base, dict):  # hashed by pinned_checkpoint: not again by the load
+            model, _ = _load_model(pinned_checkpoint(base), "cpu", True, "latest", verify=False)
+        else:  # a plain path, as earlier releases recorded: the base run's latest
+            model, _ = load_model(base, merge_lora=True)
         if base_quant:  # in memory already: quantised after loading
             quant.quantize_model(model, base_quant)
         return model
-    return hf.from_pretrained(init_from, base_quant=base_quant)
+    return hf.from_pretrained(base, base_quant=base_quant)
 
 
 def apply_finetune(model, cfg):
@@ -156,27 +217,28 @@ def apply_finetune(model, cfg):
     return False
 
 
-def load_model(path, device="cpu", merge_lora=True, which="latest"):
+def load_model(path, device="cpu", merge_lora=True, which="latest", base_dir=""):
     """A GPT in eval mode from a run's out_dir or a checkpoint directory, LoRA merged; plus its info.
 
     which: 'latest' or 'best' (the latest when the run never evaluated). A run that is still
     training may prune the checkpoint its pointer named while we read it: then the pointer is read
-    again, once, and the newer checkpoint loads instead."""
+    again, once, and the newer checkpoint loads instead. A LoRA or 1-D run loads on the very base
+    checkpoint it trained on (base_reference), found in base_dir when the base run moved."""
     try:
-        return _load_model(path, device, merge_lora, which)
+        return _load_model(path, device, merge_lora, which, base_dir=base_dir)
     except FileNotFoundError:
         if (Path(path) / "state.json").exists():
             raise  # a checkpoint directory named directly: there is nothing newer to find
-        return _load_model(path, device, merge_lora, which)
+        return _load_model(path, device, merge_lora, which, base_dir=base_dir)
 
 
-def _load_model(path, device, merge_lora, which):
-    ckpt, state = read_checkpoint(path, which)
+def _load_model(path, device, merge_lora, which, base_dir="", verify=True):
+    ckpt, state = read_checkpoint(path, which, verify=verify)
     args = state["model_args"]
     cfg = state.get("config", {})
     if state.get("trainable_only"):
         base_quant = cfg.get("base_quant", "")
-        model = build_base(state["base"], base_quant)
+        model = build_base(state["base"], base_quant, base_dir)
         if model.config.block_size > args["block_size"]:
             model.crop_block_size(args["block_size"])
         check_model_args(args, vars(model.config))
@@ -187,6 +249,7 @@ def _load_model(path, device, merge_lora, which):
         if merge_lora and base_quant:  # a float model, as trained (the quantised weights dequantised)
             quant.dequantize_model(model)
     else:
+        repoint_base(None, base_dir)  # (refuses a base_dir: this checkpoint holds every weight)
         model = GPT(saved_config(args))
         restore_model(model, ckpt, state)
     model.to(device).eval()
