@@ -215,6 +215,8 @@ def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False,
     """
     full_sd, full_osd = gathered if gathered is not None else (None, None)
     out_dir = Path(out_dir)
+    tensors = model_tensors(model, trainable_only, full_sd)
+    check_finite(tensors, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f".{PREFIX}*.tmp-*"):  # debris of a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
@@ -224,7 +226,7 @@ def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False,
     try:
         tmp.mkdir()
         files = {}
-        save_file(model_tensors(model, trainable_only, full_sd), str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "model.safetensors"))
         files["model.safetensors"] = _file_record(tmp / "model.safetensors", hash_files)
         state = dict(state, format_version=FORMAT_VERSION, trainable_only=trainable_only,
                      versions=library_versions())
@@ -251,17 +253,30 @@ def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False,
         raise SaveFailed(f"saving checkpoint {final} failed: {e}. The previous checkpoint (latest.json) is "
                          f"untouched; free disk space (then the same command with --init_from=resume, or "
                          f"auto_resume, continues) or pick another out_dir") from e
-    prune(out_dir, keep_last_n)
+    prune(out_dir, keep_last_n, name)
     return final
 
 
-def prune(out_dir, keep_last_n):
-    """Delete all but the newest keep_last_n checkpoints; never the ones latest or best point to."""
+def check_finite(tensors, out_dir):
+    """Refuse to save weights holding inf or NaN: a diverged run must not put them behind latest.json,
+    nor let keep_last_n prune the last finite checkpoints to make room for them."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        last = _pointer_or_none(Path(out_dir) / "latest.json")
+        raise SaveFailed(f"not saving a checkpoint: {len(bad)} weight tensor(s) hold inf or NaN ({', '.join(bad[:3])}): "
+                         f"the run diverged. The last finite checkpoint ({last or 'none yet'}) is untouched; resume from "
+                         f"it with a lower learning_rate, bfloat16 or float32, or check the data")
+
+
+def prune(out_dir, keep_last_n, saved):
+    """Delete all but the newest keep_last_n checkpoints up to the one just saved; never the ones latest
+    or best point to, nor any newer than `saved` (left by a run resumed from an older one: a user's to
+    keep or remove)."""
     if keep_last_n <= 0:
         return
-    keep = {_read_pointer(out_dir / p) for p in ("latest.json", "best.json")}
-    ckpts = sorted(p.name for p in Path(out_dir).glob(f"{PREFIX}*") if p.is_dir())
-    for name in ckpts[:-keep_last_n]:
+    keep = {_pointer_or_none(out_dir / p) for p in ("latest.json", "best.json")}
+    older = [p.name for p in checkpoint_dirs(out_dir) if p.name <= saved][::-1]  # oldest first
+    for name in older[:-keep_last_n]:
         if name not in keep:
             shutil.rmtree(Path(out_dir) / name)
 
@@ -276,12 +291,24 @@ def library_versions():
 # ----------------------------------------------------------------------------- loading
 
 def _read_pointer(path):
+    """The checkpoint name a pointer file holds, or None when there is none. A damaged pointer is
+    a UserError that lists the intact checkpoints beside it."""
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())["checkpoint"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise UserError(f"{path}: damaged pointer file ({e}); point it at a ckpt-* directory or delete it") from e
+        name = json.loads(path.read_text())["checkpoint"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: damaged pointer file ({type(e).__name__}: {e}); a resume finds the newest "
+                         f"intact checkpoint without it{_intact_hint(path.parent, None)}") from e
+    if not isinstance(name, str) or not name.startswith(PREFIX) or "/" in name:
+        raise UserError(f"{path}: damaged pointer file (checkpoint {name!r} is no {PREFIX}NNNNNNN name); a resume "
+                         f"finds the newest intact checkpoint without it{_intact_hint(path.parent, None)}")
+    return name
+
+
+def checkpoint_dirs(out_dir):
+    """The ckpt-NNNNNNN directories of a run, newest (highest iteration) first."""
+    return sorted((p for p in Path(out_dir).glob(f"{PREFIX}*") if p.is_dir()), key=lambda p: p.name, reverse=True)
 
 
 def resolve(path, which="latest"):
@@ -296,6 +323,8 @@ def resolve(path, which="latest"):
         which = "latest"
     name = _read_pointer(path / f"{which}.json")
     if name is None:
+        if checkpoint_dirs(path):  # a crash between a checkpoint's rename and its pointer, or a deleted pointer
+            return newest_intact(path, verify=False)[0]
         hint = ""
         if (path / "ckpt.pt").exists():
             hint = f"; {path / 'ckpt.pt'} is a nanoGPT checkpoint: python convert_nanogpt.py --ckpt={path / 'ckpt.pt'}"
@@ -303,15 +332,32 @@ def resolve(path, which="latest"):
     return path / name
 
 
+def newest_intact(out_dir, verify=True):
+    """(checkpoint dir, state, skipped) of the newest checkpoint in out_dir whose files check out
+    (sizes, and with verify their sha256), found by scanning the ckpt-* directories rather than
+    trusting latest.json; skipped lists (name, why) of the newer ones passed over. A UserError
+    naming every one when none is intact."""
+    skipped = []
+    for ckpt in checkpoint_dirs(out_dir):
+        try:
+            return ckpt, _validated_state(ckpt, verify), skipped
+        except (ValueError, FileNotFoundError) as e:
+            skipped.append((ckpt.name, str(e)))
+    if not skipped:
+        raise MissingFile(f"no checkpoint in {out_dir}: no {PREFIX}* directory")
+    raise UserError(f"no intact checkpoint in {out_dir}: " + "; ".join(f"{n}: {why}" for n, why in skipped)
+                    + f". Nothing was changed; restore them from a copy, or train into another --out_dir")
+
+
 def read_checkpoint(path, which="latest", verify=True):
     """(checkpoint dir, state dict) after checking the format version and every file's size and hash.
-    When the checkpoint a pointer names is damaged, the error lists the intact ones beside it."""
+    When the checkpoint a pointer names is damaged or gone, the error lists the intact ones beside it."""
     ckpt = resolve(path, which)
     try:
         return ckpt, _validated_state(ckpt, verify)
     except (ValueError, FileNotFoundError) as e:
-        if ckpt == Path(path) or not ckpt.exists():
-            raise  # a directory named directly, or pruned while we read it (load_model retries)
+        if ckpt == Path(path):
+            raise  # a directory named directly
         raise type(e)(f"{e}{_intact_hint(Path(path), ckpt)}") from e
 
 
@@ -321,8 +367,10 @@ def _validated_state(ckpt, verify):
         raise MissingFile(f"{state_file}: missing; the checkpoint is incomplete")
     try:
         state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{state_file}: corrupted JSON ({e})") from e
+    if not isinstance(state, dict) or not isinstance(state.get("files", {}), dict):
+        raise UserError(f"{state_file}: not a checkpoint's state (damaged)")
     version = state.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(f"{ckpt}: checkpoint format version {version!r}; this homegpt reads up to "
@@ -332,8 +380,9 @@ def _validated_state(ckpt, verify):
         if not f.exists():
             raise MissingFile(f"{f}: missing from the checkpoint")
         size = f.stat().st_size
-        if size != rec["bytes"]:
-            raise UserError(f"{f}: {size:,} bytes, expected {rec['bytes']:,}: truncated or corrupted")
+        if not isinstance(rec, dict) or size != rec.get("bytes"):
+            raise UserError(f"{f}: {size:,} bytes, expected {rec.get('bytes') if isinstance(rec, dict) else rec}: "
+                             f"truncated or corrupted")
         if verify and rec.get("sha256") is not None:  # None: saved in a hurry (SIGTERM), sizes only
             if file_sha256(f) != rec["sha256"]:
                 raise UserError(f"{f}: sha256 mismatch: the file is corrupted")
@@ -445,8 +494,8 @@ def restore_run(run, ckpt_dir, state):
 
 
 def read_for_resume(out_dir, resume_from, dist_info):
-    """(checkpoint dir, state) a run resumes from: out_dir's latest, or resume_from (a ckpt-NNNNNNN
-    name inside out_dir, or a path). Every rank calls this. Rank 0 alone reads every file back to
+    """(checkpoint dir, state) a run resumes from: out_dir's newest intact checkpoint (resume_choice),
+    or resume_from (a ckpt-NNNNNNN name inside out_dir, or a path). Every rank calls this. Rank 0 alone reads every file back to
     check its hash; the others take its verdict and the checkpoint it chose, read that checkpoint's
     state.json, and all ranks confirm they see it: on several nodes out_dir must be a shared filesystem."""
     where = Path(out_dir)
@@ -456,7 +505,7 @@ def read_for_resume(out_dir, resume_from, dist_info):
     chosen, state = None, None
     if dist_info.is_master:
         try:
-            ckpt_dir, state = read_checkpoint(where)
+            ckpt_dir, state = read_checkpoint(where) if resume_from else resume_choice(where)
             chosen = str(ckpt_dir)
         except (ValueError, FileNotFoundError) as e:
             broadcast_object(f"error: {e}", dist_info)  # the others stop with rank 0, instead of waiting
@@ -477,6 +526,37 @@ def read_for_resume(out_dir, resume_from, dist_info):
     return ckpt_dir, state
 
 
+def resume_choice(out_dir):
+    """The checkpoint a resume continues from: the newest one in out_dir whose every file has its
+    recorded size and sha256, found by scanning ckpt-* (latest.json may be missing after a crash between
+    a checkpoint's rename and its pointer, or damaged). Newer ones that fail the check are skipped, each
+    named with the reason, and left where they are: nothing is deleted."""
+    ckpt_dir, state, skipped = newest_intact(out_dir)
+    for name, why in skipped:
+        print(f"resume: skipping {name}, which is damaged ({why.splitlines()[0]})", flush=True)
+    pointer = Path(out_dir) / "latest.json"
+    pointed = _pointer_or_none(pointer)
+    if pointer.exists() and pointed is None:
+        print(f"resume: {pointer} is damaged; the newest intact checkpoint is {ckpt_dir.name}", flush=True)
+    elif pointed not in (None, ckpt_dir.name) and not skipped:
+        print(f"resume: latest.json names {pointed}, but {ckpt_dir.name} is newer and intact: resuming from it",
+              flush=True)
+    return ckpt_dir, state
+
+
+def latest_name(out_dir):
+    """The checkpoint latest.json names, or None (no pointer, or a damaged one)."""
+    return _pointer_or_none(Path(out_dir) / "latest.json")
+
+
+def _pointer_or_none(path):
+    """A pointer's checkpoint name, or None when it is missing or damaged (resume_choice does not need it)."""
+    try:
+        return _read_pointer(path)
+    except UserError:
+        return None
+
+
 def rank_sampler_state(state, rank):
     """The data position this rank resumes from: its own when the checkpoint has one. A run saved
     with fewer ranks has none for the extra ranks: they share the sequential sampler's global cursor,
@@ -491,27 +571,33 @@ def rank_sampler_state(state, rank):
 # ----------------------------------------------------------------------------- what out_dir holds
 
 def holds_checkpoint(path):
-    """True for one of our runs (an out_dir with latest.json) or one checkpoint directory (state.json)."""
+    """True for one of our runs (an out_dir with latest.json or a ckpt-* directory, whether or not
+    latest.json survived) or one checkpoint directory (state.json)."""
     p = Path(path)
-    return (p / "latest.json").is_file() or (p / "state.json").is_file()
+    return (p / "latest.json").is_file() or (p / "state.json").is_file() or bool(checkpoint_dirs(p))
 
 
 def holds_run(out_dir):
     """True when out_dir already holds a run: checkpoints or metrics that a new run would mix with."""
     p = Path(out_dir)
-    return holds_checkpoint(p) or (p / "metrics.jsonl").is_file() or any(p.glob(f"{PREFIX}*"))
+    return holds_checkpoint(p) or (p / "metrics.jsonl").is_file()
 
 
-def delete_run(out_dir):
-    """Remove a run's checkpoints, pointers and metrics from out_dir (nothing else); says what went."""
+def run_files(out_dir, checkpoints=True):
+    """What a run wrote into out_dir: its checkpoints (and the debris of a killed save), pointers and
+    metrics, and nothing else; checkpoints=False leaves the ckpt-* directories out."""
     p = Path(out_dir)
-    ckpts = [c for c in p.glob(f"{PREFIX}*") if c.is_dir()] + list(p.glob(f".{PREFIX}*.tmp-*"))
-    files = [f for f in (p / "latest.json", p / "best.json", p / "metrics.jsonl") if f.is_file()]
-    for c in ckpts:
-        shutil.rmtree(c)
-    for f in files:
-        f.unlink()
-    return ", ".join(([f"{len(ckpts)} checkpoint(s)"] if ckpts else []) + [f.name for f in files])
+    debris = sorted(p.glob(f".{PREFIX}*.tmp-*"))
+    return (checkpoint_dirs(p) if checkpoints else []) + debris + [f for f in (p / "latest.json", p / "best.json", p / "metrics.jsonl") if f.is_file()]
+
+
+def delete_run_files(paths):
+    """Remove the paths run_files listed (the caller has named them first)."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- one run per out_dir
@@ -556,9 +642,12 @@ def _read_lock(path):
     """The lock's holder, or None for a lock cut off mid-write: being written this very moment when it
     is seconds old, else left by a writer that died."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        lock = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    if not isinstance(lock, dict) or not isinstance(lock.get("pid"), (int, type(None))) or isinstance(lock.get("pid"), bool):
+        return None  # damaged: as good as cut off
+    return lock
 
 
 def claim_out_dir(out_dir, dist_info):
@@ -577,7 +666,7 @@ def claim_out_dir(out_dir, dist_info):
             held = _read_lock(path) or {"host": me["host"], "pid": None}
             ours = (held.get("pid"), held.get("host")) == (me["pid"], me["host"])
             same_job = me["job"] is not None and held.get("job") == me["job"]
-            alive = _holder_alive(held, me) if held["pid"] else time.time() - path.stat().st_mtime < 10
+            alive = _holder_alive(held, me) if held.get("pid") else time.time() - path.stat().st_mtime < 10
             if not ours and not same_job and alive:
                 error = (f"out_dir={out_dir} is in use by a live run (host {held.get('host')}, process "
                          f"{held.get('pid')}): wait for it to end, or train into another --out_dir; if that process is "
@@ -595,11 +684,11 @@ def release_out_dir(out_dir, remove_empty=False):
     was refused before writing anything)."""
     path = Path(out_dir) / LOCK
     try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
+        if (_read_lock(path) or {}).get("pid") == os.getpid():
             path.unlink()
         if remove_empty:
             Path(out_dir).rmdir()  # only an empty directory goes
-    except (OSError, json.JSONDecodeError):
+    except OSError:
         pass  # nothing to give back (never taken, or taken over), or out_dir holds what the run wrote
 
 

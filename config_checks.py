@@ -12,6 +12,7 @@ library by optimizers.optimizer_problems; the rest is here, a function per conce
 
 import dataclasses
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -90,7 +91,25 @@ def schedule_problems(cfg):
         errors.append(f"cooldown_frac must be in (0, 1], got {cfg.cooldown_frac}")
     if cfg.optimizer == "muon" and cfg.muon_lr <= 0:
         errors.append(f"muon_lr must be positive with optimizer='muon', got {cfg.muon_lr}")
-    return errors
+    return errors + range_problems(cfg)
+
+
+# the other numeric keys' ranges (floats are finite already: configurator refuses inf and nan; the
+# schedule's numbers and the model's are checked above)
+RANGES = {"seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"), "eval_iters": (lambda v: v >= 0, ">= 0"),
+          "max_bad_steps": (lambda v: v >= 1, ">= 1"), "vocab_size": (lambda v: v >= 0, ">= 0"),
+          "lora_rank": (lambda v: v >= 0, ">= 0"), "lora_alpha": (lambda v: v > 0, "positive"),
+          "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "muon_momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+          "muon_weight_decay": (lambda v: v >= 0, ">= 0")}
+
+
+def range_problems(cfg):
+    """Numeric keys outside the values they can take (a negative seed, a dropout of 1 or more, inf or nan
+    in a config built in Python rather than parsed, ...)."""
+    errors = [f"{k} must be a finite number, got {v}" for k, v in dataclasses.asdict(cfg).items()
+              if isinstance(v, float) and not math.isfinite(v)]
+    return errors + [f"{k} must be {text}, got {getattr(cfg, k)}" for k, (ok, text) in RANGES.items()
+                     if math.isfinite(getattr(cfg, k)) and not ok(getattr(cfg, k))]
 
 
 def finetune_problems(cfg, dist_info):
@@ -167,10 +186,12 @@ def resolve_start(cfg):
     where a run died before its first checkpoint, it starts afresh (overwrite). Under torchrun with
     --max-restarts and without auto_resume, a warning: the restarted command would be refused."""
     if cfg.auto_resume and cfg.init_from != "resume" and not cfg.eval_only:
-        if ckpt_lib.holds_checkpoint(cfg.out_dir):
+        if ckpt_lib.holds_checkpoint(cfg.out_dir):  # any ckpt-* directory: never deleted, resumed (or refused)
             print0(f"auto_resume: {cfg.out_dir} holds a run: resuming it (it started from init_from={cfg.init_from!r})")
             cfg.init_from = "resume"
-        elif ckpt_lib.holds_run(cfg.out_dir):
+        elif ckpt_lib.holds_run(cfg.out_dir):  # metrics of a run that died before its first checkpoint
+            print0(f"auto_resume: {cfg.out_dir} holds no checkpoint, only the metrics of a run that died before its "
+                   f"first one: starting afresh")
             cfg.overwrite = True
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and not cfg.auto_resume and cfg.init_from != "resume":
         print0("warning: torchrun may restart this job (--max-restarts), but a restart of this command would be "

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import math
 import os
 import textwrap
 import tokenize
@@ -47,6 +48,8 @@ def _coerce(key, value, tp, raw=None):
     if int in allowed and isinstance(value, int) and not isinstance(value, bool):
         return value
     if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # (1e999 parses as inf): no key of ours means anything by inf or nan
+            raise UserError(f"{key}: expected a finite number, got {value!r}")
         return float(value)  # an int is fine for a float (--learning_rate=1 means 1.0)
     if str in allowed and isinstance(value, str):
         return value

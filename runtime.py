@@ -326,8 +326,8 @@ def wrap_for_training(model, device, dist_info, fsdp, compile_model):
 
 
 class StopFlag:
-    """SIGTERM / Ctrl-C ask the training loop to finish its step, save and exit; a second Ctrl-C
-    aborts. Under torchrun every rank gets the signal; train_step makes them agree."""
+    """SIGTERM / Ctrl-C ask the training loop to finish its step (or leave its evaluation), save and
+    exit; a second Ctrl-C aborts. Under torchrun every rank gets the signal; train_step makes them agree."""
 
     def __init__(self):
         self.signum = None
@@ -343,8 +343,8 @@ class StopFlag:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print0(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-               f"(Ctrl-C again aborts without saving)")
+        print0(f"\n{signal.Signals(signum).name}: finishing this step (an evaluation stops at its next batch), then "
+               f"saving a checkpoint (Ctrl-C again aborts without saving)")
 
 
 class NoInferenceMode(torch.nn.Module):

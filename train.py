@@ -34,8 +34,8 @@ import evaluation
 import memory
 import sft
 from config_checks import check_config, check_resume, resolve_start
-from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, eval_batches, make_sampler,
-                        prepare_shipped, resolve_data_dir, to_device)
+from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, count_eval_batches, eval_batches,
+                        make_sampler, prepare_shipped, resolve_data_dir, to_device)
 from errors import UserError
 from model import GPT, GPTConfig
 from optimizers import make_optimizer
@@ -255,6 +255,10 @@ def load_data(cfg, dist_info, meta_hint=None):
     vocab = train.meta.get("vocab_size") or 50304
     sampler = make_sampler(cfg.sampling, train, cfg.batch_size, cfg.block_size, cfg.seed,
                            dist_info.rank, dist_info.world_size, vocab)
+    if count_eval_batches(valdata, cfg.batch_size, cfg.block_size, cfg.eval_iters) == 0:  # found now, not at the first evaluation
+        raise UserError(f"{data_dir}: every 'val' file is shorter than block_size+1 = {cfg.block_size + 1} tokens "
+                        f"({valdata.n_tokens:,} val tokens), so no evaluation could run: use a smaller block_size, or "
+                        f"prepare more validation data")
     val = lambda: eval_batches(valdata, cfg.batch_size, cfg.block_size, cfg.eval_iters, vocab)
     print0(f"data: {data_dir}: {train.n_tokens:,} train tokens in {len(train.files)} file(s), "
            f"{valdata.n_tokens:,} val tokens; sampling={cfg.sampling}")
@@ -345,9 +349,10 @@ def resume_point(cfg, dist_info, device):
                 print0(f"resume: {k} changed from {a!r} to {b!r}")
         print0(f"resuming from {ckpt_dir} at iteration {state['iter_num']}")
     elif cfg.overwrite and dist_info.is_master and not cfg.eval_only:
-        removed = ckpt_lib.delete_run(cfg.out_dir)
-        if removed:
-            print0(f"overwrite: deleted {removed} of the earlier run in {cfg.out_dir}")
+        doomed = ckpt_lib.run_files(cfg.out_dir)
+        if doomed:  # named before they go
+            print0(f"overwrite: deleting the earlier run's {', '.join(p.name for p in doomed)} in {cfg.out_dir}")
+            ckpt_lib.delete_run_files(doomed)
     barrier(dist_info, device)
     return ckpt_dir, state
 
@@ -405,11 +410,17 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
     return run
 
 
-def evaluate_and_save(run, metrics, lr, last_step):
+def evaluate_and_save(run, metrics, lr, last_step, stop):
     """Validation loss (when there is validation data), then a checkpoint: at each evaluation with
     always_save_checkpoint, else when val improved; always at the last step, so a run ends with its
-    last weights saved. best.json moves only on improvement."""
-    val = evaluation.validate(run)
+    last weights saved. best.json moves only on improvement. Returns True when a stop request
+    (SIGTERM, Ctrl-C) cut the evaluation short: the loop then saves and leaves."""
+    val, stopped = evaluation.validate(run, stop=lambda: stop.signum is not None)
+    if stopped:
+        print0(f"iter {run.iter_num}: evaluation cut short by the stop request")
+        return True
+    if val is not None and not math.isfinite(val):
+        diverged(run, f"val loss {val} at iteration {run.iter_num}")
     improved = val is not None and val < run.best_val
     if val is not None:
         if improved:
@@ -421,21 +432,22 @@ def evaluate_and_save(run, metrics, lr, last_step):
     if run.iter_num > 0 and not run.cfg.eval_only and (improved or run.cfg.always_save_checkpoint or last_step
                                                       or early_stop(run)):
         ckpt_lib.save_run(run, is_best=improved)
+    return False
 
 
-def evaluate_and_checkpoint(run, metrics, lr, last_step, resumed_at):
+def evaluate_and_checkpoint(run, metrics, lr, last_step, resumed_at, stop):
     """The loop's once-in-a-while phase: evaluate (and maybe save) every eval_interval, at the last step
-    and with eval_only, but not again where the run resumed; save every save_interval too. Returns the
-    seconds spent evaluating."""
-    cfg, t0 = run.cfg, time.perf_counter()
+    and with eval_only, but not again where the run resumed; save every save_interval too. Returns (the
+    seconds spent evaluating, whether a stop request cut the evaluation short)."""
+    cfg, t0, stopped = run.cfg, time.perf_counter(), False
     skip_initial = run.iter_num == 0 and not cfg.initial_eval and not last_step
     if cfg.eval_only or ((run.iter_num % cfg.eval_interval == 0 or last_step) and run.iter_num != resumed_at
                          and not skip_initial):
-        evaluate_and_save(run, metrics, lr, last_step)
+        stopped = evaluate_and_save(run, metrics, lr, last_step, stop)
     seconds = time.perf_counter() - t0
-    if cfg.save_interval and run.iter_num % cfg.save_interval == 0 and 0 < run.iter_num != run.saved_at:
+    if cfg.save_interval and run.iter_num % cfg.save_interval == 0 and 0 < run.iter_num != run.saved_at and not stopped:
         ckpt_lib.save_run(run)
-    return seconds
+    return seconds, stopped
 
 
 def early_stop(run):
@@ -465,11 +477,25 @@ def skipped_step(run, step, bad_steps, skipped):
     print0(f"iter {run.iter_num - 1}: non-finite loss or gradient ({step.loss.item():.4g}, norm "
            f"{step.norm.item():.4g}), step skipped ({bad_steps} in a row, {skipped} in all)")
     if bad_steps >= run.cfg.max_bad_steps:
+        # skipped steps leave the weights alone: bad batches, and the weights are worth a checkpoint, unless
+        # they compute non-finite numbers on validation data too (they diverged in the last step taken)
+        val, _ = evaluation.validate(run)
+        if val is not None and not math.isfinite(val):
+            diverged(run, f"{bad_steps} non-finite steps in a row and val loss {val} at iteration {run.iter_num}")
         ckpt_lib.save_run(run)
         barrier(run.dist, run.device)
         raise SystemExit(f"stopping: {bad_steps} non-finite steps in a row at iteration {run.iter_num}. The "
                          f"last good weights are saved in {run.cfg.out_dir}; lower learning_rate, use bfloat16 or "
                          f"float32, or check the data")
+
+
+def diverged(run, what):
+    """Stop a run whose weights compute non-finite numbers, without saving them: latest.json keeps naming
+    the last finite checkpoint, and keep_last_n prunes nothing for the diverged weights."""
+    last = ckpt_lib.latest_name(run.cfg.out_dir)
+    raise UserError(f"stopping: {what}: the run diverged, and its weights are not saved. The last finite "
+                    f"checkpoint ({last or 'none yet'}) is untouched; resume from it with a lower learning_rate, "
+                    f"bfloat16 or float32, or check the data")
 
 
 def train_loop(run, runner, metrics, peak, stop):
@@ -489,7 +515,8 @@ def train_loop(run, runner, metrics, peak, stop):
         last_step = run.iter_num >= cfg.max_iters
 
         # --- evaluate and checkpoint (the log's ms/iter, tokens/s and MFU leave the evaluation's time out)
-        t_log += evaluate_and_checkpoint(run, metrics, lr, last_step, resumed_at)
+        seconds, interrupted = evaluate_and_checkpoint(run, metrics, lr, last_step, resumed_at, stop)
+        t_log, stopping = t_log + seconds, stopping or interrupted
 
         # --- stop: end of schedule, eval_only, a signal (every rank learnt of it in the last step), or
         # early stopping (every rank holds the same val numbers)
@@ -497,7 +524,7 @@ def train_loop(run, runner, metrics, peak, stop):
             report_early_stop(run, metrics)
             return
         if last_step or cfg.eval_only or stopping:
-            if stopping and run.saved_at != run.iter_num:
+            if stopping and run.saved_at != run.iter_num and run.iter_num > 0:  # (iteration 0 is the start's weights)
                 ckpt_lib.save_run(run, hash_files=False)  # on the way out: sizes only, no read-back (torchrun waits 30 s)
             return
 
@@ -556,8 +583,11 @@ def train_run(cfg, dist_info, device, dtype, fsdp):
     run = build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state)
     runner = wrap_for_training(run.model, device, dist_info, fsdp, cfg.compile)
     wandb_run = None
-    if dist_info.is_master:
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)  # (eval_only takes no lock, which makes it)
+    # eval_only holds no lock and may run beside the training that does: it never rewrites the run's files,
+    # appending one line to metrics.jsonl when it evaluates this run's own checkpoint and writing nothing else
+    log_metrics = dist_info.is_master and (not cfg.eval_only or state is not None)
+    if dist_info.is_master and not cfg.eval_only:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         if state:
             ckpt_lib.trim_metrics(Path(cfg.out_dir) / "metrics.jsonl", run.iter_num)  # lines a crash left past it
         if cfg.wandb_log:
@@ -565,7 +595,7 @@ def train_run(cfg, dist_info, device, dtype, fsdp):
             wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
                                    id=run.wandb_id, resume="allow")
             run.wandb_id = wandb_run.id
-    metrics = ckpt_lib.MetricsFile(cfg.out_dir, dist_info.is_master, wandb_run)
+    metrics = ckpt_lib.MetricsFile(cfg.out_dir, log_metrics, wandb_run)
     stop = StopFlag()
     try:
         train_loop(run, runner, metrics, peak_flops(device, dtype)[0], stop)

@@ -298,14 +298,19 @@ def test_a_reader_of_a_live_run_follows_latest_when_its_checkpoint_is_pruned(tmp
 
 
 def test_a_damaged_latest_names_the_intact_checkpoints_and_resume_from_uses_one(data, tmp_path):
+    """Readers refuse a damaged latest, naming the intact ones; a resume naming it (resume_from) is refused
+    the same way, and one that names none skips it (tests/test_nothing_lost.py)."""
     out = tmp_path / "out"
     train.main(tiny_train_config(data, out, max_iters=4, eval_interval=2))
     f = out / "ckpt-0000004" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="bytes, expected"):  # named: refused, not skipped
+        train.main(tiny_train_config(data, out, max_iters=6, eval_interval=2, init_from="resume",
+                                     resume_from="ckpt-0000004"))
     with pytest.raises(ValueError) as e:
-        train.main(tiny_train_config(data, out, max_iters=6, eval_interval=2, init_from="resume"))
+        weights.load_model(out)
     msg = str(e.value)
-    assert "expected" in msg and "intact beside it: ckpt-0000002 (iteration 2)" in msg
+    assert "intact beside it: ckpt-0000002 (iteration 2)" in msg
     assert "--resume_from=ckpt-0000002" in msg and f"--out_dir={out / 'ckpt-0000002'}" in msg
     train.main(tiny_train_config(data, out, max_iters=6, eval_interval=2, init_from="resume",
                                  resume_from="ckpt-0000002"))
@@ -323,7 +328,8 @@ def test_a_new_run_into_an_out_dir_holding_one_is_refused_unless_overwrite(data,
         train.main(tiny_train_config(data, out, max_iters=2, eval_interval=2))
     (out / "notes.txt").write_text("mine")
     train.main(tiny_train_config(data, out, max_iters=3, eval_interval=3, overwrite=True))
-    assert "overwrite: deleted 1 checkpoint(s), latest.json, best.json, metrics.jsonl" in capsys.readouterr().out
+    assert ("overwrite: deleting the earlier run's ckpt-0000002, latest.json, best.json, metrics.jsonl"
+            in capsys.readouterr().out)
     assert [m["iter"] for m in read_metrics(out)] == [0, 1, 2, 3, 3]  # one run's lines, not two interleaved
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000003"] and (out / "notes.txt").exists()
 

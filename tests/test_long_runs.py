@@ -115,7 +115,7 @@ def test_torchrun_restarts_without_auto_resume_are_warned_about(data, tmp_path, 
     (dict(max_iters=0), "max_iters=0 trains nothing"),
     (dict(dtype="float16"), "dtype=float16 on a CPU"),
     (dict(dist_timeout_s=0), "dist_timeout_s must be positive"),
-    (dict(batch_size=4096, block_size=4096), "memory estimate above does NOT fit"),
+    (dict(batch_size=100_000, block_size=2048), "memory estimate above does NOT fit"),
 ])
 def test_wrong_input_is_refused_before_any_work_and_writes_nothing(data, tmp_path, overrides, message):
     out = tmp_path / "out"
