@@ -59,7 +59,7 @@ from weights import build_base
 from checkpoint import library_versions
 from errors import UserError
 from configurator import parse_list
-from fileio import write_json
+from fileio import JSON_OBJECT, check_file_target, write_json
 from hf import GPT2_SHAPES
 from model import GPT, GPTConfig
 from optimizers import optimizer_problems
@@ -395,6 +395,7 @@ def memory_budget(cfg, device):
 def run(cfg):
     """The whole benchmark; returns the report (also written to cfg.out_file)."""
     check_config(cfg)
+    check_file_target(cfg.out_file, "--out_file", JSON_OBJECT, "JSON report")  # a report replaces a report only
     device = pick_device(cfg.device)
     setup_backends(device)
     if cfg.threads:

@@ -47,6 +47,7 @@ import torch
 
 import checkpoint as ckpt_lib
 from errors import MissingFile, UserError
+from fileio import check_dir_target
 from configurator import run
 from model import GPT, GPTConfig
 from train import TrainConfig
@@ -55,7 +56,7 @@ from train import TrainConfig
 @dataclass
 class ConvertConfig:
     ckpt: str = "out/ckpt.pt"  # nanoGPT's checkpoint file
-    out_dir: str = "out-converted"  # where our checkpoint is written
+    out_dir: str = "out-converted"  # where our checkpoint is written: a new directory, or one holding no run
     trust_pickle: bool = False  # allow a full unpickle if weights_only loading fails (can run code!)
     dataset_meta: str = ""  # meta.json or nanoGPT's meta.pkl for decoding; '' = looked for beside the dataset
     data_dir: str = ""  # the token files a resumed run reads, recorded so --data_dir=... matches; '' = data/<dataset>
@@ -231,6 +232,8 @@ def resume_command(train_cfg):
 # ----------------------------------------------------------------------------- conversion
 
 def convert(cfg):
+    # a run already there would have its latest.json moved to the converted checkpoint: two runs in one
+    check_dir_target(cfg.out_dir, "--out_dir")
     old = read_nanogpt(cfg.ckpt, cfg.trust_pickle)
     missing = [k for k in ("model", "model_args") if k not in old]
     if missing:

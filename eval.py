@@ -27,7 +27,7 @@ from configurator import parse_list, run
 from dataloader import TokenData, Tokenizer, count_eval_batches, eval_batches
 from errors import UserError
 from evaluation import evaluate_loss, load_task, progress_bar, run_benchmark, run_lambada
-from fileio import write_json
+from fileio import JSON_OBJECT, check_file_target, write_json
 from runtime import autocast, pick_device, pick_dtype, seed_everything, setup_backends
 
 BENCHMARK_TASKS = ("hellaswag", "piqa", "winogrande", "lambada")
@@ -248,6 +248,9 @@ def format_table(results, tasks):
 def main(cfg):
     import torch
     tasks = check_config(cfg)
+    check_file_target(cfg.out_file, "--out_file", JSON_OBJECT, "JSON report")  # a report replaces a report only
+    if "judge" in tasks:  # appended to and reused: a file of judged answers, one JSON object a line
+        check_file_target(judge_file(cfg), "--judge_file", JSON_OBJECT, "file of judged answers")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     setup_backends(device)  # as train.py: TF32 float32 matmuls on CUDA

@@ -22,7 +22,8 @@ a quantised base dequantised first. What llama.cpp's gpt2 architecture does not 
 in one line, before anything is written: the options export_hf.py refuses, rotary positions and
 GPT-J's parallel block, the exact GELU (llama.cpp's gpt2 computes the tanh form), a character vocabulary with characters outside ASCII, and a character model
 without biases (its end-of-text token needs the final LayerNorm's). The file appears
-whole or not at all, and an existing one is replaced only with --overwrite=True.
+whole or not at all, and an existing one is replaced only with --overwrite=True, and only when it is a
+GGUF file; the target is checked (writable, not inside a run's checkpoint) before the model loads.
 """
 
 import os
@@ -36,10 +37,11 @@ import torch
 import weights
 from configurator import run
 from errors import UserError
-from fileio import fsync_dir
+from fileio import check_file_target, fsync_dir
 from hf import EOT, EOT_ID, architecture, bytes_to_unicode, gpt2_vocab_and_merges
 
 DTYPES = ("f32", "f16", "q8_0")
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file: what --overwrite may replace
 
 
 @dataclass
@@ -50,7 +52,7 @@ class GGUFConfig:
     base_dir: str = ""  # a LoRA / 1-D run whose base run moved: where it is now (it must hold the checkpoint trained on)
     gguf: str = ""  # the file to write; '' = <out_dir or model name>.gguf
     dtype: str = "f16"  # the matrices' type: 'f32', 'f16' or 'q8_0'
-    overwrite: bool = False  # replace an existing file
+    overwrite: bool = False  # replace an existing GGUF file (never another kind of file)
 
 
 def target_path(cfg):
@@ -65,10 +67,8 @@ def target_path(cfg):
     path = Path(cfg.gguf or f"{Path(cfg.out_dir or cfg.init_from).name}.gguf")
     if path.suffix != ".gguf":
         raise UserError(f"gguf={str(path)!r}: llama.cpp, Ollama and LM Studio look for a .gguf file; end the name in .gguf")
-    if path.is_dir():
-        raise UserError(f"gguf={str(path)!r} is a directory: name a file")
-    if path.exists() and not cfg.overwrite:
-        raise UserError(f"{path} already exists: choose another --gguf or pass --overwrite=True to replace it")
+    # a directory, a run's files, a place it cannot write, and an existing file unless --overwrite and GGUF
+    check_file_target(path, "--gguf", GGUF_MAGIC, "GGUF file", cfg.overwrite)
     return path
 
 

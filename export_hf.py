@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from errors import UserError
+from fileio import CKPT_PREFIX
 from configurator import run
 from checkpoint import holds_checkpoint, read_checkpoint
 from weights import load_model
 from runtime import progress
-from hf import export_hf, export_peft_adapter
+from hf import check_export_dir, export_hf, export_peft_adapter
 from lora import count_params
 
 
@@ -40,15 +41,8 @@ class ExportConfig:
     base_dir: str = ""  # a LoRA / 1-D run whose base run moved: where it is now (it must hold the checkpoint trained on)
     hf_dir: str = ""  # the Hugging Face directory to write; '' = <out_dir>-hf (with adapter_dir: no base written)
     adapter_dir: str = ""  # '' = merge LoRA into the exported model; else write the adapter here in PEFT's format and export the unmerged base to hf_dir
-    overwrite: bool = False  # replace an existing non-empty hf_dir / adapter_dir
+    overwrite: bool = False  # replace an earlier export in hf_dir / adapter_dir (never anything else)
     dtype: str = "float32"  # of the exported weights: 'float32', 'float16' or 'bfloat16' (GPT-J-6B: 24 / 12 / 12 GB)
-
-
-def _refuse_nonempty(path, option, overwrite):
-    # refuse before the (possibly slow) load: an export must never clobber a directory by surprise
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise UserError(f"{path} already exists and is not empty: choose another {option} "
-                        f"or pass --overwrite=True to replace it")
 
 
 def lora_base(cfg):
@@ -95,17 +89,31 @@ def main(cfg):
 
 def _target_dirs(cfg, adapter_dir):
     """The Hugging Face directory to write (None: the adapter alone), every target checked before the
-    (possibly slow) load."""
+    (possibly slow) load: a model of billions of parameters is not loaded to be refused a directory."""
     if adapter_dir is None:
-        hf_dir = Path(cfg.hf_dir or str(Path(cfg.out_dir)).rstrip("/\\") + "-hf")
+        hf_dir = Path(cfg.hf_dir) if cfg.hf_dir else default_hf_dir(cfg.out_dir)
     else:
         hf_dir = Path(cfg.hf_dir) if cfg.hf_dir else None  # None: the adapter applies to the run's own base
         if hf_dir is not None and hf_dir.resolve() == adapter_dir.resolve():
             raise UserError(f"--hf_dir and --adapter_dir are both {hf_dir}: give them different directories")
-        _refuse_nonempty(adapter_dir, "--adapter_dir", cfg.overwrite)
-    if hf_dir is not None:
-        _refuse_nonempty(hf_dir, "--hf_dir", cfg.overwrite)
+    targets = [(d, option) for d, option in ((hf_dir, "--hf_dir"), (adapter_dir, "--adapter_dir")) if d is not None]
+    doomed = [(d, check_export_dir(d, option, cfg.overwrite)) for d, option in targets]
+    for d, names in doomed:  # every target checked first: nothing is announced for a refused command
+        if names:
+            print(f"overwrite: {d} holds an earlier export; deleting {', '.join(names)} there once the new export "
+                  f"is written")
     return hf_dir
+
+
+def default_hf_dir(out_dir):
+    """<out_dir>-hf beside the run. For one checkpoint directory (out/ckpt-0000500) that would be a
+    ckpt-* directory inside the run, which train.py would take for a checkpoint and prune: the export
+    goes beside the run instead (out-ckpt-0000500-hf)."""
+    path = Path(str(out_dir).rstrip("/\\"))
+    if not path.name.startswith(CKPT_PREFIX):
+        return Path(f"{path}-hf")
+    run_dir = path.absolute().parent
+    return run_dir.with_name(f"{run_dir.name}-{path.name}-hf")
 
 
 def _what(info):

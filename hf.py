@@ -36,7 +36,7 @@ import torch
 
 from dataloader import gpt2_encoding
 from errors import UserError
-from fileio import fsync_dir
+from fileio import CKPT_PREFIX, check_writable, checkpoint_above, fsync_dir, run_signs
 from lora import ADAPTER_NAMES, LORA_LAYERS
 from model import GPT, GPTConfig
 from quant import QUANTIZED_SUFFIXES, bitsandbytes, check_kind, quantized_linear
@@ -699,8 +699,9 @@ def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False, drop_lora=False,
     tokenizer="gpt2", the GPT-2 tokenizer files.
 
     The directory appears complete or not at all (written beside it, then renamed into place).
-    An existing non-empty hf_dir is refused unless overwrite. drop_lora: write the frozen base of a
-    model that still has LoRA adapters (see hf_state_dict). Returns the directory as a Path.
+    An existing non-empty hf_dir is refused, unless it is an earlier export and overwrite is set
+    (check_export_dir). drop_lora: write the frozen base of a model that still has LoRA adapters
+    (see hf_state_dict). Returns the directory as a Path.
     """
     from safetensors.torch import save_file
     if tokenizer not in ("gpt2", None):
@@ -720,19 +721,65 @@ def export_hf(model, hf_dir, tokenizer="gpt2", overwrite=False, drop_lora=False,
         if tokenizer == "gpt2":
             write_gpt2_tokenizer(tmp, model_max_length=cfg.block_size)
 
-    return _write_dir(hf_dir, write, overwrite)
+    return _write_dir(hf_dir, write, overwrite, "hf_dir")
 
 
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")  # of the exported weights (float16 halves a 6B model to 12 GB)
 
 
-def _write_dir(target, write, overwrite):
-    """Fill a hidden directory beside `target` with write(tmp), fsync it and rename it into place:
-    `target` appears complete or not at all, and a failure leaves nothing behind. An existing
-    non-empty target is refused unless overwrite, and then replaced whole. Returns target as a Path."""
+# every file export_hf and export_peft_adapter write (transformers adds added_tokens.json and
+# generation_config.json in some versions): a directory holding only these, weights among them, is an
+# earlier export, the one thing overwrite=True replaces
+EXPORT_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors",
+    "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "adapter_config.json", "adapter_model.safetensors"})
+EXPORT_WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
+
+
+def check_export_dir(target, option="hf_dir", overwrite=False):
+    """Decide, before any slow work, what an export may do with the directory `target`: write it (it
+    is absent or empty: returns []), replace an earlier export (with overwrite: returns the names it
+    will delete), or refuse in one line saying what is in the way. A run, a folder of runs, a file or
+    anything else an export does not write is never replaced, overwrite or not."""
     target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise UserError(f"{target} already exists and is not empty: choose a new directory or overwrite")
+    above = checkpoint_above(target)
+    if above is not None:
+        raise UserError(f"{option}={target} lies in the checkpoint directory {above}, which only train.py "
+                        f"writes: choose another {option}")
+    if target.name.startswith(CKPT_PREFIX) and run_signs(target.parent):
+        raise UserError(f"{option}={target}: a {CKPT_PREFIX}* directory in the run {target.parent} would be taken "
+                        f"for one of its checkpoints (and pruned by its training); choose another {option}")
+    check_writable(target, option)
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return []
+    if not target.is_dir():
+        raise UserError(f"{option}={target} is a file, not an earlier export: choose another {option}")
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir())
+    run = run_signs(target)
+    foreign = [n for n in names if n not in EXPORT_FILES]  # a folder of runs: its runs' folders
+    if run:
+        why = f"holds a run ({', '.join(run[:3])})"
+    elif foreign:
+        why = f"holds what no export writes ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+    elif not set(EXPORT_WEIGHTS) & set(names):
+        why = f"holds no exported weights ({' or '.join(EXPORT_WEIGHTS)})"
+    else:
+        if not overwrite:
+            raise UserError(f"{target} holds an earlier export: choose another {option} or pass --overwrite=True "
+                            f"to replace it")
+        return names
+    raise UserError(f"{option}={target} {why}: an export replaces only an earlier export (with --overwrite=True), "
+                    f"so choose another {option}, or an empty or new directory")
+
+
+def _write_dir(target, write, overwrite, option):
+    """Fill a hidden directory beside `target` with write(tmp), fsync it and rename it into place:
+    `target` appears complete or not at all, and a failure leaves nothing behind. An existing target
+    is replaced whole only when it is an earlier export and overwrite is set (check_export_dir).
+    Returns target as a Path."""
+    target = Path(target)
+    check_export_dir(target, option, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -747,10 +794,7 @@ def _write_dir(target, write, overwrite):
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
+            shutil.rmtree(old)  # an earlier export: files only (check_export_dir)
         else:
             os.replace(tmp, target)
         fsync_dir(target.parent)
@@ -817,7 +861,7 @@ def export_peft_adapter(model, adapter_dir, base_model_name_or_path, overwrite=F
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir)
 
     base_model_name_or_path: recorded in the config, what AutoPeftModelForCausalLM loads the base from.
-    Atomic and refusing a non-empty adapter_dir unless overwrite, as export_hf. Returns the Path.
+    Atomic, and replacing only an earlier export with overwrite, as export_hf. Returns the Path.
     """
     from safetensors.torch import save_file
     config, tensors = peft_adapter(model)
@@ -827,7 +871,7 @@ def export_peft_adapter(model, adapter_dir, base_model_name_or_path, overwrite=F
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
 
-    return _write_dir(adapter_dir, write, overwrite)
+    return _write_dir(adapter_dir, write, overwrite, "adapter_dir")
 
 
 # ----------------------------------------------------------------------------- the GPT-2 tokenizer files

@@ -45,7 +45,7 @@ from autobatch import CONFIRM, compare_iterations, random_batches, search, seque
 from checkpoint import model_tensors, read_for_resume
 from dataloader import TokenData, make_sampler, prepare_command, prepare_shipped, resolve_data_dir, to_device
 from errors import UserError
-from fileio import write_json
+from fileio import JSON_OBJECT, check_file_target, write_json
 from runtime import Dist, autocast, pick_device, pick_dtype, seed_everything, setup_backends, synchronize
 from train import TrainConfig, check_config, train_step
 
@@ -319,6 +319,7 @@ def calibrate(cfg, model, device, dtype, per_rank, ranks, block, windows):
 
 def main(cfg):
     check_plan_config(cfg)
+    check_file_target(cfg.plan_file, "--plan_file", JSON_OBJECT, "JSON plan")  # a plan replaces a plan only
     ranks = cfg.ranks or int(os.environ.get("WORLD_SIZE", "1"))
     configured = cfg.batch_size if isinstance(cfg.batch_size, int) else configurator.before_overrides(cfg, "batch_size")
     # the out_dir may hold a run (a plan writes nothing there); the rest as train.py checks it

@@ -6,7 +6,8 @@ tokens (or iterations) on top, the learning rate below, runs overlaid.
     python plot.py out-a out-b --out=compare.png --x=iter
 
 Reads nothing but out_dir/metrics.jsonl, line by line, so it works on a run that is still
-training: a half-written last line is skipped. Needs matplotlib (pip install -e .[plot]).
+training: a half-written last line is skipped. Needs matplotlib (pip install -e .[plot]). An existing
+--out is replaced only when it is a PNG picture; a run's own files are never written.
 """
 
 from dataclasses import dataclass, field
@@ -15,13 +16,15 @@ from pathlib import Path
 from errors import UserError
 from configurator import run
 from checkpoint import read_metrics
-from fileio import atomic_write
+from fileio import atomic_write, check_file_target
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first eight bytes of every PNG: the only kind of file --out replaces
 
 
 @dataclass
 class PlotConfig:
     run_dirs: list = field(default_factory=list)  # out_dirs holding metrics.jsonl
-    out: str = "loss.png"  # the PNG written
+    out: str = "loss.png"  # the PNG written (an existing file is replaced only when it is a PNG)
     x: str = "tokens"  # x axis: 'tokens' (comparable across batch sizes) or 'iter'
 
 
@@ -42,6 +45,7 @@ def plot_runs(run_dirs, out, x="tokens"):
         raise UserError(f"x must be 'tokens' or 'iter', got {x!r}")
     if not run_dirs:
         raise UserError("no runs to plot: pass one or more out_dirs")
+    check_file_target(out, "--out", PNG_MAGIC, "PNG picture")  # a picture replaces a picture, nothing else
     try:
         from matplotlib.figure import Figure  # a bare Figure draws with Agg: no display, no pyplot state
     except ImportError as e:

@@ -180,10 +180,14 @@ def test_an_imported_gpt2_computes_in_llama_cpp_what_it_computes_here(tmp_path):
 
 def test_what_cannot_be_exported_is_refused_in_one_line_and_nothing_is_written(runs, tmp_path):
     target = tmp_path / "x.gguf"
+    target.write_text("keep me")
     with pytest.raises(UserError, match="already exists"):
-        target.write_text("keep me")
         export(runs["bpe"], target, "f16")
+    with pytest.raises(UserError, match="not a GGUF file"):  # --overwrite replaces a GGUF file only
+        export_gguf.main(export_gguf.GGUFConfig(out_dir=str(runs["bpe"]), gguf=str(target), overwrite=True))
     assert target.read_text() == "keep me"
+    target.unlink()
+    export(runs["bpe"], target, "f16")
     export_gguf.main(export_gguf.GGUFConfig(out_dir=str(runs["bpe"]), gguf=str(target), overwrite=True))
     assert target.read_bytes()[:4] == b"GGUF"
     for cfg, message in [(dict(dtype="q4"), "dtype must be one of"), (dict(gguf=str(tmp_path / "m.bin")), "end the name"),

@@ -405,13 +405,18 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, kw, caplog)
         assert (all_logits(back, idx) - all_logits(model, idx)).abs().max().item() < 1e-5
 
 
-def test_export_refuses_a_nonempty_directory_unless_overwrite(tmp_path):
+def test_export_replaces_only_an_earlier_export_and_only_with_overwrite(tmp_path):
     target = tmp_path / "export"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not empty"):
+    for overwrite in (False, True):  # what an export did not write is never replaced
+        with pytest.raises(ValueError, match="notes.txt"):
+            hf.export_hf(_our_model(), target, tokenizer=None, overwrite=overwrite)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    (target / "notes.txt").unlink()
+    hf.export_hf(_our_model(), target, tokenizer=None)  # an empty directory is written
+    with pytest.raises(ValueError, match="--overwrite=True"):
         hf.export_hf(_our_model(), target, tokenizer=None)
-    assert (target / "notes.txt").read_text() == "mine"
     hf.export_hf(_our_model(), target, tokenizer=None, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary or old copies left

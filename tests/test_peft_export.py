@@ -205,9 +205,13 @@ def test_export_script_refuses_what_it_cannot_export(runs, tmp_path):
     assert list(tmp_path.iterdir()) == []
     adapter.mkdir()
     (adapter / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="--overwrite=True"):
-        export_hf.main(export_hf.ExportConfig(out_dir=str(ft), hf_dir=str(tmp_path / "hf"), adapter_dir=str(adapter)))
+    for overwrite in (False, True):  # what an export did not write is never replaced
+        with pytest.raises(ValueError, match="notes.txt"):
+            export_hf.main(export_hf.ExportConfig(out_dir=str(ft), hf_dir=str(tmp_path / "hf"),
+                                                  adapter_dir=str(adapter), overwrite=overwrite))
     assert [p.name for p in adapter.iterdir()] == ["notes.txt"] and not (tmp_path / "hf").exists()
-    export_hf.main(export_hf.ExportConfig(out_dir=str(ft), hf_dir=str(tmp_path / "hf"), adapter_dir=str(adapter),
-                                          overwrite=True))
+    (adapter / "notes.txt").unlink()
+    for overwrite in (False, True):  # the second replaces the first's adapter and base
+        export_hf.main(export_hf.ExportConfig(out_dir=str(ft), hf_dir=str(tmp_path / "hf"), adapter_dir=str(adapter),
+                                              overwrite=overwrite))
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: its modules are not installed
 from errors import UserError  # noqa: E402
 from configurator import run  # noqa: E402
+from fileio import check_dir_target  # noqa: E402
 
 PROMPT = "Classify the message as weather, sport or food.\nMessage: {text}\nLabel:"
 TOPICS = {
@@ -78,6 +79,7 @@ def main(cfg):
             raise UserError(f"{key}={getattr(cfg, key)}: each split needs at least one example")
     rng = random.Random(cfg.seed)
     out = Path(cfg.out_dir)
+    check_dir_target(out, "--out_dir")  # never into a run; a read-only place is refused before any work
     splits = {}
     for split, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
         rows = make_examples(n, rng)

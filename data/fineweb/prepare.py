@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: it
 from errors import UserError  # noqa: E402
 from configurator import run  # noqa: E402
 from dataloader import gpt2_encoding, read_header, shard_header, write_shard  # noqa: E402
-from fileio import file_sha256, write_json  # noqa: E402
+from fileio import check_dir_target, file_sha256, write_json  # noqa: E402
 
 
 @dataclass
@@ -581,6 +581,7 @@ def main(cfg):
     check_config(cfg)
     budget = parse_token_budget(cfg.tokens)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg, budget)
+    check_dir_target(out_dir, "--out_dir")  # never into a run; a read-only place is refused before any work
     stage = out_dir / STAGE
     prefix = cfg.dataset or "local"
     settings = {"source": describe_source(cfg), "text_column": cfg.text_column, "val_tokens": cfg.val_tokens,

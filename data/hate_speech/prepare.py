@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not in
 
 from errors import MissingFile, UserError  # noqa: E402
 from configurator import parse_list, run  # noqa: E402
-from fileio import file_sha256, write_json, write_json_lines  # noqa: E402
+from fileio import check_dir_target, file_sha256, write_json, write_json_lines  # noqa: E402
 
 HUB = "tdavidson/hate_speech_offensive"
 CSV_URL = "https://github.com/t-davidson/hate-speech-and-offensive-language/raw/master/data/labeled_data.csv"
@@ -200,6 +200,7 @@ def split(classes, train_size, val_size, seed, names):
 
 def main(cfg):
     labels = check_config(cfg)
+    check_dir_target(cfg.out_dir, "--out_dir")  # never into a run; a read-only place is refused before any work
     if cfg.input:
         path = Path(cfg.input)
         rows, source, sha = read_local(path), str(cfg.input), file_sha256(path)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # the checkout: its modules are not installed
 
 from errors import UserError  # noqa: E402
 from configurator import run  # noqa: E402
-from fileio import atomic_write, file_sha256, write_json  # noqa: E402
+from fileio import atomic_write, check_dir_target, file_sha256, write_json  # noqa: E402
 from sft import read_records  # noqa: E402
 
 SOURCES = {
@@ -93,6 +93,7 @@ def main(cfg):
         raise UserError(f"train_frac={cfg.train_frac} and test_frac={cfg.test_frac} must be positive and leave "
                         f"a validation split (their sum below 1)")
     out_dir = Path(cfg.out_dir or (HERE if cfg.input else SOURCES[cfg.source]["out_dir"]))
+    check_dir_target(out_dir, "--out_dir")  # never into a run; a read-only place is refused before any work
     if cfg.input:
         path, origin = Path(cfg.input), str(cfg.input)
     else:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not in
 from errors import MissingFile, UserError  # noqa: E402
 from configurator import run  # noqa: E402
 from dataloader import gpt2_encoding, write_raw_tokens  # noqa: E402
-from fileio import file_sha256, write_json, write_json_lines  # noqa: E402
+from fileio import check_dir_target, file_sha256, write_json, write_json_lines  # noqa: E402
 
 HUB, HUB_CONFIG = "nyu-mll/glue", "mnli"
 SPLITS = {"train": "train", "val": "validation_matched"}  # our token file -> GLUE's split
@@ -150,6 +150,7 @@ def tokens(examples, desc="tokenizing"):
 
 
 def main(cfg):
+    check_dir_target(cfg.out_dir, "--out_dir")  # never into a run; a read-only place is refused before any work
     if cfg.limit_train < 0:
         raise UserError(f"--limit_train={cfg.limit_train}: must be >= 0 (0 = all training pairs)")
     source, splits = {}, {}

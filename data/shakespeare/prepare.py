@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not in
 from errors import MissingFile  # noqa: E402
 from configurator import run  # noqa: E402
 from dataloader import gpt2_encoding, write_raw_tokens  # noqa: E402
-from fileio import write_json  # noqa: E402
+from fileio import check_dir_target, write_json  # noqa: E402
 
 SHIPPED = HERE.parent / "shakespeare_char" / "input.txt"
 
@@ -47,6 +47,7 @@ def prepare(out_dir, text):
 
 
 def main(cfg):
+    check_dir_target(cfg.out_dir, "--out_dir")  # never into a run; a read-only place is refused before any work
     if not Path(cfg.input).is_file():
         raise MissingFile(f"--input={cfg.input} does not exist; give a UTF-8 text file")
     meta = prepare(cfg.out_dir, Path(cfg.input).read_text(encoding="utf-8"))

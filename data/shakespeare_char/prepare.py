@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not in
 from errors import MissingFile  # noqa: E402
 from configurator import run  # noqa: E402
 from dataloader import write_raw_tokens  # noqa: E402
-from fileio import write_json  # noqa: E402
+from fileio import check_dir_target, write_json  # noqa: E402
 
 SHIPPED = HERE / "input.txt"
 
@@ -56,6 +56,7 @@ def prepare(out_dir, text):
 
 
 def main(cfg):
+    check_dir_target(cfg.out_dir, "--out_dir")  # never into a run; a read-only place is refused before any work
     meta = prepare(cfg.out_dir, read_text(cfg.input))
     print(f"vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens "
           f"-> {cfg.out_dir}")
