@@ -54,17 +54,17 @@ from typing import Optional
 import torch
 
 import configurator
-import memory
-from weights import build_base
-from checkpoint import library_versions
-from errors import UserError
+from homegpt import memory, plan
+from homegpt.weights import build_base
+from homegpt.checkpoint import library_versions
+from homegpt.errors import UserError
 from configurator import parse_list
-from fileio import JSON_OBJECT, check_file_target, write_json
-from hf import GPT2_SHAPES
+from homegpt.fileio import JSON_OBJECT, check_file_target, write_json
+from homegpt.hf import GPT2_SHAPES
 from model import GPT, GPTConfig
-from optimizers import optimizer_problems
-from autobatch import find_max_batch
-from runtime import (Dist, OverBudget, autocast, compile_reason, cpu_model, free_memory, is_oom, make_scaler,
+from homegpt.optimizers import optimizer_problems
+from homegpt.autobatch import find_max_batch
+from homegpt.runtime import (Dist, OverBudget, autocast, compile_reason, cpu_model, free_memory, is_oom, make_scaler,
                      peak_flops, pick_device, pick_dtype, proc_status_bytes, reset_peak_rss, seed_everything,
                      setup_backends, synchronize)
 from train import TrainConfig, make_optimizer, train_step
@@ -80,7 +80,7 @@ class BenchConfig:
     block_size: int = 256  # tokens per sequence
     vocab_size: int = 65  # 65 = Shakespeare's characters; 50304 for GPT-2's BPE padded to a multiple of 64
     dropout: float = 0.0
-    fast_dropout: bool = True  # as train.py: fast_dropout.py's CPU masks and attention; False = torch's kernels
+    fast_dropout: bool = True  # as train.py: model.py's fast CPU dropout masks and attention; False = torch's kernels
     bias: bool = True
     qkv_bias: Optional[bool] = None  # None = same as bias
     tie_weights: bool = True
@@ -497,15 +497,32 @@ def main(cfg):
     return report
 
 
+@dataclass
+class PlanConfig(TrainConfig):
+    # planning (bench.py --plan); every train.py key above is read as train.py reads it
+    plan: bool = True  # plan a train.py run instead of benchmarking (bench.py --plan)
+    calibration_s: float = 60.0  # time for the micro-batch search; no new micro-batch is tried after it
+    eval_share: float = 0.05  # the most of the run's time validation may take
+    ranks: int = 0  # processes of the run under torchrun (one GPU each); 0 = $WORLD_SIZE, else 1
+    max_memory_gb: float = 0.0  # a micro-batch needing more counts as out of memory; 0 = 90% of the device
+    price_per_hour: float = 0.0  # what the machine costs per hour: the plan prices the run
+    budget_hours: float = 0.0  # > 0: the tokens, and the Chinchilla-ratio model, that fit in this many hours
+    plan_file: str = "plan.json"  # the plan as JSON
+
+
+def run_plan(cfg):
+    """bench.py --plan: size the train.py run cfg describes (homegpt/plan.py), timing train.py's own step."""
+    return plan.main(cfg, train_step, configurator.before_overrides(cfg, "batch_size"))
+
+
 def wants_plan(argv):
-    """--plan (or --plan=True) on the command line: plan a train.py run (plan.py) instead."""
+    """--plan (or --plan=True) on the command line: plan a train.py run (homegpt/plan.py) instead."""
     return any(a == "--plan" or (a.startswith("--plan=") and a[7:].lower() == "true") for a in argv)
 
 
 if __name__ == "__main__":
     if wants_plan(sys.argv[1:]):
-        import plan
         argv = [a for a in sys.argv[1:] if a != "--plan"]
-        configurator.run(plan.main, plan.PlanConfig, parse=lambda _: configurator.configure(plan.PlanConfig, argv))
+        configurator.run(run_plan, PlanConfig, parse=lambda _: configurator.configure(PlanConfig, argv))
     else:
         configurator.run(main, BenchConfig, parse=lambda argv: parse_args(argv)[0])

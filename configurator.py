@@ -25,7 +25,7 @@ import tokenize
 import typing
 from pathlib import Path
 
-from errors import UserError
+from homegpt.errors import UserError
 
 
 def _allowed(tp):

@@ -45,12 +45,13 @@ from pathlib import Path
 
 import torch
 
-import checkpoint as ckpt_lib
-from errors import MissingFile, UserError
-from fileio import check_dir_target
+from homegpt import checkpoint as ckpt_lib
+from homegpt.errors import MissingFile, UserError
+from homegpt.fileio import check_dir_target
 from configurator import run
 from model import GPT, GPTConfig
 from train import TrainConfig
+from homegpt.optimizers import configure_optimizers
 
 
 @dataclass
@@ -255,7 +256,7 @@ def convert(cfg):
     ncfg = old.get("config") or {}
     optimizer = None
     if "optimizer" in old:
-        optimizer = model.configure_optimizers(ncfg.get("weight_decay", 0.1), ncfg.get("learning_rate", 6e-4),
+        optimizer = configure_optimizers(model, ncfg.get("weight_decay", 0.1), ncfg.get("learning_rate", 6e-4),
                                                (ncfg.get("beta1", 0.9), ncfg.get("beta2", 0.95)), "cpu")
         try:
             # nanoGPT groups the parameters as we do (>=2-D decayed, the rest not, in parameter order);

@@ -19,16 +19,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import weights
-import checkpoint
-import judge
-import sft
+from homegpt import weights
+from homegpt import checkpoint
+from homegpt import judge
+from homegpt import sft
 from configurator import parse_list, run
-from dataloader import TokenData, Tokenizer, count_eval_batches, eval_batches
-from errors import UserError
-from evaluation import evaluate_loss, load_task, progress_bar, run_benchmark, run_lambada
-from fileio import JSON_OBJECT, check_file_target, write_json
-from runtime import autocast, pick_device, pick_dtype, seed_everything, setup_backends
+from homegpt.dataloader import TokenData, Tokenizer, count_eval_batches, eval_batches
+from homegpt.errors import UserError
+from homegpt.evaluation import evaluate_loss, load_task, progress_bar, run_benchmark, run_lambada
+from homegpt.fileio import JSON_OBJECT, check_file_target, write_json
+from homegpt.runtime import autocast, pick_device, pick_dtype, seed_everything, setup_backends
 
 BENCHMARK_TASKS = ("hellaswag", "piqa", "winogrande", "lambada")
 TASKS = ("val",) + BENCHMARK_TASKS + ("generate", "judge")

@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import weights
+from homegpt import weights
 from configurator import run
-from errors import UserError
-from fileio import check_file_target, fsync_dir
-from hf import EOT, EOT_ID, architecture, bytes_to_unicode, gpt2_vocab_and_merges
+from homegpt.errors import UserError
+from homegpt.fileio import check_file_target, fsync_dir
+from homegpt.hf import EOT, EOT_ID, architecture, bytes_to_unicode, gpt2_vocab_and_merges
 
 DTYPES = ("f32", "f16", "q8_0")
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file: what --overwrite may replace

@@ -24,14 +24,14 @@ a base that is one of our runs is not loadable by transformers, so it needs --hf
 from dataclasses import dataclass
 from pathlib import Path
 
-from errors import UserError
-from fileio import CKPT_PREFIX
+from homegpt.errors import UserError
+from homegpt.fileio import CKPT_PREFIX
 from configurator import run
-from checkpoint import holds_checkpoint, read_checkpoint
-from weights import load_model
-from runtime import progress
-from hf import check_export_dir, export_hf, export_peft_adapter
-from lora import count_params
+from homegpt.checkpoint import holds_checkpoint, read_checkpoint
+from homegpt.weights import load_model
+from homegpt.runtime import progress
+from homegpt.hf import check_export_dir, export_hf, export_peft_adapter
+from homegpt.lora import count_params
 
 
 @dataclass

@@ -10,12 +10,13 @@ References: "Language Models are Unsupervised Multitask Learners" (GPT-2, 2019) 
 (2017) for attention. GPT-J (Wang & Komatsuzaki 2021) is the same model with a few GPTConfig fields
 changed: rotary positions (Su et al. 2021) and a parallel block. Parameter names follow OpenAI's
 GPT-2 checkpoint (wte wpe h ln_f c_attn c_proj c_fc lm_head) so that weight import and export are
-key-by-key copies (hf.py).
+key-by-key copies (homegpt/hf.py).
 
-The file reads top to bottom: attention, MLP, block, GPTConfig (every field says why it is there),
-GPT; then the small pieces of the previous-position options the CPU recipes use. Generation's KV
-cache and sampling live in generate.py. This file imports torch and three small torch-only helpers:
-fast_dropout.py (CPU dropout), optimizers.py (Muon + AdamW as one optimizer), generate.py.
+The file reads top to bottom: CPU dropout, attention, MLP, block, GPTConfig (every field says why it
+is there), GPT; then the small pieces of the previous-position options the CPU recipes use. It imports
+torch alone, and nothing of the homegpt package, which builds on it: sampling with a KV cache is
+homegpt/generate.py (`generate(model, idx, 100)`), the optimizers homegpt/optimizers.py
+(`configure_optimizers(model, ...)`).
 """
 
 import math
@@ -27,10 +28,71 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-import generate
-from fast_dropout import Dropout, causal_attention_with_dropout
-from optimizers import ChainedOptimizer, Muon
 
+# ----------------------------------------------------------------------------- dropout on a CPU
+# torch's CPU dropout draws one Bernoulli sample per element; drawing 64-bit integers and cutting each
+# into four 16-bit uniforms is several times faster (benchmarks/train_throughput.py measures the whole
+# step). With dropout on, torch's scaled_dot_product_attention leaves its fused CPU kernel for a float32
+# path; written out, its two matmuls stay bfloat16 under autocast, softmax stays float32. CUDA and MPS
+# always use torch's kernels; GPT.use_fast_dropout(False) turns these off.
+
+class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale, keeping only the 1-byte mask for backward (not a full-width scaled copy)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep.to(x.dtype).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep, = ctx.saved_tensors
+        return grad * keep.to(grad.dtype).mul_(ctx.scale), None, None
+
+
+def fast_dropout(x, p):
+    """Training-mode dropout for CPU tensors, the same in expectation as F.dropout(x, p, True).
+
+    p is quantised to 1/65536. The bits come from torch's generator, so masks follow
+    torch.manual_seed and a resumed run draws the same ones.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be between 0 and 1, got {p}")
+    if p == 0.0:
+        return x
+    if p == 1.0:
+        return x * 0.0
+    n = x.numel()
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    bits = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
+    keep = bits >= round(p * 65536) - 32768
+    return _MaskedScale.apply(x, keep, 1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that uses fast_dropout on a CPU (unless fast_dropout is off), torch's kernel elsewhere."""
+
+    fast_dropout = True
+
+    def forward(self, x):
+        if self.training and self.fast_dropout and x.device.type == "cpu":
+            return fast_dropout(x, self.p)
+        return super().forward(x)
+
+
+def causal_attention_with_dropout(q, k, v, p):
+    """Causal softmax attention of q, k, v (B, nh, T, hs) with fast_dropout on the attention weights:
+    what F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p) computes, with the
+    matmuls in the autocast dtype. Materialises the (B, nh, T, T) weights: for training contexts."""
+    T, hs = q.size(-2), q.size(-1)
+    att = (q * (1.0 / math.sqrt(hs))) @ k.transpose(-2, -1)  # (B, nh, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+    att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1)
+    return fast_dropout(att, p) @ v  # (B, nh, T, hs)
+
+
+# ----------------------------------------------------------------------------- the model
 
 class CausalSelfAttention(nn.Module):
 
@@ -75,7 +137,7 @@ class CausalSelfAttention(nn.Module):
             is_causal = True
         dropout = self.dropout if self.training else 0.0  # eval and generation are deterministic
         if dropout > 0.0 and self.fast_dropout and x.device.type == "cpu" and kv_cache is None:
-            # with dropout SDPA's CPU path is float32 with torch's slow dropout: see fast_dropout.py
+            # with dropout SDPA's CPU path is float32 with torch's slow dropout: see fast_dropout above
             y = causal_attention_with_dropout(q, k, v, dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout)
@@ -336,52 +398,6 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:  # (rotary positions have no table to crop)
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, fused=None, eight_bit=False,
-                             muon_lr=0.0, muon_momentum=0.95, muon_weight_decay=0.0):
-        """AdamW with decay on >=2-D weights only (matmuls, embeddings), never on biases or LayerNorm gains.
-
-        Frozen parameters (requires_grad False, e.g. a LoRA base) are left out entirely.
-        muon_lr > 0: the blocks' weight matrices go to Muon (optimizers.py: torch's, momentum orthogonalised by
-        Newton-Schulz, Jordan et al. 2024) at muon_lr, and AdamW keeps the embeddings, lm_head,
-        biases and gains; the two step as one ChainedOptimizer. Every group carries "lr_scale", its
-        learning rate relative to learning_rate, so a schedule sets group["lr"] = lr * group["lr_scale"].
-        """
-        params = [p for p in self.parameters() if p.requires_grad]
-        muon = self.muon_matrices() if muon_lr > 0 else []
-        muon_ids = {id(p) for p in muon}
-        decay = [p for p in params if p.dim() >= 2 and id(p) not in muon_ids]
-        no_decay = [p for p in params if p.dim() < 2]
-        assert len(muon) + len(decay) + len(no_decay) == len(params), "every trainable parameter must be in one group"
-        groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-                  {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
-        if eight_bit:
-            # 8-bit optimizer states (Dettmers et al. 2021): 2 bytes per parameter instead of 8
-            if device_type not in ("cuda", "cpu"):
-                raise ValueError(f"optimizer='adamw8bit' runs on CUDA or a CPU (bitsandbytes), not {device_type}")
-            try:
-                import bitsandbytes as bnb
-            except ImportError as e:
-                raise ValueError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes") from e
-            return bnb.optim.AdamW8bit(groups, lr=learning_rate, betas=betas)
-        if fused is None:
-            # the fused kernel is a single launch per step on CUDA; on CPU torch's fused AdamW also wins
-            fused = device_type in ("cuda", "cpu")
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-        if muon_lr <= 0:
-            return adamw
-        if not muon:
-            raise ValueError("optimizer='muon' needs trainable weight matrices in the blocks (none here: "
-                             "train_1d_only?); use optimizer='adamw'")
-        return ChainedOptimizer(adamw, Muon(
-            [{"params": muon, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
-            momentum=muon_momentum, weight_decay=muon_weight_decay))
-
-    def muon_matrices(self):
-        """The trainable weight matrices inside the blocks: what optimizer='muon' gives to Muon
-        (embeddings and lm_head are lookups/readouts, not hidden transforms, and stay with AdamW)."""
-        return [p for n, p in self.named_parameters()
-                if p.requires_grad and p.dim() == 2 and n.startswith("transformer.h.")]
-
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token (forward + backward): 6N + 12*L*T*C (PaLM paper, appendix B).
 
@@ -405,16 +421,6 @@ class GPT(nn.Module):
         tokens_per_iter counts every micro-step of one optimizer step on this device.
         """
         return self.flops_per_token(seq_len) * tokens_per_iter / dt / peak_flops
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 use_cache=True, stop_id=None):
-        """Continue idx (B, T) by up to max_new_tokens tokens; temperature 0 is greedy (generate.py)."""
-        return generate.generate(self, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_id)
-
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-               use_cache=True, stop_id=None):
-        """generate() one token at a time: yields each new column (B, 1) as soon as it is chosen."""
-        return generate.stream(self, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, stop_id)
 
 
 # ----------------------------------------------------------------------------- the previous-position options

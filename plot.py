@@ -13,10 +13,10 @@ training: a half-written last line is skipped. Needs matplotlib (pip install -e 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from errors import UserError
+from homegpt.errors import UserError
 from configurator import run
-from checkpoint import read_metrics
-from fileio import atomic_write, check_file_target
+from homegpt.checkpoint import read_metrics
+from homegpt.fileio import atomic_write, check_file_target
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first eight bytes of every PNG: the only kind of file --out replaces
 

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from weights import load_any
-from checkpoint import holds_checkpoint
-from errors import MissingFile, UserError
+from homegpt.weights import load_any
+from homegpt.checkpoint import holds_checkpoint
+from homegpt.errors import MissingFile, UserError
 from configurator import run
-from dataloader import Tokenizer
-from runtime import autocast, pick_device, pick_dtype, progress, setup_backends
-import sft
+from homegpt.dataloader import Tokenizer
+from homegpt.runtime import autocast, pick_device, pick_dtype, progress, setup_backends
+from homegpt import sft
+from homegpt.generate import stream
 
 
 @dataclass
@@ -73,7 +74,7 @@ def main(cfg):
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :].repeat(cfg.num_samples, 1)  # (B, T)
     with torch.inference_mode(), autocast(device, dtype):
         # model.generate, a column at a time, so that the bar can count the tokens
-        steps = model.stream(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+        steps = stream(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                              top_p=cfg.top_p if cfg.top_p < 1.0 else None, generator=gen, use_cache=cfg.use_cache)
         new = list(progress(steps, f"sampling {cfg.num_samples} x", total=cfg.max_new_tokens, unit="tok"))
         y = torch.cat([x] + new, dim=1)  # (B, T + max_new_tokens)
@@ -133,7 +134,7 @@ def chat(cfg, model, tok, data_meta, device, dtype, gen):
         x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]  # (1, T)
         new, shown = [], 0
         with torch.inference_mode(), autocast(device, dtype):
-            for next_id in model.stream(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+            for next_id in stream(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                                         top_p=cfg.top_p if cfg.top_p < 1.0 else None, generator=gen,
                                         use_cache=cfg.use_cache, stop_id=tok.eot):
                 if next_id.item() == tok.eot:

@@ -26,20 +26,20 @@ from typing import Literal, NamedTuple, Optional, Union
 import numpy as np
 import torch
 
-import autobatch
-import weights
-import checkpoint as ckpt_lib
+from homegpt import autobatch
+from homegpt import weights
+from homegpt import checkpoint as ckpt_lib
 import configurator
-import evaluation
-import memory
-import sft
-from config_checks import check_config, check_resume, resolve_start
-from dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, count_eval_batches, eval_batches,
+from homegpt import evaluation
+from homegpt import memory
+from homegpt import sft
+from homegpt.config_checks import check_config, check_resume, resolve_start
+from homegpt.dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, count_eval_batches, eval_batches,
                         make_sampler, prepare_shipped, resolve_data_dir, to_device)
-from errors import UserError
+from homegpt.errors import UserError
 from model import GPT, GPTConfig
-from optimizers import make_optimizer
-from runtime import (Dist, StopFlag, autocast, barrier, close_distributed, init_distributed, make_scaler, peak_flops,
+from homegpt.optimizers import make_optimizer
+from homegpt.runtime import (Dist, StopFlag, autocast, barrier, close_distributed, init_distributed, make_scaler, peak_flops,
                      pick_dtype, print0, seed_everything, setup_backends, shard_model, step_seed, wrap_for_training)
 
 
@@ -86,7 +86,7 @@ class TrainConfig(GPTConfig):
     sft_template: str = ""  # prompt template with {instruction} and {input}; '' = Alpaca's
     sft_packing: bool = False  # pack several examples per row instead of padding
     # memory and speed of the model's computation
-    fast_dropout: bool = True  # on a CPU, fast_dropout.py's masks and written-out attention; False = torch's kernels
+    fast_dropout: bool = True  # on a CPU, model.py's fast dropout masks and written-out attention; False = torch's kernels
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     # fine-tuning a part of the model
     lora_rank: int = 0  # 0 disables LoRA
@@ -380,7 +380,8 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
     model, partial = weights.build_model(cfg, build_from, model_args, base=base)
     if cfg.batch_size == "auto":  # the search needs the model; the data then comes in the chosen batches
         model.to(device)
-        cfg = autobatch.resolve_auto_batch(train_step, cfg, model, device, dtype, dist_info)
+        cfg = autobatch.resolve_auto_batch(train_step, cfg, configurator.before_overrides(cfg, "batch_size"), model,
+                                           device, dtype, dist_info)
         print_tokens_per_iter(cfg, dist_info, device)
         sampler, val_batches, data_meta = load_data(cfg, dist_info, meta_hint)
     if isinstance(sampler, (RandomSampler, SequentialSampler)):  # token files: their ids must fit the model

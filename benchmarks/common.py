@@ -26,7 +26,7 @@ def machine_lines():
     """Lines describing the hardware and software, so a figure can be traced to where it was made."""
     import numpy as np
     import torch
-    from runtime import cpu_has_bf16, cpu_model
+    from homegpt.runtime import cpu_has_bf16, cpu_model
     cores = os.cpu_count()
     try:
         usable = len(os.sched_getaffinity(0))

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 import common
-import evaluation
-from dataloader import TokenData, eval_batches, to_device
+from homegpt import evaluation
+from homegpt.dataloader import TokenData, eval_batches, to_device
 from model import GPT, GPTConfig
-from runtime import autocast, pick_device, pick_dtype
-from weights import load_model
+from homegpt.runtime import autocast, pick_device, pick_dtype
+from homegpt.weights import load_model
 
 
 @dataclass

@@ -29,8 +29,8 @@ from pathlib import Path
 import common  # noqa: F401  (the checkout on sys.path)
 import torch
 
-import weights
-import checkpoint
+from homegpt import weights
+from homegpt import checkpoint
 from configurator import configure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,8 @@ KINDS = ("kill", "stop", "term", "disk")
 FULL_DISK = """
 import os, sys
 sys.path.insert(0, {root!r})
-import checkpoint, configurator, train
+import configurator, train
+from homegpt import checkpoint
 from safetensors import SafetensorError
 real = checkpoint.save_file
 

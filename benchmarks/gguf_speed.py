@@ -21,6 +21,7 @@ import torch
 import export_gguf
 from configurator import configure
 from model import GPT, GPTConfig
+from homegpt.generate import generate
 
 
 @dataclass
@@ -53,7 +54,7 @@ def main(cfg):
 
         def ours():
             with torch.inference_mode():
-                model.generate(torch.tensor([prompt]), cfg.new_tokens, temperature=0)
+                generate(model, torch.tensor([prompt]), cfg.new_tokens, temperature=0)
 
         def llama(dtype):
             def run():

@@ -27,12 +27,13 @@ import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
 
 from configurator import run
-import memory
-import lora
+from homegpt import memory
+from homegpt import lora
 from model import GPT, GPTConfig
-from hf import place_weight
-from runtime import Dist, make_scaler, proc_status_bytes, reset_peak_rss
+from homegpt.hf import place_weight
+from homegpt.runtime import Dist, make_scaler, proc_status_bytes, reset_peak_rss
 from train import train_step
+from homegpt.optimizers import configure_optimizers
 
 GIB = 2 ** 30
 
@@ -117,7 +118,7 @@ def main(cfg):
     model.activation_checkpointing = True
     trained, total = lora.count_params(model)
     cpu = estimate(model, cfg, 4)  # the model as it is (quantised): float32 compute on this CPU
-    optimizer = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), "cpu", eight_bit=True)
+    optimizer = configure_optimizers(model, 0.0, 1e-4, (0.9, 0.95), "cpu", eight_bit=True)
     g = torch.Generator().manual_seed(cfg.seed)
     x, y = (torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size), generator=g) for _ in range(2))
     reset_peak_rss()

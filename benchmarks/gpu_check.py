@@ -74,17 +74,18 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 import configurator  # noqa: E402
-from errors import UserError
-from fileio import write_json  # noqa: E402
+from homegpt.errors import UserError
+from homegpt.fileio import write_json  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from runtime import (autocast, compile_reason, cpu_model, peak_flops, pick_device, pick_dtype,  # noqa: E402
+from homegpt.runtime import (autocast, compile_reason, cpu_model, peak_flops, pick_device, pick_dtype,  # noqa: E402
                      setup_backends, synchronize)
 from train import TrainConfig  # noqa: E402
-import memory  # noqa: E402
+from homegpt import memory  # noqa: E402
 from gpu_levers import fp16_table, levers_table, run_fp16, run_levers  # noqa: E402
 from gpu_memory import gptj_table, memory24_table, run_gptj, run_memory24  # noqa: E402
 from gpu_sidebyside import nanogpt_table, run_nanogpt  # noqa: E402
 from gpu_rows import past  # noqa: E402
+from homegpt.generate import generate
 
 
 @dataclass
@@ -414,10 +415,10 @@ def run_sampling(cfg, device, dtype):
     for d in dict.fromkeys([dtype, torch.float32]):
         name = str(d).replace("torch.", "") + (" autocast" if d != torch.float32 else " (TF32 matmuls)")
         with torch.inference_mode(), autocast(device, d):
-            model.generate(prompt, 8, temperature=0)  # warm-up: kernel selection, cuBLAS workspaces
+            generate(model, prompt, 8, temperature=0)  # warm-up: kernel selection, cuBLAS workspaces
             synchronize(device)
             t0 = time.perf_counter()
-            model.generate(prompt, cfg.sample_tokens, temperature=0)
+            generate(model, prompt, cfg.sample_tokens, temperature=0)
             synchronize(device)
             dt = time.perf_counter() - t0
         rows.append({"dtype": name, "batch_size": 1, "new_tokens": cfg.sample_tokens, "seconds": dt,

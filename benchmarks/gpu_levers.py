@@ -22,11 +22,11 @@ import gpu_rows  # first: it puts the checkout on sys.path for a plain `python b
 import torch
 
 from configurator import parse_list
-from dataloader import TokenData, make_sampler, prepare_shipped, resolve_data_dir, to_device
-from weights import saved_config, scratch_model_args
+from homegpt.dataloader import TokenData, make_sampler, prepare_shipped, resolve_data_dir, to_device
+from homegpt.weights import saved_config, scratch_model_args
 from model import GPT
-from optimizers import make_optimizer
-from runtime import Dist, autocast, cuda_has_bf16, free_memory, make_scaler, seed_everything, step_seed
+from homegpt.optimizers import make_optimizer
+from homegpt.runtime import Dist, autocast, cuda_has_bf16, free_memory, make_scaler, seed_everything, step_seed
 from train import get_lr, set_lr, train_step
 from gpu_rows import GIB, builder, estimate, recipe, shape_of, step_counts, train_row
 

@@ -26,11 +26,11 @@ import importlib.util
 import gpu_rows  # first: it puts the checkout on sys.path for a plain `python benchmarks/...`
 import torch
 
-import memory
+from homegpt import memory
 from gptj_memory import GPTJMemoryConfig, gptj_config
-from hf import place_weight
+from homegpt.hf import place_weight
 from model import GPT
-from quant import INT8_THRESHOLD, QUANTIZED_SUFFIXES, bitsandbytes
+from homegpt.quant import INT8_THRESHOLD, QUANTIZED_SUFFIXES, bitsandbytes
 from gpu_rows import GIB, builder, cap_memory, estimate, finish, gib, recipe, shape_of, train_row, uncap_memory
 
 GPTJ_CONFIG = "config/finetune_gptj_lora_all.py"

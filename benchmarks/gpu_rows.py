@@ -27,13 +27,13 @@ if str(ROOT) not in sys.path:  # the project's modules sit at the root: run from
 import torch  # noqa: E402
 
 import configurator  # noqa: E402
-import lora  # noqa: E402
-import memory  # noqa: E402
+from homegpt import lora  # noqa: E402
+from homegpt import memory  # noqa: E402
 from bench import PeakMemory, model_config  # noqa: E402
-from weights import apply_finetune  # noqa: E402
+from homegpt.weights import apply_finetune  # noqa: E402
 from model import GPT  # noqa: E402
-from optimizers import make_optimizer  # noqa: E402
-from runtime import Dist, autocast, free_memory, is_oom, make_scaler, synchronize  # noqa: E402
+from homegpt.optimizers import make_optimizer  # noqa: E402
+from homegpt.runtime import Dist, autocast, free_memory, is_oom, make_scaler, synchronize  # noqa: E402
 from train import TrainConfig, train_step  # noqa: E402
 
 GIB = 2 ** 30

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 import common  # noqa: F401  (puts the checkout on sys.path)
-from errors import UserError
+from homegpt.errors import UserError
 from configurator import configure
-from dataloader import gpt2_encoding
+from homegpt.dataloader import gpt2_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data" / "fineweb" / "prepare.py"

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 
 import common
-from errors import UserError
+from homegpt.errors import UserError
 from model import GPT, GPTConfig
-from runtime import autocast, pick_device, pick_dtype
-from weights import load_model
+from homegpt.runtime import autocast, pick_device, pick_dtype
+from homegpt.weights import load_model
+from homegpt.generate import generate
 
 
 @dataclass
@@ -65,7 +66,7 @@ def measure(cfg, model, device, dtype):
 
     def gen(use_cache):
         with torch.inference_mode(), autocast(device, dtype):
-            out[use_cache] = model.generate(prompt, cfg.max_new_tokens, temperature=0.0, use_cache=use_cache)
+            out[use_cache] = generate(model, prompt, cfg.max_new_tokens, temperature=0.0, use_cache=use_cache)
 
     times = common.interleaved({"cache": lambda: gen(True), "recompute": lambda: gen(False)}, cfg.repeats)
     n_new = cfg.batch_size * cfg.max_new_tokens

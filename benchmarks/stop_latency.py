@@ -13,7 +13,6 @@ Three measurements, each the median of --rounds:
   (sizes only, no read-back of the hashes).
 """
 
-import argparse
 import os
 import signal
 import statistics
@@ -22,10 +21,19 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout: its modules are not installed
+
+from configurator import configure  # noqa: E402
+
+
+@dataclass
+class StopConfig:
+    config: str = "config/train_shakespeare_char.py"  # the training config whose stop is timed
+    rounds: int = 3  # rounds of the three measurements, interleaved; medians are printed
 
 
 def time_to_exit(cmd, trigger, delay):
@@ -52,7 +60,7 @@ def time_to_exit(cmd, trigger, delay):
 def save_seconds(rounds):
     """Seconds to save GPT-2 124M with AdamW state as the way out of a SIGTERM does (hash_files=False)."""
     import torch
-    import checkpoint
+    from homegpt import checkpoint
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig())
@@ -68,11 +76,7 @@ def save_seconds(rounds):
     return times
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="config/train_shakespeare_char.py")
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+def main(args):
     during_eval, during_train = [], []
     for r in range(args.rounds):  # interleaved: one of each per round
         with tempfile.TemporaryDirectory() as d:
@@ -97,4 +101,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(configure(StopConfig))

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-import weights
+from homegpt import weights
 import common
-import runtime
+from homegpt import runtime
 import train
-from errors import UserError
+from homegpt.errors import UserError
 from configurator import parse_config
-from dataloader import to_device
-from optimizers import make_optimizer
-from runtime import Dist, autocast, make_scaler, pick_device, pick_dtype, seed_everything, step_seed
+from homegpt.dataloader import to_device
+from homegpt.optimizers import make_optimizer
+from homegpt.runtime import Dist, autocast, make_scaler, pick_device, pick_dtype, seed_everything, step_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,6 @@ iterations. After every action the checkpoints are read back against their sha25
 intact and is gone counts as lost unless keep_last_n pruned it after a newer intact one was saved.
 """
 
-import argparse
 import json
 import random
 import re
@@ -21,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +30,18 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import checkpoint  # noqa: E402
+from homegpt import checkpoint  # noqa: E402
+from configurator import configure  # noqa: E402
 from helpers import char_dataset  # noqa: E402
 
 ACTIONS = ["kill -9 while training", "SIGTERM during an evaluation", "delete latest.json", "damage the newest checkpoint",
            "write a malformed latest.json", "eval_only beside the run", "sample.py", "export_hf.py --overwrite onto the run"]
+
+
+@dataclass
+class SoakConfig:
+    seed: int = 1  # the shuffle of the actions and the moments of the kills
+    rounds: int = 1  # times through the shuffled list of actions
 
 
 def train_cmd(data, out, max_iters):
@@ -105,11 +112,7 @@ def act(action, data, out, target, rng):
     return reached(out), damaged
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=1, help="times through the shuffled list of actions")
-    args = ap.parse_args()
+def main(args):
     rng = random.Random(args.seed)
     rows, lost, step = [], [], 40
     with tempfile.TemporaryDirectory() as work:
@@ -154,4 +157,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(configure(SoakConfig))

@@ -51,4 +51,4 @@ class Terminal(io.StringIO):
         return True
 
 
-from checkpoint import read_metrics  # noqa: E402,F401  (the tests read runs as plot.py does)
+from homegpt.checkpoint import read_metrics  # noqa: E402,F401  (the tests read runs as plot.py does)

@@ -11,11 +11,12 @@ import time
 import pytest
 import torch
 
-import weights
-import checkpoint as ckpt_lib
+from homegpt import weights
+from homegpt import checkpoint as ckpt_lib
 import train
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
 from model import GPT, GPTConfig
+from homegpt.optimizers import configure_optimizers
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def data(tmp_path_factory):
 def _model_and_optimizer():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     x = torch.randint(0, 65, (2, 16))
     for _ in range(2):
         model(x, x)[1].backward()
@@ -51,7 +52,7 @@ def test_round_trip_of_every_field(tmp_path):
     for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), n
     assert fresh.lm_head.weight is fresh.transformer.wte.weight  # still tied
-    opt2 = fresh.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt2 = configure_optimizers(fresh, 0.1, 1e-3, (0.9, 0.95), "cpu")
     ckpt_lib.restore_optimizer(fresh, opt2, ckpt_dir, loaded)
     s1, s2 = opt.state_dict(), opt2.state_dict()
     assert s1["param_groups"] == s2["param_groups"]
@@ -77,7 +78,7 @@ def test_best_is_kept_when_val_gets_worse_and_pruning_spares_it(tmp_path):
 
 
 def test_training_only_marks_improvements_as_best(data, tmp_path, monkeypatch):
-    import evaluation
+    from homegpt import evaluation
     losses = iter([3.0, 2.0, 2.5, 2.6])
     monkeypatch.setattr(evaluation, "evaluate_loss", lambda *a, **k: {"loss": next(losses)})
     out = tmp_path / "out"
@@ -161,7 +162,8 @@ def test_resume_refuses_a_different_model_shape_or_optimizer(data, tmp_path):
 KILL_DURING_SECOND_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-import checkpoint, train
+from homegpt import checkpoint
+import train
 from helpers import tiny_train_config
 real = checkpoint.save_file
 count = {{"n": 0}}
@@ -244,7 +246,7 @@ def test_resume_takes_the_optimizer_hyperparameters_from_the_config(data, tmp_pa
     # and directly: the restored optimizer keeps the values it was built with
     model, opt = _model_and_optimizer()
     path = ckpt_lib.save_checkpoint(tmp_path / "direct", {"iter_num": 1}, model, opt)
-    opt2 = model.configure_optimizers(0.7, 5e-4, (0.8, 0.9), "cpu")
+    opt2 = configure_optimizers(model, 0.7, 5e-4, (0.8, 0.9), "cpu")
     ckpt_lib.restore_optimizer(model, opt2, path, ckpt_lib.read_checkpoint(path)[1])
     assert [g["weight_decay"] for g in opt2.param_groups] == [0.7, 0.0]
     assert {g["betas"] for g in opt2.param_groups} == {(0.8, 0.9)} and {g["lr"] for g in opt2.param_groups} == {5e-4}
@@ -349,7 +351,7 @@ def test_resuming_a_finished_run_says_so_and_eval_only_evaluates_it(data, tmp_pa
 def test_a_run_ends_with_its_last_weights_and_readers_take_the_best(data, tmp_path, monkeypatch):
     """always_save_checkpoint=False keeps the best; the run still ends with a checkpoint of its last
     weights (latest), and sample.py / eval.py / export_hf.py read the best unless told otherwise."""
-    import evaluation
+    from homegpt import evaluation
     import eval as eval_script
     import export_hf
     import sample

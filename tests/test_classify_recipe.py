@@ -91,10 +91,10 @@ def _readme_outputs():
             paths.add(ns["out_file"])
         if "out_dir" in ns:
             paths.add(f"{ns['out_dir']}/x")
+    import bench
     import eval as eval_script
-    import plan
     paths.add(eval_script.EvalConfig().out_file)
-    paths.add(plan.PlanConfig().plan_file)  # bench.py --plan
+    paths.add(bench.PlanConfig().plan_file)  # bench.py --plan
     return paths | WRITTEN | {"out-shakespeare-hf/x", "gpt2-hf/x"}  # export_hf's default, the offline hint's copy
 
 

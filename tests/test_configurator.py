@@ -14,7 +14,7 @@ from typing import Optional
 import pytest
 
 from configurator import configure, parse_config
-from errors import UserError
+from homegpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-import weights
-import checkpoint as ckpt_lib
+from homegpt import weights
+from homegpt import checkpoint as ckpt_lib
 import convert_nanogpt as cn
 import train
 from configurator import parse_config
 from helpers import ROOT, char_dataset, read_metrics
 from model import GPT, GPTConfig
+from homegpt.optimizers import configure_optimizers
 
 NANOGPT_KEYS = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "lm_head.weight"]
 
@@ -63,7 +64,7 @@ def nanogpt(tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=len(itos), bias=False,
                           activation="gelu"))
-    opt = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), "cpu")
+    opt = configure_optimizers(model, cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), "cpu")
     tokens = torch.from_numpy(np.fromfile(data / "train.bin", dtype=np.uint16).astype(np.int64))
     gen = torch.Generator().manual_seed(0)
     losses = []
@@ -87,7 +88,7 @@ def nanogpt(tmp_path_factory):
 def test_converted_nanogpt_checkpoint_gives_the_same_logits_and_optimizer_state(tmp_path):
     torch.manual_seed(0)
     ref = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=False, activation="gelu"))
-    opt = ref.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    opt = configure_optimizers(ref, 0.1, 1e-3, (0.9, 0.99), "cpu")
     x = torch.randint(0, 65, (2, 16))
     ref(x, x)[1].backward()
     opt.step()
@@ -110,7 +111,7 @@ def test_converted_nanogpt_checkpoint_gives_the_same_logits_and_optimizer_state(
     # AdamW's moments arrive on the parameters they belong to (they are keyed by name in our format)
     ckpt_dir, state = ckpt_lib.read_checkpoint(out)
     fresh = GPT(GPTConfig(**state["model_args"]))
-    opt2 = fresh.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    opt2 = configure_optimizers(fresh, 0.1, 1e-3, (0.9, 0.99), "cpu")
     ckpt_lib.restore_optimizer(fresh, opt2, ckpt_dir, state)
     for p, q in zip(ref.parameters(), fresh.parameters()):
         for key in ("exp_avg", "exp_avg_sq"):

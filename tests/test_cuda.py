@@ -20,12 +20,12 @@ import sys
 import pytest
 import torch
 
-import generate
+from homegpt import generate as generation
 import model as model_lib
 import train
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
 from model import GPT, GPTConfig
-from runtime import Dist, autocast, make_scaler, pick_dtype
+from homegpt.runtime import Dist, autocast, make_scaler, pick_dtype
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -83,7 +83,7 @@ def test_bf16_training_steps_learn_and_change_every_weight():
     if not native_bf16():
         pytest.skip(f"{torch.cuda.get_device_name()} has no native bfloat16 (compute capability < 8.0)")
     model = tiny()
-    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cuda")
+    opt = configure_optimizers(model, 0.1, 3e-3, (0.9, 0.95), "cuda")
     scaler = make_scaler(torch.device("cuda"), torch.bfloat16)
     assert not scaler.is_enabled()  # bf16 has float32's range: no scaling
     before, x_y = snapshot(model), batch()
@@ -102,7 +102,7 @@ def test_bf16_training_steps_learn_and_change_every_weight():
 def test_fp16_with_grad_scaler_steps_and_skips_a_step_whose_gradients_overflow():
     cuda = torch.device("cuda")
     model = tiny()
-    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cuda")
+    opt = configure_optimizers(model, 0.1, 3e-3, (0.9, 0.95), "cuda")
     scaler = make_scaler(cuda, torch.float16)
     assert scaler.is_enabled()
     x_y = batch()
@@ -127,8 +127,8 @@ def test_fused_adamw_on_cuda_matches_the_foreach_kernel():
     model = tiny()
     ref = copy.deepcopy(model)
     # weight decay 1.0 so that a kernel which dropped it would be visibly off (lr * wd * |w| ~ 2e-5 a step)
-    opt = model.configure_optimizers(1.0, 1e-3, (0.9, 0.95), "cuda")
-    ref_opt = ref.configure_optimizers(1.0, 1e-3, (0.9, 0.95), "cuda", fused=False)
+    opt = configure_optimizers(model, 1.0, 1e-3, (0.9, 0.95), "cuda")
+    ref_opt = configure_optimizers(ref, 1.0, 1e-3, (0.9, 0.95), "cuda", fused=False)
     assert all(g["fused"] for g in opt.param_groups) and not any(g["fused"] for g in ref_opt.param_groups)
     scaler = make_scaler(torch.device("cuda"), torch.float32)
     for i in range(3):
@@ -159,15 +159,15 @@ def test_cached_generation_agrees_with_uncached_under_autocast(monkeypatch):
     cuda = torch.device("cuda")
     dtype = pick_dtype("auto", cuda)  # bf16 where native, else fp16
     made = []
-    real = generate.KVCache
-    monkeypatch.setattr(generate, "KVCache", lambda *a: made.append(real(*a)) or made[-1])
+    real = generation.KVCache
+    monkeypatch.setattr(generation, "KVCache", lambda *a: made.append(real(*a)) or made[-1])
     model = tiny()
     prompt = torch.randint(0, CFG["vocab_size"], (4, 3), device="cuda",
                            generator=torch.Generator(device="cuda").manual_seed(5))
     new = CFG["block_size"] - 3  # the whole block: the cache is used for every token
     with torch.inference_mode(), autocast(cuda, dtype):
-        cached = model.generate(prompt, new, temperature=0)
-        full = model.generate(prompt, new, temperature=0, use_cache=False)
+        cached = generation.generate(model, prompt, new, temperature=0)
+        full = generation.generate(model, prompt, new, temperature=0, use_cache=False)
         assert made and made[0].k.dtype == dtype and made[0].v.dtype == dtype  # autocast's dtype, not float32
         for row in range(prompt.size(0)):
             differ = (cached[row] != full[row]).nonzero()
@@ -211,7 +211,7 @@ import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 import train
 from model import GPT, GPTConfig
-from runtime import Dist, autocast, make_scaler, shard_model
+from homegpt.runtime import Dist, autocast, make_scaler, shard_model
 
 device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
 torch.cuda.set_device(device)
@@ -226,7 +226,7 @@ def run(wrap):
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     runner = wrap(model)  # FSDP shards in place, before the optimizer sees the parameters
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cuda")
     scaler = make_scaler(device, torch.float32)
     losses = [train.train_step(runner, opt, scaler, batches, autocast(device, torch.float32), 1.0, Dist(), device)[0].item()
               for _ in range(3)]

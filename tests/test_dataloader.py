@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dataloader import RandomSampler, TokenData, Tokenizer, eval_batches, write_raw_tokens
+from homegpt.dataloader import RandomSampler, TokenData, Tokenizer, eval_batches, write_raw_tokens
 from helpers import SHAKESPEARE, char_dataset
 
 
@@ -120,7 +120,7 @@ def test_memmap_reads_do_not_keep_the_file_mapped(tmp_path):
 def test_gpt2_bpe_works_offline_from_the_checkout(monkeypatch):
     """GPT-2 BPE needs no download and no cache directory: every network read fails here."""
     import tiktoken.load
-    import dataloader
+    from homegpt import dataloader
 
     def offline(url):
         if "://" in url:
@@ -137,7 +137,7 @@ def test_gpt2_bpe_works_offline_from_the_checkout(monkeypatch):
 
 
 def test_damaged_bpe_ranks_are_refused(tmp_path, monkeypatch):
-    import dataloader
+    from homegpt import dataloader
     bad = tmp_path / "r50k_base.tiktoken"
     bad.write_bytes(dataloader.GPT2_RANKS.read_bytes()[:-100])
     monkeypatch.setattr(dataloader, "GPT2_RANKS", bad)

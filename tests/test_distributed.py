@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-import weights
-import checkpoint as ckpt_lib
+from homegpt import weights
+from homegpt import checkpoint as ckpt_lib
 import train
-from dataloader import SequentialSampler, TokenData
+from homegpt.dataloader import SequentialSampler, TokenData
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
-from runtime import Dist, init_distributed
+from homegpt.runtime import Dist, init_distributed
+from homegpt.optimizers import configure_optimizers
 
 # float32 throughout; two ranks sum the same numbers in another order, so allow rounding, nothing more
 TOL = 1e-5
@@ -124,7 +125,7 @@ def test_gathered_optimizer_state_is_saved_in_the_same_format(tiny_config):
     from model import GPT
     torch.manual_seed(0)
     model = GPT(tiny_config)
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     x = torch.randint(0, 65, (2, 16))
     model(x, x)[1].backward()
     opt.step()
@@ -249,7 +250,8 @@ def test_every_rank_skips_a_step_that_is_non_finite_on_one_rank(data, tmp_path, 
 RANKS_DISAGREE = """
 import os, sys
 sys.path.insert(0, {root!r})
-import evaluation, train
+from homegpt import evaluation
+import train
 from configurator import configure
 # rank 0 improves at iteration 2 and rank 1 does not: if each rank decided on its own number, rank 0
 # would enter save() (a collective) alone and the job would hang
@@ -274,7 +276,8 @@ def test_fsdp_ranks_take_rank_0s_validation_number_and_the_same_save_decision(da
 COUNT_SYNCS = """
 import json, os, sys
 sys.path.insert(0, {root!r})
-import torch, checkpoint, train
+import torch, train
+from homegpt import checkpoint
 from configurator import configure
 syncs, marks = [0], []
 for name in ("item", "tolist"):

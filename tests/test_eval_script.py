@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import eval as eval_script
-from dataloader import TokenData, eval_batches, write_raw_tokens
-from evaluation import evaluate_loss
+from homegpt.dataloader import TokenData, eval_batches, write_raw_tokens
+from homegpt.evaluation import evaluate_loss
 from helpers import Terminal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_cli_val_and_hellaswag_match_the_training_run(workdir):
 
 
 def test_in_process_val_equals_evaluate_loss_on_the_checkpoint(workdir):
-    import weights
+    from homegpt import weights
     results = eval_script.main(cfg_for(workdir, tasks="val", batch_size=5))
     model, _ = weights.load_model(workdir / "run")
     direct = evaluate_loss(model, eval_batches(TokenData(workdir / "data", "val"), 3, 16), torch.device("cpu"),
@@ -155,7 +155,7 @@ def test_cli_bad_model_exits_nonzero_without_a_results_file(workdir):
 def test_offline_hint_names_the_option_the_user_used(workdir, monkeypatch, kw, option):
     # the hub unreachable and the cache cold: the way out is a local copy, passed where 'gpt2' was
     transformers = pytest.importorskip("transformers")
-    import hf
+    from homegpt import hf
     monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE=1 is set")
 
     def cold_cache(*args, **kwargs):

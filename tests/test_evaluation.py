@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluation
-from dataloader import Tokenizer, TokenData, eval_batches, write_raw_tokens
-from evaluation import (Item, evaluate_loss, load_task, run_benchmark, run_lambada, score_choices,
+from homegpt import evaluation
+from homegpt.dataloader import Tokenizer, TokenData, eval_batches, write_raw_tokens
+from homegpt.evaluation import (Item, evaluate_loss, load_task, run_benchmark, run_lambada, score_choices,
                       score_pairs, score_partial, wilson_interval)
 from model import GPT, GPTConfig
+from homegpt.generate import generate
 
 CPU = torch.device("cpu")
 NOCTX = contextlib.nullcontext()
@@ -197,7 +198,7 @@ def test_lambada_needs_every_token_of_the_last_word(trained):
     assert (r["correct"], r["n"], r["tokens"]) == (1, 3, 27)
     # accuracy by greedy decoding, the definition the teacher-forced argmax stands in for
     x = torch.tensor([tok.encode("abcdefgh abcdefgh")])
-    out = tok.decode(model.generate(x, 9, temperature=0)[0, x.size(1):].tolist())
+    out = tok.decode(generate(model, x, 9, temperature=0)[0, x.size(1):].tolist())
     assert out == " abcdefgh"
     logprob = sum(direct_logprob(model, tok.encode(it.context), tok.encode(it.endings[0])) for it in items)
     assert r["perplexity"] == pytest.approx(np.exp(-logprob / 27), rel=1e-4)
@@ -267,7 +268,7 @@ def test_load_task_errors_name_the_file_and_field(tmp_path):
 @pytest.fixture
 def hub(monkeypatch):
     """Sets what hf.hub_unreachable_reason answers (None = reachable): no test asks the network."""
-    import hf
+    from homegpt import hf
     state = {"reason": None}
     monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: state["reason"])
     return state

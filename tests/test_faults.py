@@ -17,8 +17,8 @@ import time
 import pytest
 import torch
 
-import weights
-import checkpoint
+from homegpt import weights
+from homegpt import checkpoint
 import train
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
 
@@ -128,7 +128,8 @@ def test_a_worker_that_stops_answering_ends_the_job_within_the_timeout_and_it_co
 FULL_DISK = """
 import sys
 sys.path.insert(0, {root!r})
-import checkpoint, configurator, train
+import configurator, train
+from homegpt import checkpoint
 from safetensors import SafetensorError
 real = checkpoint.save_file
 

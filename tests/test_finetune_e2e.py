@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import train
-from weights import load_model
-from dataloader import Tokenizer, write_raw_tokens
+from homegpt.weights import load_model
+from homegpt.dataloader import Tokenizer, write_raw_tokens
 from helpers import read_metrics, tiny_train_config
-from lora import LoRALinear
-from sft import evaluate_generation, format_generation_report, load_examples
+from homegpt.lora import LoRALinear
+from homegpt.sft import evaluate_generation, format_generation_report, load_examples
 
 # the task: a message of 3-6 letters a-l, labelled by its last letter
 LABELS = {"abcd": "RED", "efgh": "GREEN", "ijkl": "BLUE"}

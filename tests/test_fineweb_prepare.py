@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataloader import TokenData, gpt2_encoding, read_header
+from homegpt.dataloader import TokenData, gpt2_encoding, read_header
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data" / "fineweb" / "prepare.py"
@@ -232,7 +232,7 @@ def test_missing_tokens_hint_prepares_the_same_directory():
     import shlex
 
     from configurator import parse_config
-    from dataloader import prepare_command
+    from homegpt.dataloader import prepare_command
     settings = [("fineweb-edu", "10BT", ""), ("fineweb-edu", "10BT", "chinchilla:163e6"), ("fineweb", "", "3.2e9"),
                 ("fineweb", "CC-MAIN-2024-10", "chinchilla:124M"), ("fineweb-edu", "100BT", "1234567")]
     dirs = [prep.default_out_dir(prep.PrepareConfig(dataset=d, sample=s), prep.parse_token_budget(t))
@@ -370,7 +370,7 @@ def test_rerun_of_a_finished_dataset_keeps_it_and_other_settings_are_refused(tmp
 @pytest.fixture
 def hub(monkeypatch):
     """Sets what hf.hub_unreachable_reason answers (None = reachable): no test asks the network."""
-    import hf
+    from homegpt import hf
     state = {"reason": None}
     monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: state["reason"])
     return state

@@ -12,13 +12,14 @@ no biases and an untied head.
 import pytest
 import torch
 
-import weights
+from homegpt import weights
 import export_gguf
-import sft
+from homegpt import sft
 import train
-from dataloader import Tokenizer, gpt2_encoding
-from errors import UserError
+from homegpt.dataloader import Tokenizer, gpt2_encoding
+from homegpt.errors import UserError
 from helpers import ROOT, char_dataset, tiny_train_config
+from homegpt.generate import generate
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python checks the GGUF files (pip install -e '.[dev]')")
 
@@ -65,7 +66,7 @@ def ours_greedy(run, prompt_ids, n):
     """The tokens sample.py picks at --temperature=0 (GPT.generate, greedy)."""
     model, _ = weights.load_model(run)
     idx = torch.tensor([prompt_ids])
-    return model.generate(idx, n, temperature=0)[0, len(prompt_ids):].tolist()
+    return generate(model, idx, n, temperature=0)[0, len(prompt_ids):].tolist()
 
 
 def llama_greedy(path, prompt_ids, n):

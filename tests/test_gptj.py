@@ -10,10 +10,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import GPTJConfig, GPTJForCausalLM  # noqa: E402
 
-import hf  # noqa: E402
-from errors import UserError  # noqa: E402
+from homegpt import hf  # noqa: E402
+from homegpt.errors import UserError  # noqa: E402
 from helpers import all_logits  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from homegpt.generate import generate
 
 VOCAB = 101
 
@@ -66,8 +67,8 @@ def test_rotary_generation_with_the_cache_equals_without():
                           parallel_residual=True, qkv_bias=False, attn_proj_bias=False, tie_weights=False,
                           lm_head_bias=True)).eval()
     idx = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
-    cached = model.generate(idx, 20, temperature=0.0, use_cache=True)
-    full = model.generate(idx, 20, temperature=0.0, use_cache=False)
+    cached = generate(model, idx, 20, temperature=0.0, use_cache=True)
+    full = generate(model, idx, 20, temperature=0.0, use_cache=False)
     assert torch.equal(cached, full)
 
 
@@ -103,7 +104,7 @@ def test_a_combination_transformers_cannot_load_is_refused_naming_the_fields(tmp
 
 
 def test_a_checkpoint_from_before_these_fields_still_loads_into_gpt2():
-    from weights import check_model_args
+    from homegpt.weights import check_model_args
     old = {"block_size": 16, "vocab_size": VOCAB, "n_layer": 2, "n_head": 2, "n_embd": 32, "bias": True,
            "qkv_bias": True, "tie_weights": True, "dropout": 0.0, "activation": "gelu_tanh"}
     now = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB)
@@ -121,7 +122,7 @@ def test_lora_fine_tune_of_a_gptj_directory_exports_a_gptj_that_matches(tmp_path
 
     import export_hf
     import train
-    from weights import load_model
+    from homegpt.weights import load_model
     from helpers import tiny_train_config
     torch.manual_seed(0)
     base = GPTJForCausalLM(GPTJConfig(vocab_size=50400, n_positions=64, n_embd=32, n_layer=2, n_head=4,

@@ -15,9 +15,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import sft
-from errors import MissingFile, UserError
-from dataloader import TokenData, gpt2_encoding
+from homegpt import sft
+from homegpt.errors import MissingFile, UserError
+from homegpt.dataloader import TokenData, gpt2_encoding
 from helpers import ROOT
 
 
@@ -37,7 +37,7 @@ mnli = load_script("mnli")
 def fake_hub(monkeypatch):
     """The hub reachable, and datasets.load_dataset answering from tables given here (a real
     datasets.Dataset, so the scripts' column reads are the ones they do on the hub): no network."""
-    import hf
+    from homegpt import hf
     datasets = pytest.importorskip("datasets")
     tables, calls = {}, []
 

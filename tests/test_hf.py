@@ -16,9 +16,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-import hf  # noqa: E402
+from homegpt import hf  # noqa: E402
 from helpers import all_logits  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from homegpt.generate import generate
 
 VOCAB = 97
 
@@ -81,7 +82,7 @@ def test_import_gives_transformers_logits_and_generations(tmp_path, fmt):
         theirs = ref(idx).logits
     assert (ours - theirs).abs().max().item() < 1e-5
     prompt = idx[:, :5]
-    greedy = model.generate(prompt, max_new_tokens=11, temperature=0)
+    greedy = generate(model, prompt, max_new_tokens=11, temperature=0)
     expected = ref.generate(prompt, max_new_tokens=11, do_sample=False, pad_token_id=0,
                             attention_mask=torch.ones_like(prompt))
     assert torch.equal(greedy, expected)
@@ -459,7 +460,7 @@ def test_recovered_merges_are_gpt2s():
 def test_exported_tokenizer_encodes_like_tiktoken(tmp_path):
     from transformers import AutoTokenizer
 
-    from dataloader import gpt2_encoding
+    from homegpt.dataloader import gpt2_encoding
     model = _our_model(vocab_size=50257)
     out = hf.export_hf(model, tmp_path / "export", tokenizer="gpt2")
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
@@ -489,7 +490,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _gpt2_dataset(d):
-    from dataloader import gpt2_encoding, write_raw_tokens
+    from homegpt.dataloader import gpt2_encoding, write_raw_tokens
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
     ids = gpt2_encoding().encode_ordinary(text)
     n = int(0.9 * len(ids))
@@ -516,7 +517,7 @@ def _train(tmp_path, out, *extra):
 
 
 def _check_export_matches_checkpoint(out, hf_out):
-    from weights import load_model
+    from homegpt.weights import load_model
     ours, _ = load_model(str(out))
     loaded, info = GPT2LMHeadModel.from_pretrained(str(hf_out), output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 import sample
-import sft
+from homegpt import sft
 import train
-from weights import load_model
-from checkpoint import read_checkpoint
-from errors import MissingFile, UserError
-from dataloader import Tokenizer
+from homegpt.weights import load_model
+from homegpt.checkpoint import read_checkpoint
+from homegpt.errors import MissingFile, UserError
+from homegpt.dataloader import Tokenizer
 from helpers import ROOT, read_metrics, tiny_train_config
+from homegpt.generate import generate
 
 # loaded under its own name: a bare `import prepare` would shadow the other data/*/prepare.py scripts
 _spec = importlib.util.spec_from_file_location("instruct_prepare", ROOT / "data" / "instruct" / "prepare.py")
@@ -108,7 +109,7 @@ def test_alpaca_falls_back_to_the_hub_and_offline_reads_only_the_datasets_cache(
     splits come from it, and with the hub unreachable the error names both failures and --input."""
     import urllib.request
 
-    import hf
+    from homegpt import hf
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("no route")))
     rows = [{"instruction": f"say {i}", "input": "", "output": str(i), "text": "unused"} for i in range(40)]
@@ -220,7 +221,7 @@ def test_early_stopping_says_when_no_iteration_beat_the_starting_weights(assista
 
 def greedy_answer(model, tok, prompt, max_new_tokens):
     x = torch.tensor([tok.encode(prompt)])
-    ids = model.generate(x, max_new_tokens, temperature=0.0)[0, x.size(1):].tolist()
+    ids = generate(model, x, max_new_tokens, temperature=0.0)[0, x.size(1):].tolist()
     return ids
 
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import eval as eval_script
-import judge
+from homegpt import judge
 import train
-from errors import UserError
+from homegpt.errors import UserError
 from helpers import tiny_train_config
 
 pytest.importorskip("fastapi", reason="transformers serve needs transformers[serving] (in the dev extra)")
@@ -47,7 +47,7 @@ def hf_judge_dir(path, reply=None, seed=0):
     """A tiny random GPT-2 Hugging Face directory with a plain chat template. With `reply` (one GPT-2
     token, e.g. ' 85'), the model always answers exactly that: the final LayerNorm outputs a multiple of
     the token's embedding (so its logit is the largest for any input) and the token is its end-of-sequence."""
-    from hf import write_gpt2_tokenizer
+    from homegpt.hf import write_gpt2_tokenizer
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, n_positions=512))
@@ -251,7 +251,7 @@ def test_a_rerun_reuses_a_partial_results_file(model_run, judges, proxy, tmp_pat
     assert len(lines) == 10  # an answer record and a scored record per item
     # as if killed while scoring item 3: five answers, two scores, and half a line
     path.write_text("".join(lines[:7]) + lines[7][:20])
-    import sft
+    from homegpt import sft
     calls = []
     monkeypatch.setattr(sft, "generate_answers", lambda *a, **k: calls.append(a) or ([], 0))
     proxy.seen.clear()

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 
-import checkpoint
+from homegpt import checkpoint
 import train
-from errors import UserError
+from homegpt.errors import UserError
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
 
 
@@ -136,7 +136,7 @@ def test_an_out_dir_that_is_a_file_or_cannot_be_written_is_refused_before_any_wo
 
 
 def test_a_run_that_does_not_fit_may_be_told_to_try_anyway(data, tmp_path, monkeypatch):
-    import memory
+    from homegpt import memory
     monkeypatch.setattr(memory, "device_memory", lambda device: 1000)  # a machine with 1,000 bytes
     with pytest.raises(UserError, match="--ignore_memory_estimate=True"):
         train.main(tiny_train_config(data, tmp_path / "a", max_iters=2))

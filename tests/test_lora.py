@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora import (LoRALinear, apply_lora, count_params, freeze_base_dtype, load_trainable_state_dict,
+from homegpt.lora import (LoRALinear, apply_lora, count_params, freeze_base_dtype, load_trainable_state_dict,
                   merge_lora, train_only_1d, trainable_state_dict)
 from model import GPT
+from homegpt.optimizers import configure_optimizers
 
 
 def make_model(cfg, seed=0):
@@ -79,7 +80,7 @@ def test_optimizer_steps_change_only_adapters(tiny_config):
     apply_lora(model, rank=4, alpha=8, dropout=0.0, targets="all")
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu")
+    opt = configure_optimizers(model, weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu")
     x, y = batch(tiny_config)
     for _ in range(3):  # step 1 moves B only (A's gradient is B^T... = 0); later steps move A too
         opt.zero_grad(set_to_none=True)
@@ -152,7 +153,7 @@ def test_train_only_1d_trains_only_biases_and_gains(tiny_config):
     assert any(k.endswith("ln_1.weight") for k in one_d) and any(k.endswith("c_attn.bias") for k in one_d)
     model.train()
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu")
+    opt = configure_optimizers(model, weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu")
     x, y = batch(tiny_config)
     model(x, y)[1].backward()
     opt.step()
@@ -190,7 +191,7 @@ def test_bf16_base_lora_model_trains_on_cpu(tiny_config):
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert all(d == (torch.float32 if n.endswith(("lora_A", "lora_B")) else torch.bfloat16) for n, d in dtypes.items())
     model.train()
-    opt = model.configure_optimizers(weight_decay=0.0, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu")
+    opt = configure_optimizers(model, weight_decay=0.0, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu")
     losses = []
     for _ in range(5):
         opt.zero_grad(set_to_none=True)

@@ -12,9 +12,9 @@ import torch
 
 import sample
 import train
-import weights
-from errors import UserError
-from fileio import file_sha256
+from homegpt import weights
+from homegpt.errors import UserError
+from homegpt.fileio import file_sha256
 from helpers import all_logits, char_dataset, read_metrics, tiny_train_config
 
 IDX = torch.arange(32).remainder(40)[None]  # (1, T): ids every char model here knows

@@ -6,8 +6,9 @@
 import pytest
 import torch
 
-import memory
+from homegpt import memory
 from model import GPT, GPTConfig
+from homegpt.optimizers import configure_optimizers
 
 B, T = 4, 64  # a micro-batch large enough that activations dominate the small per-row terms
 
@@ -31,7 +32,7 @@ def test_weights_grads_and_optimizer_states_are_the_exact_bytes_allocated(optimi
     if optimizer == "adamw":
         assert est["weights"] + est["gradients"] + est["optimizer"] == 4 * p_bytes  # 1 + 1 + 2 copies
     # and what torch really holds after one step
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02 if optimizer == "muon" else 0.0)
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02 if optimizer == "muon" else 0.0)
     x = torch.randint(0, 100, (B, T))
     model(x, x)[1].backward()
     opt.step()

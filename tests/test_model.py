@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from fast_dropout import fast_dropout
-from generate import sample_next
+from model import fast_dropout
+from homegpt.generate import sample_next, generate
 from model import GPT, GPTConfig
+from homegpt.optimizers import configure_optimizers, muon_matrices
 
 
 def tiny(**kw):
@@ -70,12 +71,12 @@ def test_ignored_targets_do_not_count():
 def test_kv_cache_generation_equals_recompute(new_tokens):
     model = tiny()
     prompt = torch.randint(0, 65, (3, 5))
-    cached = model.generate(prompt, new_tokens, temperature=0, use_cache=True)
-    full = model.generate(prompt, new_tokens, temperature=0, use_cache=False)
+    cached = generate(model, prompt, new_tokens, temperature=0, use_cache=True)
+    full = generate(model, prompt, new_tokens, temperature=0, use_cache=False)
     assert torch.equal(cached, full)
     # sampling with the same generator seed draws the same tokens too
-    a = model.generate(prompt, new_tokens, top_k=10, generator=torch.Generator().manual_seed(3))
-    b = model.generate(prompt, new_tokens, top_k=10, generator=torch.Generator().manual_seed(3), use_cache=False)
+    a = generate(model, prompt, new_tokens, top_k=10, generator=torch.Generator().manual_seed(3))
+    b = generate(model, prompt, new_tokens, top_k=10, generator=torch.Generator().manual_seed(3), use_cache=False)
     assert torch.equal(a, b)
 
 
@@ -83,8 +84,8 @@ def test_generate_restores_training_mode_and_ignores_dropout():
     model = tiny(dropout=0.5)
     model.train()
     prompt = torch.randint(0, 65, (1, 4))
-    a = model.generate(prompt, 8, temperature=0)
-    b = model.generate(prompt, 8, temperature=0)
+    a = generate(model, prompt, 8, temperature=0)
+    b = generate(model, prompt, 8, temperature=0)
     assert torch.equal(a, b)  # no dropout while generating
     assert model.training
 
@@ -108,7 +109,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_weight_decay_only_on_matrices():
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
@@ -118,7 +119,7 @@ def test_weight_decay_only_on_matrices():
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
     adamw, muon = opt.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -141,12 +142,12 @@ def _step(model, opt, seed):
 def test_chained_optimizer_state_round_trip():
     # two steps, save, two more; against a copy that loads the saved state: the same weights bit for bit
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
     for s in range(2):
         _step(model, opt, s)
     twin = tiny()
     twin.load_state_dict(model.state_dict())
-    twin_opt = twin.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+    twin_opt = configure_optimizers(twin, 0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a file: no tensors shared
     assert twin_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
     for s in range(2, 4):
@@ -154,7 +155,7 @@ def test_chained_optimizer_state_round_trip():
         _step(twin, twin_opt, s)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
-    plain = tiny().configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    plain = configure_optimizers(tiny(), 0.1, 1e-3, (0.9, 0.95), "cpu")
     with pytest.raises(ValueError, match="parameter groups"):
         twin_opt.load_state_dict(plain.state_dict())
 
@@ -180,7 +181,7 @@ def test_flops_per_token_counts_matmuls_and_attention():
 def test_frozen_weights_cost_4_flops_per_token_and_adapters_6():
     """LoRA and 1-D fine-tunes compute no gradient for the frozen matrices: counting 6N for them
     would overstate MFU by half of the frozen part."""
-    import lora
+    from homegpt import lora
     model = tiny()
     n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     attention = 12 * 2 * 16 * 32
@@ -270,8 +271,8 @@ def test_muon_orthogonalises_in_float32_where_bfloat16_is_emulated(monkeypatch):
     where bf16 is native; if torch ever renames what is swapped, the spy below stops being called."""
     import torch.optim._muon as impl
 
-    import optimizers
-    import runtime
+    from homegpt import optimizers
+    from homegpt import runtime
     calls = []
     real = optimizers.newton_schulz_float32
     monkeypatch.setattr(optimizers, "newton_schulz_float32", lambda *a: calls.append(1) or real(*a))
@@ -281,12 +282,12 @@ def test_muon_orthogonalises_in_float32_where_bfloat16_is_emulated(monkeypatch):
         """The update the first step makes to each of the blocks' matrices."""
         torch.manual_seed(0)
         model = tiny()
-        before = [p.detach().clone() for p in model.muon_matrices()]
-        opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
+        before = [p.detach().clone() for p in muon_matrices(model)]
+        opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", muon_lr=0.02)
         x = torch.randint(0, 65, (2, 16))
         model(x, x)[1].backward()
         opt.step()
-        return [p.detach() - b for p, b in zip(model.muon_matrices(), before)]
+        return [p.detach() - b for p, b in zip(muon_matrices(model), before)]
 
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
     emulated = step_once()
@@ -308,7 +309,7 @@ def test_muon_orthogonalises_in_float32_where_bfloat16_is_emulated(monkeypatch):
 def test_muon_float32_newton_schulz_matches_the_direct_iteration_in_float64(shape):
     """The float32 orthogonalisation runs oblong matrices in the m x m "Gram" form (fewer flops); its
     result is the direct iteration's to float32's rounding, for a full-rank and a nearly rank-4 gradient."""
-    import optimizers
+    from homegpt import optimizers
     a, b, c = coefficients = (3.4445, -4.7750, 2.0315)
 
     def direct_float64(g, steps):
@@ -333,7 +334,7 @@ def test_generation_on_cuda_leaves_cudnn_attention_out_and_restores_the_flags(mo
     """cuDNN attention builds a plan per new sequence length, and decoding meets a new one at every token:
     an H200 decoded GPT-2 124M at 20 tok/s through it, 282 through flash attention. Every generation
     step runs in generate.generation_attention (checked here on the CPU, where CUDA's flags can still be read)."""
-    import generate as model_lib
+    from homegpt import generate as model_lib
     before = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
     with model_lib.generation_attention(torch.device("cuda")):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
@@ -344,5 +345,5 @@ def test_generation_on_cuda_leaves_cudnn_attention_out_and_restores_the_flags(mo
     monkeypatch.setattr(model_lib, "generation_attention", lambda device: seen.append(device) or real(device))
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, dropout=0.0))
-    out = model.generate(torch.zeros((1, 1), dtype=torch.long), 5, temperature=0)
+    out = generate(model, torch.zeros((1, 1), dtype=torch.long), 5, temperature=0)
     assert out.shape == (1, 6) and seen == [torch.device("cpu")] * 5

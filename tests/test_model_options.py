@@ -13,13 +13,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import hf
+from homegpt import hf
 import train
-from weights import load_model
-from checkpoint import read_metrics
-from errors import UserError
+from homegpt.weights import load_model
+from homegpt.checkpoint import read_metrics
+from homegpt.errors import UserError
 from helpers import all_logits, char_dataset, tiny_train_config
-from generate import KVCache
+from homegpt.generate import KVCache, generate
 from model import GPT, GPTConfig, PreviousMix, earlier_tokens, ngram_ids
 
 V = 50
@@ -70,8 +70,8 @@ def test_each_option_generates_the_same_with_and_without_the_cache(name):
     model = make(**OPTIONS[name])
     idx = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        cached = model.generate(idx, 12, top_k=1, use_cache=True)  # top_k=1: greedy
-        uncached = model.generate(idx, 12, top_k=1, use_cache=False)
+        cached = generate(model, idx, 12, top_k=1, use_cache=True)  # top_k=1: greedy
+        uncached = generate(model, idx, 12, top_k=1, use_cache=False)
     assert torch.equal(cached, uncached)
     # and each decoded position's logits are the full forward's: a cache that forgot what came before
     # would still pick the same greedy tokens where an option changes the logits only a little

@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-import checkpoint as ckpt_lib
+from homegpt import checkpoint as ckpt_lib
 import train
-import weights
-from errors import UserError
+from homegpt import weights
+from homegpt.errors import UserError
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
 from model import GPT, GPTConfig
 from safetensors.torch import load_file

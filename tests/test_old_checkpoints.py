@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import weights
+from homegpt import weights
 import train
-from errors import UserError
+from homegpt.errors import UserError
 from helpers import char_dataset, tiny_train_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_format1"

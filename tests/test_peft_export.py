@@ -17,11 +17,11 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import export_hf  # noqa: E402
-import hf  # noqa: E402
+from homegpt import hf  # noqa: E402
 import train  # noqa: E402
-from weights import load_model  # noqa: E402
+from homegpt.weights import load_model  # noqa: E402
 from helpers import all_logits, char_dataset, tiny_train_config  # noqa: E402
-from lora import LoRALinear, apply_lora  # noqa: E402
+from homegpt.lora import LoRALinear, apply_lora  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 VOCAB = 97
@@ -171,7 +171,7 @@ def test_adapter_alone_points_at_a_hugging_face_base(tmp_path):
     torch.manual_seed(0)
     base = tmp_path / "base-hf"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=50257)).save_pretrained(base)
-    from dataloader import gpt2_encoding, write_raw_tokens
+    from homegpt.dataloader import gpt2_encoding, write_raw_tokens
     ids = gpt2_encoding().encode_ordinary("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40)
     data = tmp_path / "data"
     data.mkdir()

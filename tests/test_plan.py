@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import autobatch
+from homegpt import autobatch
 import configurator
-from errors import UserError
-import memory
-import plan
-import runtime
+from homegpt.errors import UserError
+from homegpt import memory
+from homegpt import plan
+import bench
+from homegpt import runtime
 import train
 from helpers import char_dataset, tiny_train_config
 from model import GPT, GPTConfig
@@ -31,7 +32,7 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, device
 
 
 def plan_config(tmp_path, **kw):
-    return plan.PlanConfig(**(TINY | dict(out_dir=str(tmp_path / "out"), plan_file=str(tmp_path / "plan.json"),
+    return bench.PlanConfig(**(TINY | dict(out_dir=str(tmp_path / "out"), plan_file=str(tmp_path / "plan.json"),
                                           calibration_s=5.0, batch_size=4, gradient_accumulation_steps=3) | kw))
 
 
@@ -132,7 +133,7 @@ def test_the_chinchilla_model_spends_the_budget():
 def test_the_plan_adds_up_and_its_checkpoint_size_is_what_train_writes(tmp_path, monkeypatch):
     data = char_dataset(tmp_path / "data", 60_000)
     cfg = plan_config(tmp_path, data_dir=str(data), vocab_size=0, price_per_hour=2.0, budget_hours=1.0)
-    p = plan.main(cfg)
+    p = bench.run_plan(cfg)
     assert json.loads(Path(cfg.plan_file).read_text())["overrides"] == p["overrides"]
     b, accum = p["batch_size"], p["gradient_accumulation_steps"]
     assert b * accum == 4 * 3 and 12 % b == 0  # tokens per step as configured
@@ -162,7 +163,7 @@ def test_planning_shipped_shakespeare_prepares_it_and_sizes_its_65_character_mod
     does (here in a copy of the data folder), and says so when it cannot learn the vocabulary."""
     import shutil
 
-    import dataloader
+    from homegpt import dataloader
     fake = tmp_path / "checkout"
     shutil.copytree(ROOT / "data" / "shakespeare_char", fake / "data" / "shakespeare_char",
                     ignore=shutil.ignore_patterns("*.bin", "meta.json"))
@@ -188,7 +189,7 @@ def test_the_eta_counts_reading_the_data_for_every_micro_step_and_validation_bat
     monkeypatch.setattr(plan, "time_iterations", lambda *a: (0.1, 5))
     monkeypatch.setattr(plan, "time_eval_batch", lambda *a: 0.02)
     monkeypatch.setattr(plan, "time_data", lambda *a: 0.05)
-    p = plan.main(cfg)
+    p = bench.run_plan(cfg)
     accum = p["gradient_accumulation_steps"]
     assert p["seconds_per_iter"] == pytest.approx(0.1 + accum * 0.05)
     assert p["eval_batch_seconds"] == pytest.approx(0.02 + 0.05)
@@ -200,7 +201,7 @@ def test_too_little_disk_is_refused_before_any_timing(tmp_path, monkeypatch):
     timed = []
     monkeypatch.setattr(plan, "search", lambda *a, **k: timed.append(1))
     with pytest.raises(UserError, match="checkpoints need .* MB and out_dir=.* has 0.0 MB free.*keep_last_n"):
-        plan.main(plan_config(tmp_path))
+        bench.run_plan(plan_config(tmp_path))
     assert not timed and not Path(tmp_path / "plan.json").exists()
 
 

@@ -19,10 +19,10 @@ pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (dev extra)")
 transformers = pytest.importorskip("transformers")
 from transformers import GPTJConfig, GPTJForCausalLM  # noqa: E402
 
-import hf  # noqa: E402
-import lora  # noqa: E402
-import quant  # noqa: E402
-from errors import UserError  # noqa: E402
+from homegpt import hf  # noqa: E402
+from homegpt import lora  # noqa: E402
+from homegpt import quant  # noqa: E402
+from homegpt.errors import UserError  # noqa: E402
 from configurator import parse_config  # noqa: E402
 from helpers import all_logits, read_metrics, tiny_train_config  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -91,9 +91,10 @@ def test_quantize_model_matches_quantising_while_loading(gptj_dir):
 PEAK_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {root!r})
-    import hf
-    from runtime import proc_status_bytes, reset_peak_rss
-    import bitsandbytes, quant  # imported before the baseline: their code is not the weights
+    from homegpt import hf
+    from homegpt.runtime import proc_status_bytes, reset_peak_rss
+    import bitsandbytes  # imported before the baseline: their code is not the weights
+    from homegpt import quant
     before = proc_status_bytes("VmRSS")
     reset_peak_rss()
     model = hf.from_pretrained({path!r}, base_quant={kind!r})
@@ -185,7 +186,7 @@ def finetune(tmp_path, gptj_dir, out, **overrides):
 
 
 def test_lora_over_an_nf4_base_learns(tmp_path, gptj_dir):
-    from weights import load_any
+    from homegpt.weights import load_any
     out = tmp_path / "run"
     finetune(tmp_path, gptj_dir, out, lora_rank=4, lora_alpha=8, lora_dropout=0.0, base_quant="nf4")
     val = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m]
@@ -196,7 +197,7 @@ def test_lora_over_an_nf4_base_learns(tmp_path, gptj_dir):
 
 def test_lora_over_an_int8_base_learns_and_its_merged_export_matches(tmp_path, gptj_dir):
     import export_hf
-    from weights import load_any, load_model
+    from homegpt.weights import load_any, load_model
     out = tmp_path / "run"
     finetune(tmp_path, gptj_dir, out, lora_rank=4, lora_alpha=8, lora_dropout=0.0, optimizer="adamw8bit")
     val = [m["val_loss"] for m in read_metrics(out) if "val_loss" in m]
@@ -222,8 +223,8 @@ def test_lora_over_an_int8_base_learns_and_its_merged_export_matches(tmp_path, g
 
 
 def test_train_1d_only_over_an_int8_base_trains_the_biases_and_keeps_the_int8_weights(tmp_path, gptj_dir):
-    from weights import load_any
-    from checkpoint import read_checkpoint
+    from homegpt.weights import load_any
+    from homegpt.checkpoint import read_checkpoint
     out = tmp_path / "run"
     before = hf.from_pretrained(str(gptj_dir), base_quant="int8")
     finetune(tmp_path, gptj_dir, out, train_1d_only=True, learning_rate=1e-2, max_iters=10, eval_interval=10,
@@ -242,7 +243,7 @@ def test_train_1d_only_over_an_int8_base_trains_the_biases_and_keeps_the_int8_we
 
 
 def test_a_resume_refuses_another_base_quant(tmp_path, gptj_dir):
-    import config_checks
+    from homegpt import config_checks
     out = tmp_path / "run"
     finetune(tmp_path, gptj_dir, out, lora_rank=4, max_iters=2, eval_interval=2, lr_decay_iters=2)
     with pytest.raises(UserError, match="base_quant"):
@@ -253,7 +254,7 @@ def test_a_resume_refuses_another_base_quant(tmp_path, gptj_dir):
 
 def test_base_quant_is_refused_where_nothing_frozen_would_train():
     import train
-    from runtime import Dist
+    from homegpt.runtime import Dist
     cfg = train.TrainConfig(init_from="gpt2", base_quant="int8", out_dir="/nonexistent-out")
     with pytest.raises(UserError, match="lora_rank > 0 or train_1d_only"):
         train.check_config(cfg, Dist())
@@ -284,7 +285,7 @@ def test_gptj_6b_trainable_counts_on_the_meta_device():
 
 
 def test_memory_prices_an_int8_base_as_the_quantised_model_holds_it(gptj_dir):
-    import memory
+    from homegpt import memory
     q = hf.from_pretrained(str(gptj_dir), base_quant="int8")
     lora.apply_lora(q, 4, 8.0, 0.0, "attn")
     f = hf.from_pretrained(str(gptj_dir))
@@ -298,7 +299,7 @@ def test_memory_prices_an_int8_base_as_the_quantised_model_holds_it(gptj_dir):
 
 
 def test_gptj_6b_with_int8_lora_and_adamw8bit_fits_11_gb_by_the_estimate():
-    import memory
+    from homegpt import memory
     with torch.device("meta"):
         model = GPT(GPTConfig(**GPTJ_6B))
     lora.apply_lora(model, 8, 16.0, 0.0, "attn")

@@ -122,8 +122,7 @@ def test_readme_command_parses(page, lineno, argv, monkeypatch):
     monkeypatch.syspath_prepend(str(script.parent))  # as `python <script>` puts its folder first
     module = load_script(script)
     if script.name == "bench.py" and module.wants_plan(args):
-        import plan
-        configurator.parse_config(plan.PlanConfig, [a for a in args if a != "--plan"])
+        configurator.parse_config(module.PlanConfig, [a for a in args if a != "--plan"])
     elif script.name == "bench.py":
         module.parse_args(args)
     elif script.name == "plot.py":

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-import runtime
+from homegpt import runtime
 from helpers import Terminal
 
 
@@ -229,19 +229,19 @@ def test_sample_and_eval_set_up_the_backends_like_train(monkeypatch):
 # ----------------------------------------------------------------------------- the KV cache's dtype
 
 def test_kv_cache_is_kept_in_the_autocast_dtype(monkeypatch, tiny_config):
-    import generate
+    from homegpt import generate as generation
     import model as model_lib
     made = []
-    real = generate.KVCache
-    monkeypatch.setattr(generate, "KVCache", lambda *a: made.append(real(*a)) or made[-1])
+    real = generation.KVCache
+    monkeypatch.setattr(generation, "KVCache", lambda *a: made.append(real(*a)) or made[-1])
     torch.manual_seed(0)
     model = model_lib.GPT(tiny_config)
     prompt = torch.randint(0, 65, (2, 5))
     with torch.inference_mode():
-        plain = model.generate(prompt, 8, temperature=0)
+        plain = generation.generate(model, prompt, 8, temperature=0)
         with torch.autocast("cpu", torch.bfloat16):
-            cached = model.generate(prompt, 8, temperature=0)
-            full = model.generate(prompt, 8, temperature=0, use_cache=False)
+            cached = generation.generate(model, prompt, 8, temperature=0)
+            full = generation.generate(model, prompt, 8, temperature=0, use_cache=False)
     assert [m.k.dtype for m in made] == [torch.float32, torch.bfloat16]  # the weights' dtype, then autocast's
     assert made[1].v.dtype == torch.bfloat16
     assert torch.equal(cached, full)

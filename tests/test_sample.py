@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import sample
-from dataloader import Tokenizer
+from homegpt.dataloader import Tokenizer
 from helpers import Terminal, tiny_run
+from homegpt.generate import generate
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_samples_are_generates_tokens_for_the_seed(run, capsys):
     tok = Tokenizer(data_meta)
     x = torch.tensor(tok.encode("ROMEO:"))[None, :].repeat(2, 1)
     gen = torch.Generator().manual_seed(sample.SampleConfig.seed)
-    y = model.generate(x, 40, temperature=0.8, top_k=200, generator=gen)
+    y = generate(model, x, 40, temperature=0.8, top_k=200, generator=gen)
     assert samples == [tok.decode(row.tolist()) for row in y]
     assert capsys.readouterr().out == "".join(s + "\n---------------\n" for s in samples)
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dataloader import Tokenizer
+from homegpt import sft
+from homegpt.dataloader import Tokenizer
 from helpers import Terminal
 from model import GPT, GPTConfig
-from sft import (ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, SFTSampler, choose_shots, evaluate_generation,
+from homegpt.sft import (ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, SFTSampler, choose_shots, evaluate_generation,
                  format_generation_report, load_examples, sft_eval_batches, tokenize_examples)
 
 CHARS = sorted(set(string.ascii_letters + string.digits + ":?,.! \n<>|"))
@@ -268,6 +269,14 @@ def test_loss_normalisation_is_invariant_to_micro_batch_split():
 
 
 # ----------------------------------------------------------------------------- generation accuracy
+
+@pytest.fixture(autouse=True)
+def rigged_generation(monkeypatch):
+    """sft's greedy answers come from homegpt.generate.generate(model, ...); a RiggedModel answers itself."""
+    real = sft.generate
+    monkeypatch.setattr(sft, "generate", lambda model, idx, n, **kw: model.generate(idx, n, **kw)
+                        if isinstance(model, RiggedModel) else real(model, idx, n, **kw))
+
 
 class RiggedModel(nn.Module):
     """Stands in for GPT: answers each prompt from a table, records what it was asked."""

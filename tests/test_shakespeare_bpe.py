@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import train
-from dataloader import TokenData, gpt2_encoding
+from homegpt.dataloader import TokenData, gpt2_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data" / "shakespeare" / "prepare.py"
@@ -80,7 +80,7 @@ def test_training_on_shipped_shakespeare_prepares_it_first(tmp_path, monkeypatch
     """One command to a first model: the token files of the shipped Tiny Shakespeare are made on the
     spot when missing (here in a copy of the checkout's data folder, so the real one is untouched)."""
     import shutil
-    import dataloader
+    from homegpt import dataloader
     fake = tmp_path / "checkout"
     shutil.copytree(ROOT / "data" / "shakespeare_char", fake / "data" / "shakespeare_char",
                     ignore=shutil.ignore_patterns("*.bin", "meta.json"))

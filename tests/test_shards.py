@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from dataloader import (HEADER_BYTES, SHARD_MAGIC, RandomSampler, SequentialSampler, TokenData, read_header,
+from homegpt.dataloader import (HEADER_BYTES, SHARD_MAGIC, RandomSampler, SequentialSampler, TokenData, read_header,
                         write_raw_tokens, write_shard)
 
 BLOCK = 16

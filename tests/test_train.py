@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-import weights
+from homegpt import weights
 import train
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
 from model import GPT, GPTConfig
-from runtime import Dist, make_scaler
+from homegpt.runtime import Dist, make_scaler
 
 
 def test_lr_schedule():
@@ -123,7 +123,7 @@ def test_non_finite_loss_is_skipped_then_stops_with_a_checkpoint(tmp_path, monke
     monkeypatch.setattr(GPT, "forward", forward)
     with pytest.raises(SystemExit, match="3 non-finite steps in a row"):
         train.main(tiny_train_config(data, out, max_iters=50, eval_interval=100, max_bad_steps=3))
-    from weights import load_model
+    from homegpt.weights import load_model
     model, info = load_model(out)
     assert info["iter_num"] == 9  # 6 good steps, 3 skipped ones that do not touch the weights
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -157,7 +157,7 @@ def test_sft_without_validation_still_ends_with_a_checkpoint_and_counts_real_tok
     cfg = tiny_train_config(tmp_path, out, sft_train_file=str(_sft_files(tmp_path)), block_size=64, batch_size=4,
                             max_iters=3, eval_interval=100, always_save_checkpoint=False)
     train.main(cfg)
-    import checkpoint
+    from homegpt import checkpoint
     _, state = checkpoint.read_checkpoint(out)
     assert state["iter_num"] == 3
     logged = [m for m in read_metrics(out) if "train_loss" in m]
@@ -212,7 +212,7 @@ def test_config_mistakes_are_caught_before_any_work(tmp_path, monkeypatch):
 
 
 def test_a_gpu_recipe_started_on_a_cpu_says_so_and_names_the_cpu_recipe():
-    import memory
+    from homegpt import memory
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=65))
     cpu = torch.device("cpu")
     long = memory.budget_report(model, 5000, 64 * 64, 5000, cpu, 1e9, "measured")
@@ -234,7 +234,7 @@ def test_a_fine_tune_from_a_character_checkpoint_directory_reads_text_with_its_c
     tuned = tmp_path / "tuned"
     train.main(tiny_train_config(data, tuned, init_from=str(base / "ckpt-0000002"), sft_train_file=str(sft),
                                  max_iters=2, eval_interval=2, batch_size=2))
-    import weights
+    from homegpt import weights
     model, info = weights.load_model(tuned)
     assert info["data_meta"]["tokenizer"] == "char"
     assert model.config.vocab_size == weights.load_model(base)[0].config.vocab_size == 58

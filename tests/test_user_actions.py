@@ -21,10 +21,10 @@ import time
 
 import pytest
 
-import checkpoint as ckpt_lib
+from homegpt import checkpoint as ckpt_lib
 import sample
 import train
-from errors import UserError
+from homegpt.errors import UserError
 from helpers import ROOT, char_dataset, tiny_train_config
 
 KEEP = 2  # keep_last_n: small, so that pruning happens often

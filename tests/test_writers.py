@@ -15,7 +15,7 @@ import torch
 
 import export_gguf
 import export_hf
-from errors import UserError
+from homegpt.errors import UserError
 from helpers import ROOT, tiny_run
 
 

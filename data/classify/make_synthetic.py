@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: its modules are not installed
-from errors import UserError  # noqa: E402
+from homegpt.errors import UserError  # noqa: E402
 from configurator import run  # noqa: E402
-from fileio import check_dir_target  # noqa: E402
+from homegpt.fileio import check_dir_target  # noqa: E402
 
 PROMPT = "Classify the message as weather, sport or food.\nMessage: {text}\nLabel:"
 TOPICS = {

@@ -50,10 +50,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: its modules are not installed
-from errors import UserError  # noqa: E402
+from homegpt.errors import UserError  # noqa: E402
 from configurator import run  # noqa: E402
-from dataloader import gpt2_encoding, read_header, shard_header, write_shard  # noqa: E402
-from fileio import check_dir_target, file_sha256, write_json  # noqa: E402
+from homegpt.dataloader import gpt2_encoding, read_header, shard_header, write_shard  # noqa: E402
+from homegpt.fileio import check_dir_target, file_sha256, write_json  # noqa: E402
 
 
 @dataclass
@@ -146,7 +146,7 @@ OFFLINE_HINT = ("Without the hub, prepare local files instead: --data_files='cor
 def require_hub(repo):
     """Stop at once when the hub is unreachable (or HF_HUB_OFFLINE=1): FineWeb is streamed, so no
     local cache could stand in, and the libraries would retry for ~30 s before failing."""
-    from hf import hub_unreachable_reason  # the same check as GPT-2 weights and benchmarks
+    from homegpt.hf import hub_unreachable_reason  # the same check as GPT-2 weights and benchmarks
     offline = hub_unreachable_reason()
     if offline:
         raise UserError(f"{repo} is streamed from the Hugging Face hub, which is unreachable ({offline}).\n"

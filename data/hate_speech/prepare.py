@@ -42,9 +42,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not installed
 
-from errors import MissingFile, UserError  # noqa: E402
+from homegpt.errors import MissingFile, UserError  # noqa: E402
 from configurator import parse_list, run  # noqa: E402
-from fileio import check_dir_target, file_sha256, write_json, write_json_lines  # noqa: E402
+from homegpt.fileio import check_dir_target, file_sha256, write_json, write_json_lines  # noqa: E402
 
 HUB = "tdavidson/hate_speech_offensive"
 CSV_URL = "https://github.com/t-davidson/hate-speech-and-offensive-language/raw/master/data/labeled_data.csv"
@@ -137,7 +137,7 @@ def read_hub():
     hint = (f"Instead pass a local copy: --input=labeled_data.csv, downloaded from {CSV_URL}, or a JSONL "
             f"file saved on a machine with access by datasets.load_dataset('{HUB}', split='train')"
             f".to_json('hate_speech.jsonl')")
-    from hf import load_hub_dataset  # the same reachability check as GPT-2 weights, benchmarks and FineWeb
+    from homegpt.hf import load_hub_dataset  # the same reachability check as GPT-2 weights, benchmarks and FineWeb
     ds = load_hub_dataset(HUB, split="train", hint=hint)
     return [(f"row {i}", {"tweet": t, "class": c}) for i, (t, c) in enumerate(zip(ds["tweet"], ds["class"]))]
 

@@ -29,10 +29,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout: its modules are not installed
 
-from errors import UserError  # noqa: E402
+from homegpt.errors import UserError  # noqa: E402
 from configurator import run  # noqa: E402
-from fileio import atomic_write, check_dir_target, file_sha256, write_json  # noqa: E402
-from sft import read_records  # noqa: E402
+from homegpt.fileio import atomic_write, check_dir_target, file_sha256, write_json  # noqa: E402
+from homegpt.sft import read_records  # noqa: E402
 
 SOURCES = {
     "book": {"url": "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
@@ -74,7 +74,7 @@ def download(source, dest):
         url_error = e
     hub_error = ""
     if hub:
-        from hf import load_hub_dataset  # the hub check and offline cache of every hub reader here
+        from homegpt.hf import load_hub_dataset  # the hub check and offline cache of every hub reader here
         try:
             rows = load_hub_dataset(hub, split="train", what=f"the {source!r} instructions")
         except UserError as e:  # reported beside the URL's error

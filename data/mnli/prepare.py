@@ -42,10 +42,10 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not installed
 
-from errors import MissingFile, UserError  # noqa: E402
+from homegpt.errors import MissingFile, UserError  # noqa: E402
 from configurator import run  # noqa: E402
-from dataloader import gpt2_encoding, write_raw_tokens  # noqa: E402
-from fileio import check_dir_target, file_sha256, write_json, write_json_lines  # noqa: E402
+from homegpt.dataloader import gpt2_encoding, write_raw_tokens  # noqa: E402
+from homegpt.fileio import check_dir_target, file_sha256, write_json, write_json_lines  # noqa: E402
 
 HUB, HUB_CONFIG = "nyu-mll/glue", "mnli"
 SPLITS = {"train": "train", "val": "validation_matched"}  # our token file -> GLUE's split
@@ -86,7 +86,7 @@ def read_hub(split):
             f"  python -c \"import datasets; ds = datasets.load_dataset('{HUB}', '{HUB_CONFIG}'); "
             "[ds[s].to_json(f'mnli_jsonl/{s}.jsonl') for s in ('train', 'validation_matched')]\"\n"
             "then copy mnli_jsonl/ over and pass --input_dir=mnli_jsonl")
-    from hf import load_hub_dataset  # the same reachability check as GPT-2 weights, benchmarks and FineWeb
+    from homegpt.hf import load_hub_dataset  # the same reachability check as GPT-2 weights, benchmarks and FineWeb
     ds = load_hub_dataset(HUB, HUB_CONFIG, split=split, hint=hint)
     # whole columns at once: a Python loop over 392,702 rows of a datasets table takes a minute
     return [(f"row {i}", {"premise": p, "hypothesis": h, "label": y})

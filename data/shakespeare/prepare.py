@@ -17,10 +17,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not installed
 
-from errors import MissingFile  # noqa: E402
+from homegpt.errors import MissingFile  # noqa: E402
 from configurator import run  # noqa: E402
-from dataloader import gpt2_encoding, write_raw_tokens  # noqa: E402
-from fileio import check_dir_target, write_json  # noqa: E402
+from homegpt.dataloader import gpt2_encoding, write_raw_tokens  # noqa: E402
+from homegpt.fileio import check_dir_target, write_json  # noqa: E402
 
 SHIPPED = HERE.parent / "shakespeare_char" / "input.txt"
 

@@ -2,7 +2,7 @@
 Every way a GPT comes to be: from scratch for a run, from OpenAI's or a Hugging Face model (hf.py),
 from one of our runs (its checkpoint, LoRA merged or not), with LoRA or 1-D training on top.
 
-    from weights import load_model, load_any
+    from homegpt.weights import load_model, load_any
     model, info = load_model("out-shakespeare-char")          # a run's latest checkpoint, on the CPU
     model, data_meta, info = load_any("gpt2")                 # whatever a user names as a model
 
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-import hf
-import lora
-import quant
-from checkpoint import holds_checkpoint, read_checkpoint, restore_model
-from errors import MissingFile, UserError
-from fileio import file_sha256
+from homegpt import hf
+from homegpt import lora
+from homegpt import quant
+from homegpt.checkpoint import holds_checkpoint, read_checkpoint, restore_model
+from homegpt.errors import MissingFile, UserError
+from homegpt.fileio import file_sha256
 from model import GPT, GPTConfig
 
 # GPTConfig fields that older checkpoints may hold, with the one value today's model still computes:

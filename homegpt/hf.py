@@ -1,7 +1,7 @@
 """
 Hugging Face GPT-2 interop: import OpenAI's GPT-2 (or any HF GPT-2 or GPT-J directory), export ours to HF format.
 
-    from hf import export_hf, from_pretrained
+    from homegpt.hf import export_hf, from_pretrained
     model = from_pretrained("gpt2")                    # our GPT; or "gpt2-xl", or a save_pretrained directory
     export_hf(model, "hf-gpt2", tokenizer="gpt2")      # transformers.AutoModelForCausalLM loads it
     python export_hf.py --out_dir=out-shakespeare --hf_dir=hf-shakespeare   # the same from a checkpoint
@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from dataloader import gpt2_encoding
-from errors import UserError
-from fileio import CKPT_PREFIX, check_writable, checkpoint_above, fsync_dir, run_signs
-from lora import ADAPTER_NAMES, LORA_LAYERS
+from homegpt.dataloader import gpt2_encoding
+from homegpt.errors import UserError
+from homegpt.fileio import CKPT_PREFIX, check_writable, checkpoint_above, fsync_dir, run_signs
+from homegpt.lora import ADAPTER_NAMES, LORA_LAYERS
 from model import GPT, GPTConfig
-from quant import QUANTIZED_SUFFIXES, bitsandbytes, check_kind, quantized_linear
+from homegpt.quant import QUANTIZED_SUFFIXES, bitsandbytes, check_kind, quantized_linear
 
 # the four checkpoints OpenAI released, by the short names everyone uses -> their hub repository
 HF_MODELS = {

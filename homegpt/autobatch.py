@@ -4,7 +4,7 @@ choose the fastest whole iteration. train.py --batch_size=auto runs it at start-
 --plan) runs it to size a whole run.
 
     python train.py config/train_gpt2_chinchilla.py --batch_size=auto
-    from autobatch import search
+    from homegpt.autobatch import search
     result = search(train.train_step, model, cfg, device, dtype, sequences_per_rank=64, time_s=20)
 
 The step to time is passed in (train.train_step, as the loop calls it) so that this module sits below
@@ -17,11 +17,10 @@ import time
 
 import torch
 
-import configurator
-import memory
-from errors import UserError
-from optimizers import make_optimizer
-from runtime import (Dist, OverBudget, autocast, free_memory, gather_objects, is_oom, make_scaler, print0,
+from homegpt import memory
+from homegpt.errors import UserError
+from homegpt.optimizers import make_optimizer
+from homegpt.runtime import (Dist, OverBudget, autocast, free_memory, gather_objects, is_oom, make_scaler, print0,
                      proc_status_bytes, reset_peak_rss, synchronize)
 
 CONFIRM = 0.15  # after the search, time whole iterations of the best candidates for this share of its time
@@ -281,12 +280,12 @@ def sequences_per_rank(cfg, batch_size, ranks):
     return total // ranks
 
 
-def resolve_auto_batch(step, cfg, model, device, dtype, dist_info, time_s=20.0):
+def resolve_auto_batch(step, cfg, configured, model, device, dtype, dist_info, time_s=20.0):
     """train.py --batch_size=auto: the micro-batch search at start-up, every rank on its own device;
     the smallest choice of any rank wins. The tokens per step stay those of the config's batch_size
-    (the value before the override; the dataclass default when none) times its accumulation.
-    Returns the config with batch_size and gradient_accumulation_steps set."""
-    configured = configurator.before_overrides(cfg, "batch_size")
+    (configured: its value before the override, from configurator.before_overrides; the dataclass
+    default when none) times its accumulation. Returns the config with batch_size and
+    gradient_accumulation_steps set."""
     if not isinstance(configured, int) or configured <= 0:
         configured = 12  # (TrainConfig's default)
     per_rank = sequences_per_rank(cfg, configured, dist_info.world_size)

@@ -1,8 +1,8 @@
 """
 Generation for model.GPT: a KV cache, sampling (temperature, top-k, top-p) and streaming, token by token.
 
-    from generate import generate, stream, sample_next
-    out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)   # = model.generate(...)
+    from homegpt.generate import generate, stream, sample_next
+    out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)   # = generate(model, ...)
     for column in stream(model, idx, 100):                                       # (B, 1) as it is chosen
         ...
 

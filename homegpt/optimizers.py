@@ -1,9 +1,9 @@
 """
 The optimizers beside torch's AdamW: Muon for the blocks' matrices, and several optimizers over
-disjoint parameters stepped as one (GPT.configure_optimizers builds them; make_optimizer builds
-a training run's from its config).
+disjoint parameters stepped as one; configure_optimizers puts a GPT's parameters into them, and
+make_optimizer builds a training run's from its config.
 
-    from optimizers import ChainedOptimizer, Muon
+    from homegpt.optimizers import ChainedOptimizer, Muon
     opt = ChainedOptimizer(torch.optim.AdamW(groups_a), Muon(groups_b))
     opt.step(); opt.zero_grad(); sd = opt.state_dict()
 
@@ -14,7 +14,7 @@ one torch optimizer numbers its parameters.
 
 import torch
 
-import runtime
+from homegpt import runtime
 
 OPTIMIZERS = ("adamw", "adamw8bit", "muon")  # the names train.py, bench.py and memory.py accept
 
@@ -151,8 +151,55 @@ def native_bf16(device):
 
 
 def make_optimizer(model, cfg, device, fused=None):
-    """The run's optimizer over the model's trainable parameters (GPT.configure_optimizers)."""
-    return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type,
+    """The run's optimizer over the model's trainable parameters (configure_optimizers)."""
+    return configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type,
                                       fused=fused, eight_bit=cfg.optimizer == "adamw8bit",
                                       muon_lr=cfg.muon_lr if cfg.optimizer == "muon" else 0.0,
                                       muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
+
+
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, fused=None, eight_bit=False,
+                         muon_lr=0.0, muon_momentum=0.95, muon_weight_decay=0.0):
+    """AdamW with decay on >=2-D weights only (matmuls, embeddings), never on biases or LayerNorm gains.
+
+    Frozen parameters (requires_grad False, e.g. a LoRA base) are left out entirely.
+    muon_lr > 0: the blocks' weight matrices go to Muon (torch's, momentum orthogonalised by
+    Newton-Schulz, Jordan et al. 2024) at muon_lr, and AdamW keeps the embeddings, lm_head,
+    biases and gains; the two step as one ChainedOptimizer. Every group carries "lr_scale", its
+    learning rate relative to learning_rate, so a schedule sets group["lr"] = lr * group["lr_scale"].
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    muon = muon_matrices(model) if muon_lr > 0 else []
+    muon_ids = {id(p) for p in muon}
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in muon_ids]
+    no_decay = [p for p in params if p.dim() < 2]
+    assert len(muon) + len(decay) + len(no_decay) == len(params), "every trainable parameter must be in one group"
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if eight_bit:
+        # 8-bit optimizer states (Dettmers et al. 2021): 2 bytes per parameter instead of 8
+        if device_type not in ("cuda", "cpu"):
+            raise ValueError(f"optimizer='adamw8bit' runs on CUDA or a CPU (bitsandbytes), not {device_type}")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ValueError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes") from e
+        return bnb.optim.AdamW8bit(groups, lr=learning_rate, betas=betas)
+    if fused is None:
+        # the fused kernel is a single launch per step on CUDA; on CPU torch's fused AdamW also wins
+        fused = device_type in ("cuda", "cpu")
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+    if muon_lr <= 0:
+        return adamw
+    if not muon:
+        raise ValueError("optimizer='muon' needs trainable weight matrices in the blocks (none here: "
+                         "train_1d_only?); use optimizer='adamw'")
+    return ChainedOptimizer(adamw, Muon(
+        [{"params": muon, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
+        momentum=muon_momentum, weight_decay=muon_weight_decay))
+
+def muon_matrices(model):
+    """The trainable weight matrices inside the blocks: what optimizer='muon' gives to Muon
+    (embeddings and lm_head are lookups/readouts, not hidden transforms, and stay with AdamW)."""
+    return [p for n, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and n.startswith("transformer.h.")]

@@ -5,7 +5,7 @@ and LAMBADA last-word accuracy, with 95% Wilson score intervals.
     python eval.py --out_dir=out-shakespeare-char --tasks=val
     python eval.py --init_from=gpt2 --tasks=hellaswag,lambada --limit=500
 
-    from evaluation import evaluate_loss, load_task, run_benchmark
+    from homegpt.evaluation import evaluate_loss, load_task, run_benchmark
     r = evaluate_loss(model, eval_batches(data, 8, 256), device, contextlib.nullcontext())
 
 Multiple choice is scored the way lm-evaluation-harness and llm.c do it: the log-likelihood of
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-import runtime
-from dataloader import to_device
-from errors import UserError
-from hf import load_hub_dataset
+from homegpt import runtime
+from homegpt.dataloader import to_device
+from homegpt.errors import UserError
+from homegpt.hf import load_hub_dataset
 
 
 # ----------------------------------------------------------------------------- validation loss

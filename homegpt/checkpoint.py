@@ -1,7 +1,7 @@
 """
 The one checkpoint format: a directory of safetensors and JSON, no pickle anywhere.
 
-    from checkpoint import read_checkpoint
+    from homegpt.checkpoint import read_checkpoint
     ckpt_dir, state = read_checkpoint("out-shakespeare-char")  # the latest; weights.load_model gives the model
 
     out_dir/
@@ -32,10 +32,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-import lora
-from errors import MissingFile, UserError
-from fileio import file_sha256, fsync_dir, read_json_lines, write_json, write_json_lines
-from runtime import broadcast_object, gather_objects, print0, rng_state, set_rng_state
+from homegpt import lora
+from homegpt.errors import MissingFile, UserError
+from homegpt.fileio import file_sha256, fsync_dir, read_json_lines, write_json, write_json_lines
+from homegpt.runtime import broadcast_object, gather_objects, print0, rng_state, set_rng_state
 
 FORMAT_VERSION = 1
 PREFIX = "ckpt-"

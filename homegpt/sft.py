@@ -2,8 +2,8 @@
 Supervised fine-tuning (SFT) data: instruction or label examples -> token ids with a loss mask ->
 batches whose targets are the completions only; and the generation accuracy of a model on them.
 
-    from dataloader import Tokenizer
-    from sft import load_examples, tokenize_examples, SFTSampler
+    from homegpt.dataloader import Tokenizer
+    from homegpt.sft import load_examples, tokenize_examples, SFTSampler
     examples = load_examples("data/classify/train.jsonl")      # [{"prompt": ..., "completion": ...}]
     data, n_truncated = tokenize_examples(examples, Tokenizer({"tokenizer": "gpt2"}), block_size=128)
     x, y = SFTSampler(data, batch_size=8, block_size=128, seed=1337).next_batch()   # y == -1: no loss
@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import runtime
-from errors import MissingFile, UserError
-from dataloader import EpochOrder
+from homegpt import runtime
+from homegpt.errors import MissingFile, UserError
+from homegpt.dataloader import EpochOrder
+from homegpt.generate import generate
 
 # Stanford Alpaca's prompt format (Taori et al. 2023), with and without the optional input
 ALPACA_TEMPLATE = (
@@ -415,7 +416,7 @@ def generate_answers(model, tokenizer, prompts, device, ctx, max_new_tokens, bat
         for n, chunk in batches:
             idx = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
             with ctx:
-                out = model.generate(idx, max_new_tokens, temperature=0.0, stop_id=tokenizer.eot)
+                out = generate(model, idx, max_new_tokens, temperature=0.0, stop_id=tokenizer.eot)
             for i, row in zip(chunk, out[:, n:].tolist()):
                 generated[i] = row
             if bar is not None:

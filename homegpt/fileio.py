@@ -1,7 +1,7 @@
 """
 Files that are never half-written: atomic writes, durable renames, hashes, JSON and JSON lines.
 
-    from fileio import atomic_write, write_json, read_json_lines
+    from homegpt.fileio import atomic_write, write_json, read_json_lines
     write_json("out/latest.json", {"checkpoint": "ckpt-0000500"})
 
 Every file the project writes (token shards, meta.json, checkpoints' JSON, metrics.jsonl rewrites,
@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from errors import UserError
+from homegpt.errors import UserError
 
 
 def atomic_write(path, chunks):

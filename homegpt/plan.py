@@ -8,7 +8,7 @@ the validation budget, the disk its checkpoints take, the ETA and the cost.
 
 The plan reads the training config as train.py does and builds the run's model the way train.py
 does (from scratch, or the pretrained base with its LoRA / 1-D training). Then, within calibration_s:
-- it times train.train_step on random tokens at micro-batch 1, 2, 4, ... until one does not fit, then
+- it times train.py's train_step (passed in by bench.py) on random tokens at micro-batch 1, 2, 4, ... until one does not fit, then
   bisects to the largest that does, printing memory.py's estimate beside each measured peak. The
   optimizer steps at learning rate 0, so the weights are never changed by the search;
 - the micro-batches that divide the config's sequences per optimizer step (per rank) and came within
@@ -34,35 +34,20 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import weights
-import configurator
-import evaluation
-import memory
-from autobatch import CONFIRM, compare_iterations, random_batches, search, sequences_per_rank, time_iterations
-from checkpoint import model_tensors, read_for_resume
-from dataloader import TokenData, make_sampler, prepare_command, prepare_shipped, resolve_data_dir, to_device
-from errors import UserError
-from fileio import JSON_OBJECT, check_file_target, write_json
-from runtime import Dist, autocast, pick_device, pick_dtype, seed_everything, setup_backends, synchronize
-from train import TrainConfig, check_config, train_step
+from homegpt import weights
+from homegpt import evaluation
+from homegpt import memory
+from homegpt.config_checks import check_config
+from homegpt.autobatch import CONFIRM, compare_iterations, random_batches, search, sequences_per_rank, time_iterations
+from homegpt.checkpoint import model_tensors, read_for_resume
+from homegpt.dataloader import TokenData, make_sampler, prepare_command, prepare_shipped, resolve_data_dir, to_device
+from homegpt.errors import UserError
+from homegpt.fileio import JSON_OBJECT, check_file_target, write_json
+from homegpt.runtime import Dist, autocast, pick_device, pick_dtype, seed_everything, setup_backends, synchronize
 
 CHINCHILLA = 20  # tokens per parameter of a compute-optimal run (Hoffmann et al. 2022)
-
-
-@dataclass
-class PlanConfig(TrainConfig):
-    # planning (bench.py --plan); every train.py key above is read as train.py reads it
-    plan: bool = True  # plan a train.py run instead of benchmarking (bench.py --plan)
-    calibration_s: float = 60.0  # time for the micro-batch search; no new micro-batch is tried after it
-    eval_share: float = 0.05  # the most of the run's time validation may take
-    ranks: int = 0  # processes of the run under torchrun (one GPU each); 0 = $WORLD_SIZE, else 1
-    max_memory_gb: float = 0.0  # a micro-batch needing more counts as out of memory; 0 = 90% of the device
-    price_per_hour: float = 0.0  # what the machine costs per hour: the plan prices the run
-    budget_hours: float = 0.0  # > 0: the tokens, and the Chinchilla-ratio model, that fit in this many hours
-    plan_file: str = "plan.json"  # the plan as JSON
 
 
 # ----------------------------------------------------------------------------- the plan's arithmetic
@@ -288,20 +273,20 @@ def price(cfg, plan):
               f"{CHINCHILLA * n_chin / 1e9:,.2f}B tokens")
 
 
-def calibrate(cfg, model, device, dtype, per_rank, ranks, block, windows):
+def calibrate(step, cfg, model, device, dtype, per_rank, ranks, block, windows):
     """The timings a plan rests on, within about calibration_s: the micro-batch search, whole iterations of
     its best candidates in turns, the chosen one's iterations one after another, reading the data, and
     validation. Returns (search result, micro-batch, seconds per iteration by micro-batch, seconds per
     iteration, data seconds per micro-batch, the validation plan, seconds it all took)."""
     t_calibration = time.perf_counter()
-    result = search(train_step, model, cfg, device, dtype, per_rank, cfg.calibration_s, max_memory_gb=cfg.max_memory_gb)
-    b, per_iter = compare_iterations(train_step, model, cfg, device, dtype, result["trials"], per_rank,
+    result = search(step, model, cfg, device, dtype, per_rank, cfg.calibration_s, max_memory_gb=cfg.max_memory_gb)
+    b, per_iter = compare_iterations(step, model, cfg, device, dtype, result["trials"], per_rank,
                                         CONFIRM * cfg.calibration_s)
     accum, tokens_per_step = per_rank // b * ranks, per_rank * ranks * block
     print("iterations, timed in turns (median): " + ", ".join(
         f"{per_rank // c} x {c}: {s:.3f} s" for c, s in sorted(per_iter.items())))
     ms = next(t["ms_per_step"] for t in result["trials"] if t["batch_size"] == b and t["status"] == "ok")
-    iter_s, n_timed = time_iterations(train_step, model, cfg, device, dtype, b, per_rank, ms, CONFIRM * cfg.calibration_s)
+    iter_s, n_timed = time_iterations(step, model, cfg, device, dtype, b, per_rank, ms, CONFIRM * cfg.calibration_s)
     print(f"micro-batch: {b} (largest that fits: {result['largest']}; searched in {result['seconds']:.1f} s) -> "
           f"gradient_accumulation_steps={accum}, {tokens_per_step:,} tokens per step as configured; "
           f"{iter_s:.3f} s per iteration (the median of {n_timed} timed one after another)")
@@ -317,11 +302,15 @@ def calibrate(cfg, model, device, dtype, per_rank, ranks, block, windows):
     return result, b, per_iter, iter_s, data_s, evals, calibrated_s
 
 
-def main(cfg):
+def main(cfg, step, configured_batch):
+    """Plan the train.py run cfg describes (bench.py's PlanConfig: train.py's keys and the plan's). step:
+    train.py's train_step, the step to time; configured_batch: the config's batch_size before a
+    --batch_size=auto override (the tokens per step the plan keeps). Returns the plan, also written to
+    cfg.plan_file."""
     check_plan_config(cfg)
     check_file_target(cfg.plan_file, "--plan_file", JSON_OBJECT, "JSON plan")  # a plan replaces a plan only
     ranks = cfg.ranks or int(os.environ.get("WORLD_SIZE", "1"))
-    configured = cfg.batch_size if isinstance(cfg.batch_size, int) else configurator.before_overrides(cfg, "batch_size")
+    configured = cfg.batch_size if isinstance(cfg.batch_size, int) else configured_batch
     # the out_dir may hold a run (a plan writes nothing there); the rest as train.py checks it
     check_config(dataclasses.replace(cfg, overwrite=True, batch_size=configured), Dist(world_size=ranks))
     per_rank = sequences_per_rank(cfg, configured, ranks)
@@ -346,8 +335,8 @@ def main(cfg):
         print("note: compile=True: the search times eager steps (compiling every micro-batch would take minutes); "
               "a compiled run is usually faster, so the ETA below is an upper bound")
 
-    result, b, per_iter, iter_s, data_s, evals, calibrated_s = calibrate(cfg, model, device, dtype, per_rank, ranks,
-                                                                        block, windows)
+    result, b, per_iter, iter_s, data_s, evals, calibrated_s = calibrate(step, cfg, model, device, dtype, per_rank,
+                                                                        ranks, block, windows)
     accum, tokens_per_step = per_rank // b * ranks, per_rank * ranks * block
 
     plan = {"config": dataclasses.asdict(cfg), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
@@ -368,7 +357,3 @@ def main(cfg):
     write_json(cfg.plan_file, plan)
     print(f"wrote {cfg.plan_file}")
     return plan
-
-
-if __name__ == "__main__":
-    configurator.run(main, PlanConfig)

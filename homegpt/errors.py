@@ -3,7 +3,7 @@ The errors that mean "what you gave is wrong", at the bottom of the import graph
 can raise them. Every script's entry point (configurator.run) prints one as a single line
 `error: ...` and exits 1; any other exception is a bug and keeps its traceback.
 
-    from errors import UserError
+    from homegpt.errors import UserError
     raise UserError("block_size must be positive, got 0")
 """
 

@@ -28,10 +28,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from errors import UserError
-import sft
-from evaluation import progress_bar
-from fileio import atomic_write, read_json_lines
+from homegpt.errors import UserError
+from homegpt import sft
+from homegpt.evaluation import progress_bar
+from homegpt.fileio import atomic_write, read_json_lines
 
 JUDGE_PROMPT = """You are grading a response to an instruction against a reference answer.
 

@@ -3,7 +3,7 @@ Quantised frozen bases: the matmuls of a frozen GPT's blocks stored in 8 or 4 bi
 with LoRA adapters (lora.py) or the 1-D parameters training on top in float.
 
     python train.py config/finetune_gptj_lora_all.py     # base_quant='int8': GPT-J-6B in ~6 GB
-    from quant import quantize_model, dequantize_model
+    from homegpt.quant import quantize_model, dequantize_model
     quantize_model(model, "int8")      # every block's c_attn, c_proj, c_fc, mlp.c_proj -> bitsandbytes
     dequantize_model(model)            # back to float nn.Linear layers, e.g. to export
 
@@ -25,7 +25,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from errors import UserError
+from homegpt.errors import UserError
 
 BASE_QUANTS = ("int8", "nf4")
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (paper, Sec. 3.2; transformers' llm_int8_threshold)

@@ -1,7 +1,7 @@
 """
 Where and how the math runs: device, precision, distributed setup, seeding, RNG state, peak FLOP/s.
 
-    from runtime import pick_device, pick_dtype, autocast
+    from homegpt.runtime import pick_device, pick_dtype, autocast
     device = pick_device("auto"); dtype = pick_dtype("auto", device)
     with autocast(device, dtype):
         logits, loss = model(x, y)
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from errors import UserError
+from homegpt.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -3,7 +3,7 @@ What train.py refuses before any work: every problem of a training config at onc
 (one line per problem), before a process group starts, a model is built or a file is written; and
 what a command means for out_dir's run (auto_resume, a resume's changes).
 
-    from config_checks import check_config
+    from homegpt.config_checks import check_config
     check_config(cfg, Dist(world_size=2))   # raises UserError("invalid configuration:\n  ...")
 
 The model's own options are checked by GPTConfig.problems (model.py); the optimizer's name and its
@@ -16,12 +16,12 @@ import math
 import os
 from pathlib import Path
 
-import weights
-import checkpoint as ckpt_lib
-from errors import UserError
+from homegpt import weights
+from homegpt import checkpoint as ckpt_lib
+from homegpt.errors import UserError
 from model import GPTConfig
-from optimizers import optimizer_problems
-from runtime import print0
+from homegpt.optimizers import optimizer_problems
+from homegpt.runtime import print0
 
 # what a resume may not change: the weights' shapes, the data, the optimizer's kind
 RESUME_FIXED = GPTConfig.SHAPE_FIELDS + GPTConfig.COMPUTE_FIELDS + (

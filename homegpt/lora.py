@@ -1,8 +1,8 @@
 """
 LoRA adapters and the other parameter-efficient modes: train a few parameters of a frozen GPT.
 
-    from hf import from_pretrained
-    from lora import apply_lora, count_params, merge_lora
+    from homegpt.hf import from_pretrained
+    from homegpt.lora import apply_lora, count_params, merge_lora
     model = from_pretrained("gpt2")   # hf.py
     names = apply_lora(model, rank=8, alpha=16, dropout=0.05, targets="attn")
     print(count_params(model))   # (442,368 trainable, 124,882,176 total): gpt2, rank 8 on attention
@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from errors import UserError
-from fast_dropout import Dropout
-from quant import float_linear, from_bitsandbytes, is_quantized
+from homegpt.errors import UserError
+from model import Dropout
+from homegpt.quant import float_linear, from_bitsandbytes, is_quantized
 
 LORA_TARGETS = {
     "attn": ("attn.c_attn", "attn.c_proj"),

@@ -1,7 +1,7 @@
 """
 Token files on disk and the batches drawn from them.
 
-    from dataloader import TokenData, RandomSampler
+    from homegpt.dataloader import TokenData, RandomSampler
     train = TokenData("data/shakespeare_char", "train")
     x, y = RandomSampler(train, batch_size=12, block_size=64, seed=1337).next_batch()
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import MissingFile, UserError
-from fileio import atomic_write
+from homegpt.errors import MissingFile, UserError
+from homegpt.fileio import atomic_write
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -36,7 +36,7 @@ TOKEN_DTYPE = np.uint16  # GPT-2's 50257 ids fit; a larger vocab needs another f
 
 # GPT-2's BPE ranks, shipped in the checkout (OpenAI's published vocabulary, MIT; see assets/README.md):
 # byte-identical to tiktoken's r50k_base, whose own download is checked against the same sha256
-GPT2_RANKS = Path(__file__).resolve().parent / "assets" / "r50k_base.tiktoken"
+GPT2_RANKS = Path(__file__).resolve().parents[1] / "assets" / "r50k_base.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 _GPT2 = None
 
@@ -132,7 +132,7 @@ def read_header(path):
     return 0, size // 2
 
 
-CHECKOUT = Path(__file__).resolve().parent
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def resolve_data_dir(data_dir, dataset):

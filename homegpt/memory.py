@@ -2,7 +2,7 @@
 How much device memory a training run will need, estimated before it starts, and what to change when
 it will not fit.
 
-    import memory
+    from homegpt import memory
     from model import GPTConfig
     est = memory.estimate_training_memory(GPTConfig(n_layer=48, n_head=25, n_embd=1600, vocab_size=50257),
                                           batch_size=1, block_size=1024, compute_dtype_bytes=2)
@@ -56,11 +56,11 @@ import os
 
 import torch
 
-from errors import UserError
-from quant import QUANTIZED_SUFFIXES, check_kind, from_bitsandbytes
-from optimizers import OPTIMIZERS
+from homegpt.errors import UserError
+from homegpt.quant import QUANTIZED_SUFFIXES, check_kind, from_bitsandbytes
+from homegpt.optimizers import OPTIMIZERS, muon_matrices
 from model import GPT
-from quant import quantized_bytes
+from homegpt.quant import quantized_bytes
 
 GB = 1024 ** 3
 BNB_BLOCK = 256  # bitsandbytes' 8-bit optimizers quantise states in blocks of 256, one fp32 scale each
@@ -132,7 +132,7 @@ def _parameter_bytes(model, nbytes, size, trainable_params, param_dtype_bytes):
         weights=sum(nbytes(p) for p in params),
         n_params=sum(p.numel() for p in params), n_trainable=n_trainable, trainable_bytes=train_bytes,
         n_small_trainable=small,
-        muon_bytes=sum(nbytes(p) for p in model.muon_matrices()),  # what Muon would take
+        muon_bytes=sum(nbytes(p) for p in muon_matrices(model)),  # what Muon would take
         block_bytes=block_bytes, root_bytes=sum(p.numel() * size(p) for p in params) - cfg.n_layer * block_bytes,
     )
 
