@@ -20,7 +20,7 @@ homegpt/generate.py (`generate(model, idx, 100)`), the optimizers homegpt/optimi
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -198,47 +198,54 @@ class Block(nn.Module):
         return x
 
 
+# What a GPTConfig field changes, as GPTConfig.fields_tagged reads it: SHAPE, the shapes of the weights (a checkpoint
+# loads only into a model that agrees); COMPUTE, what the same weights compute (a resume may change
+# neither); EXTRA, an option transformers' GPT-2 and GPT-J classes do not compute (export_hf.py and
+# export_gguf.py refuse it). (activation has no tag: a resume builds the checkpoint's own, which lets a
+# run converted from nanoGPT, whose GELU is the exact one, resume with the default config.)
+SHAPE, COMPUTE, EXTRA = "shape", "compute", "extra"
+
+
+def tagged(default, *tags):
+    """A GPTConfig field's default with its tags."""
+    return field(default=default, metadata={"tags": tags})
+
+
 @dataclass
 class GPTConfig:
     """The model's shape and options. Every field is here for one of two reasons, said beside it: a
     pretrained family needs it to load exactly (GPT-2, GPT-J, nanoGPT's checkpoints), or it wins in a
     recipe homegpt ships (the measurements are in docs/). train.py takes every field as a key, so a
-    new option is one field here (plus SHAPE_FIELDS or COMPUTE_FIELDS, and EXTRA_OPTIONS when
-    transformers cannot compute it) and its test."""
+    new option is one field here, tagged with what it changes (below), and its test."""
     # the model (train.py: ignored when starting from pretrained weights; a resume refuses a change)
-    block_size: int = 1024  # maximum context length (learned position embeddings)
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
-    n_layer: int = 12  # number of Transformer blocks
-    n_head: int = 12  # attention heads per block
-    n_embd: int = 768  # residual stream width
+    block_size: int = tagged(1024, SHAPE)  # maximum context length (learned position embeddings)
+    vocab_size: int = tagged(50304, SHAPE)  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = tagged(12, SHAPE)  # number of Transformer blocks
+    n_head: int = tagged(12, SHAPE)  # attention heads per block
+    n_embd: int = tagged(768, SHAPE)  # residual stream width
     dropout: float = 0.0  # on attention weights, residual branches and embeddings; 0 for pretraining
-    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2; False wins in the CPU recipes
-    qkv_bias: Optional[bool] = None  # bias of the q/k/v projection (GPT-J has none); None = the same as `bias`
-    tie_weights: bool = True  # lm_head shares wte's matrix, as GPT-2; False (GPT-J; the CPU recipes)
+    bias: bool = tagged(True, SHAPE)  # biases in Linear layers and LayerNorms, as GPT-2; False wins in the CPU recipes
+    qkv_bias: Optional[bool] = tagged(None, SHAPE)  # q/k/v projection's bias (GPT-J has none); None = as `bias`
+    tie_weights: bool = tagged(True, SHAPE)  # lm_head shares wte's matrix, as GPT-2; False (GPT-J; the CPU recipes)
     activation: str = "gelu_tanh"  # GPT-2's tanh GELU; 'gelu' = the exact erf one (nanoGPT's checkpoints)
     # GPT-J is GPT-2 with these changed; the defaults keep GPT-2 exactly
-    rotary_dim: int = 0  # 0 = learned positions (wpe); > 0 = rotary on this many dims of each head (also the CPU recipes)
-    rotary_base: float = 10000.0  # the rotary wavelengths' base
-    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_1(x)): one LayerNorm per block
-    attn_proj_bias: Optional[bool] = None  # bias of attention's output projection; None = the same as `bias`
-    lm_head_bias: bool = False  # an untied lm_head with a bias
+    rotary_dim: int = tagged(0, SHAPE)  # 0 = learned positions (wpe); > 0 = rotary on this many dims per head
+    rotary_base: float = tagged(10000.0, COMPUTE)  # the rotary wavelengths' base
+    parallel_residual: bool = tagged(False, SHAPE)  # x + attn(ln_1(x)) + mlp(ln_1(x)): one LayerNorm per block
+    attn_proj_bias: Optional[bool] = tagged(None, SHAPE)  # attention output projection's bias; None = as `bias`
+    lm_head_bias: bool = tagged(False, SHAPE)  # an untied lm_head with a bias
     # options that win in the CPU recipes (docs/cpu_recipe.md); off, the model is GPT-2 exactly
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention (parameter-free)
-    bigram_embed: int = 0  # > 0: rows of a table indexed by (previous token, token), added to the input embedding
-    trigram_embed: int = 0  # > 0: the same for (two previous tokens, token), hashed into this many rows
-    smear: bool = False  # the input embedding adds a learned fraction of the previous position's, per channel
-    qkv_shift: bool = False  # q, k and v add a learned fraction of the previous position's (Primer's convolution)
+    qk_norm: bool = tagged(False, COMPUTE, EXTRA)  # RMS-normalise each head's queries and keys (no parameters)
+    bigram_embed: int = tagged(0, SHAPE, EXTRA)  # > 0: rows of a (previous token, token) table added to the input
+    trigram_embed: int = tagged(0, SHAPE, EXTRA)  # > 0: the same for (two previous, token), hashed into these rows
+    smear: bool = tagged(False, SHAPE, EXTRA)  # the input adds a learned fraction of the previous position's
+    qkv_shift: bool = tagged(False, SHAPE, EXTRA)  # q, k, v add a learned fraction of the previous position's (Primer)
 
-    # fields that define the shapes of the weights: a checkpoint only loads into a model that agrees on these
-    SHAPE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "qkv_bias", "tie_weights",
-                    "rotary_dim", "parallel_residual", "attn_proj_bias", "lm_head_bias", "bigram_embed",
-                    "trigram_embed", "smear", "qkv_shift")
-    # fields that change what the same weights compute: a resume may not change these either. (activation
-    # is not among them: a resume builds the checkpoint's own, which lets a run converted from nanoGPT,
-    # whose GELU is the exact one, resume with our default config)
-    COMPUTE_FIELDS = ("rotary_base", "qk_norm")
-    # options that transformers' GPT-2 and GPT-J classes (and so export_hf.py) do not compute
-    EXTRA_OPTIONS = ("qk_norm", "bigram_embed", "trigram_embed", "smear", "qkv_shift")
+    @classmethod
+    def fields_tagged(cls, tag):
+        """The names of the fields carrying tag (SHAPE, COMPUTE or EXTRA), in declaration order: what the resume
+        check and the export refusals read, so a new option is declared once, here."""
+        return tuple(f.name for f in fields(cls) if tag in f.metadata.get("tags", ()))
 
     def __post_init__(self):
         if self.qkv_bias is None:

@@ -19,12 +19,12 @@ from pathlib import Path
 from homegpt import weights
 from homegpt import checkpoint as ckpt_lib
 from homegpt.errors import UserError
-from model import GPTConfig
+from model import COMPUTE, SHAPE, GPTConfig
 from homegpt.optimizers import optimizer_problems
 from homegpt.runtime import print0
 
 # what a resume may not change: the weights' shapes, the data, the optimizer's kind
-RESUME_FIXED = GPTConfig.SHAPE_FIELDS + GPTConfig.COMPUTE_FIELDS + (
+RESUME_FIXED = GPTConfig.fields_tagged(SHAPE) + GPTConfig.fields_tagged(COMPUTE) + (
     "lora_rank", "lora_targets", "train_1d_only", "base_quant", "sft_train_file", "dataset", "data_dir", "optimizer")
 
 

@@ -38,7 +38,7 @@ from homegpt.dataloader import gpt2_encoding
 from homegpt.errors import UserError
 from homegpt.fileio import CKPT_PREFIX, check_writable, checkpoint_above, fsync_dir, run_signs
 from homegpt.lora import ADAPTER_NAMES, LORA_LAYERS
-from model import GPT, GPTConfig
+from model import EXTRA, GPT, GPTConfig
 from homegpt.quant import QUANTIZED_SUFFIXES, bitsandbytes, check_kind, quantized_linear
 
 # the four checkpoints OpenAI released, by the short names everyone uses -> their hub repository
@@ -540,7 +540,7 @@ GPTJ_QKV = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight")  #
 def architecture(config):
     """'gpt2' or 'gptj': the transformers class that computes exactly what a GPTConfig does. Refuses
     the combinations that neither does (e.g. rotary positions in a sequential block)."""
-    newer = [f"{k}={getattr(config, k)!r}" for k in GPTConfig.EXTRA_OPTIONS if getattr(config, k)]
+    newer = [f"{k}={getattr(config, k)!r}" for k in GPTConfig.fields_tagged(EXTRA) if getattr(config, k)]
     if newer:
         raise UserError(f"transformers' GPT-2 and GPT-J classes compute none of {', '.join(newer)}: a model trained "
                         f"with them cannot be exported to Hugging Face format (train without them to export)")

@@ -22,7 +22,7 @@ from homegpt import quant
 from homegpt.checkpoint import holds_checkpoint, read_checkpoint, restore_model
 from homegpt.errors import MissingFile, UserError
 from homegpt.fileio import file_sha256
-from model import GPT, GPTConfig
+from model import SHAPE, GPT, GPTConfig
 
 # GPTConfig fields that older checkpoints may hold, with the one value today's model still computes:
 # these options lost or tied in the project's own ablation and were removed (docs/LOG.md, 2026-12-07)
@@ -75,7 +75,7 @@ def check_model_args(saved, current):
     """Refuse to load weights into a model of another shape, naming the fields that differ."""
     saved = vars(saved_config(saved))
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
-            for k in GPTConfig.SHAPE_FIELDS if saved.get(k) != current.get(k)]
+            for k in GPTConfig.fields_tagged(SHAPE) if saved.get(k) != current.get(k)]
     if diff:
         raise UserError("the model shape differs from the checkpoint's:\n  " + "\n  ".join(diff) +
                          "\nkeep the checkpoint's values (or start a new out_dir)")

@@ -184,3 +184,37 @@ def test_bad_options_are_all_reported_before_any_work(tmp_path):
     for field in ("activation", "rotary_dim", "bigram_embed", "trigram_embed"):
         assert f"{field} must be" in str(e.value), str(e.value)
     assert not out.exists()
+
+
+# every GPTConfig field, and a value other than the base's below (a new field needs one here too)
+OTHER_VALUE = {"block_size": 32, "vocab_size": 70, "n_layer": 3, "n_head": 4, "n_embd": 64, "dropout": 0.1,
+               "bias": False, "qkv_bias": False, "tie_weights": True, "activation": "gelu", "rotary_dim": 0,
+               "rotary_base": 500.0, "parallel_residual": True, "attn_proj_bias": False, "lm_head_bias": True,
+               "qk_norm": True, "bigram_embed": 8, "trigram_embed": 8, "smear": True, "qkv_shift": True}
+TAG_BASE = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, tie_weights=False, rotary_dim=4)
+
+
+def test_each_field_is_tagged_with_what_it_changes():
+    """The resume check refuses a change of the SHAPE and COMPUTE fields and the exports refuse EXTRA ones,
+    reading the tags: a field that changes the weights' shapes must be tagged SHAPE, and one that changes
+    what the same weights compute, COMPUTE (activation and dropout aside: a resume builds the checkpoint's
+    activation, and dropout is off in evaluation)."""
+    from dataclasses import fields
+    from model import COMPUTE, SHAPE
+    assert {f.name for f in fields(GPTConfig)} == set(OTHER_VALUE)
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(**TAG_BASE)).eval()
+    idx = torch.randint(0, 65, (1, 16))
+    for name, value in OTHER_VALUE.items():
+        torch.manual_seed(0)
+        other = GPT(GPTConfig(**TAG_BASE | {name: value})).eval()
+        shapes = {k: v.shape for k, v in base.state_dict().items()}
+        if shapes != {k: v.shape for k, v in other.state_dict().items()}:
+            assert name in GPTConfig.fields_tagged(SHAPE), f"{name} changes the weights' shapes: tag it SHAPE"
+            continue
+        other.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            same = torch.equal(base(idx, torch.full_like(idx, -1))[0], other(idx, torch.full_like(idx, -1))[0])
+        if not same and name not in ("activation", "dropout"):
+            fixed = GPTConfig.fields_tagged(SHAPE) + GPTConfig.fields_tagged(COMPUTE)  # what a resume may not change
+            assert name in fixed, f"{name} changes what the weights compute: tag it COMPUTE"
