@@ -1,5 +1,6 @@
 # Classifier comparison, way 1 of 4: train only the 1-D parameters (biases and LayerNorm gains, as
-# BitFit, Ben Zaken et al. 2021), everything else frozen. finetune_classify_lora.py explains the data.
+# BitFit, Ben Zaken et al. 2021), everything else frozen. finetune_classify_lora.py explains the data
+# and lists the four ways.
 #   python train.py config/finetune_classify_1d.py
 #   python eval.py --out_dir=out-classify-1d --tasks=generate --data_file=data/classify/test.jsonl --max_new_tokens=4
 # gpt2-medium: 321,536 trained parameters (0.09%), the fewest of the three trained ways; with so few,

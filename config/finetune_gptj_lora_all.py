@@ -4,7 +4,10 @@
 #   python data/hate_speech/prepare.py            # 1,000 train / 200 class-balanced val (data/hate_speech)
 #   python train.py config/finetune_gptj_lora_all.py
 #   python eval.py --out_dir=out-gptj-lora-all --tasks=generate --data_file=data/hate_speech/val.jsonl --max_new_tokens=4
-# Way 3 of 4 (finetune_gptj_{1d,lora_attn,lora_all,fewshot}.py; docs/gptj.md has each one's counts).
+# Way 3 of 4 (docs/gptj.md has each one's counts): way 1 is finetune_gptj_1d.py, way 4 finetune_gptj_fewshot.py,
+# and way 2, LoRA on the attention matmuls only (c_attn, attn.c_proj), is this file with two overrides:
+#   python train.py config/finetune_gptj_lora_all.py --lora_targets=attn --out_dir=out-gptj-lora-attn
+# which trains 5,505,024 LoRA parameters (rank 8 x (4096+12288 + 4096+4096) x 28 blocks), 0.09%.
 # Needs the real weights: init_from downloads EleutherAI/gpt-j-6b into the Hugging Face cache (in float32
 # the model is 24 GB); they are read tensor by tensor, each block matmul quantised as it arrives, so host
 # memory peaks near the int8 model (~7.3 GB with the float32 embeddings and lm_head). A local

@@ -58,7 +58,7 @@ def test_make_synthetic_never_replaces_other_data_silently(tmp_path):
 
 
 def test_configs_read_the_files_make_synthetic_writes():
-    assert len(CONFIGS) == 5  # lora, 1d, attn, all, fewshot
+    assert len(CONFIGS) == 3  # lora (with --lora_targets=all, the all-layer way), 1d, fewshot
     for config in CONFIGS:
         ns = {}
         exec(config.read_text(), ns)

@@ -92,7 +92,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {root!r})
     from homegpt import hf
-    from homegpt.runtime import proc_status_bytes, reset_peak_rss
+    from homegpt.hardware import proc_status_bytes, reset_peak_rss
     import bitsandbytes  # imported before the baseline: their code is not the weights
     from homegpt import quant
     before = proc_status_bytes("VmRSS")
@@ -334,12 +334,14 @@ def hate_speech(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("name", ["finetune_gptj_lora_all", "finetune_gptj_lora_attn", "finetune_gptj_1d"])
-def test_the_gptj_classifier_recipes_run_end_to_end(tmp_path, gptj_dir, hate_speech, name):
+@pytest.mark.parametrize("name,overrides", [("finetune_gptj_lora_all", {}),
+                                            ("finetune_gptj_lora_all", {"lora_targets": "attn"}),  # way 2
+                                            ("finetune_gptj_1d", {})], ids=["lora_all", "lora_attn", "1d"])
+def test_the_gptj_classifier_recipes_run_end_to_end(tmp_path, gptj_dir, hate_speech, name, overrides):
     import eval as eval_script
     import train
     cfg = config_run(tmp_path, name, gptj_dir, sft_train_file=hate_speech / "train.jsonl",
-                     sft_val_file=hate_speech / "val.jsonl")
+                     sft_val_file=hate_speech / "val.jsonl", **overrides)
     assert cfg.base_quant == "int8" and cfg.optimizer == "adamw8bit" and cfg.activation_checkpointing
     result = train.main(cfg)
     assert result["iter_num"] == 4
