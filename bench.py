@@ -64,9 +64,10 @@ from homegpt.hf import GPT2_SHAPES
 from model import GPT, GPTConfig
 from homegpt.optimizers import optimizer_problems
 from homegpt.autobatch import find_max_batch
-from homegpt.runtime import (Dist, OverBudget, autocast, compile_reason, cpu_model, free_memory, is_oom, make_scaler,
-                     peak_flops, pick_device, pick_dtype, proc_status_bytes, reset_peak_rss, seed_everything,
-                     setup_backends, synchronize)
+from homegpt.hardware import (OverBudget, free_memory, is_oom, peak_flops, proc_status_bytes, reset_peak_rss,
+                              synchronize)
+from homegpt.runtime import (Dist, autocast, compile_reason, cpu_model, make_scaler, pick_device, pick_dtype,
+                             seed_everything, setup_backends)
 from train import TrainConfig, make_optimizer, train_step
 
 
@@ -464,7 +465,7 @@ def _skip(rows, name, compile_settings, sizes, block_size, note):
 
 
 def _peak_flops_once(report, device, dtype):
-    """The device's peak FLOP/s in dtype (runtime.peak_flops), looked up or measured once per dtype."""
+    """The device's peak FLOP/s in dtype (hardware.peak_flops), looked up or measured once per dtype."""
     real = str(dtype).replace("torch.", "")
     if real not in report["peak_flops"]:
         pf, source = peak_flops(device, dtype)

@@ -39,8 +39,9 @@ from homegpt.dataloader import (RandomSampler, SequentialSampler, TokenData, Tok
 from homegpt.errors import UserError
 from model import GPT, GPTConfig
 from homegpt.optimizers import make_optimizer
-from homegpt.runtime import (Dist, StopFlag, autocast, barrier, close_distributed, init_distributed, make_scaler, peak_flops,
-                     pick_dtype, print0, seed_everything, setup_backends, shard_model, step_seed, wrap_for_training)
+from homegpt.hardware import peak_flops
+from homegpt.runtime import (Dist, StopFlag, autocast, barrier, close_distributed, init_distributed, make_scaler, pick_dtype,
+                             print0, seed_everything, setup_backends, shard_model, step_seed, wrap_for_training)
 
 
 @dataclass

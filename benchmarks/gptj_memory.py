@@ -31,7 +31,8 @@ from homegpt import memory
 from homegpt import lora
 from model import GPT, GPTConfig
 from homegpt.hf import place_weight
-from homegpt.runtime import Dist, make_scaler, proc_status_bytes, reset_peak_rss
+from homegpt.hardware import proc_status_bytes, reset_peak_rss
+from homegpt.runtime import Dist, make_scaler
 from train import train_step
 from homegpt.optimizers import configure_optimizers
 

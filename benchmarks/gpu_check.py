@@ -77,8 +77,8 @@ import configurator  # noqa: E402
 from homegpt.errors import UserError
 from homegpt.fileio import write_json  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from homegpt.runtime import (autocast, compile_reason, cpu_model, peak_flops, pick_device, pick_dtype,  # noqa: E402
-                     setup_backends, synchronize)
+from homegpt.hardware import peak_flops, synchronize  # noqa: E402
+from homegpt.runtime import autocast, compile_reason, cpu_model, pick_device, pick_dtype, setup_backends  # noqa: E402
 from train import TrainConfig  # noqa: E402
 from homegpt import memory  # noqa: E402
 from gpu_levers import fp16_table, levers_table, run_fp16, run_levers  # noqa: E402

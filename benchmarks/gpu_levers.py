@@ -26,7 +26,8 @@ from homegpt.dataloader import TokenData, make_sampler, prepare_shipped, resolve
 from homegpt.weights import saved_config, scratch_model_args
 from model import GPT
 from homegpt.optimizers import make_optimizer
-from homegpt.runtime import Dist, autocast, cuda_has_bf16, free_memory, make_scaler, seed_everything, step_seed
+from homegpt.hardware import free_memory
+from homegpt.runtime import Dist, autocast, cuda_has_bf16, make_scaler, seed_everything, step_seed
 from train import get_lr, set_lr, train_step
 from gpu_rows import GIB, builder, estimate, recipe, shape_of, step_counts, train_row
 

@@ -33,7 +33,8 @@ from bench import PeakMemory, model_config  # noqa: E402
 from homegpt.weights import apply_finetune  # noqa: E402
 from model import GPT  # noqa: E402
 from homegpt.optimizers import make_optimizer  # noqa: E402
-from homegpt.runtime import Dist, autocast, free_memory, is_oom, make_scaler, synchronize  # noqa: E402
+from homegpt.hardware import free_memory, is_oom, synchronize  # noqa: E402
+from homegpt.runtime import Dist, autocast, make_scaler  # noqa: E402
 from train import TrainConfig, train_step  # noqa: E402
 
 GIB = 2 ** 30

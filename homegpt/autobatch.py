@@ -20,8 +20,8 @@ import torch
 from homegpt import memory
 from homegpt.errors import UserError
 from homegpt.optimizers import make_optimizer
-from homegpt.runtime import (Dist, OverBudget, autocast, free_memory, gather_objects, is_oom, make_scaler, print0,
-                     proc_status_bytes, reset_peak_rss, synchronize)
+from homegpt.hardware import OverBudget, free_memory, is_oom, proc_status_bytes, reset_peak_rss, synchronize
+from homegpt.runtime import Dist, autocast, gather_objects, make_scaler, print0
 
 CONFIRM = 0.15  # after the search, time whole iterations of the best candidates for this share of its time
 

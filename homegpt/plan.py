@@ -45,7 +45,8 @@ from homegpt.checkpoint import model_tensors, read_for_resume
 from homegpt.dataloader import TokenData, make_sampler, prepare_command, prepare_shipped, resolve_data_dir, to_device
 from homegpt.errors import UserError
 from homegpt.fileio import JSON_OBJECT, check_file_target, write_json
-from homegpt.runtime import Dist, autocast, pick_device, pick_dtype, seed_everything, setup_backends, synchronize
+from homegpt.hardware import synchronize
+from homegpt.runtime import Dist, autocast, pick_device, pick_dtype, seed_everything, setup_backends
 
 CHINCHILLA = 20  # tokens per parameter of a compute-optimal run (Hoffmann et al. 2022)
 

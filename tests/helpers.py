@@ -1,4 +1,4 @@
-"""Small builders shared by the end-to-end tests: a char dataset, a tiny training config, a fake terminal."""
+"""Small builders shared by the tests: a char dataset, a tiny training config, a fake GPU, a fake terminal."""
 
 import io
 import sys
@@ -42,6 +42,16 @@ def tiny_run(path, **overrides):
     import train
     train.main(tiny_train_config(char_dataset(path / "data", n_chars=20_000), path / "out", **overrides))
     return path / "out"
+
+
+def fake_gpu(monkeypatch, name, capability):
+    """torch.cuda answering as the named card would, on a machine without CUDA."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    # what recent torch says on a T4: its including_emulation defaults to True, so emulated bf16 counts
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    return torch.device("cuda")  # no CUDA needed: only the queries above are consulted
 
 
 class Terminal(io.StringIO):
