@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from homegpt import runtime
-from homegpt.errors import MissingFile, UserError
+from homegpt.errors import MissingFile, UserError, many_errors
 from homegpt.dataloader import EpochOrder
 from homegpt.generate import generate
 
@@ -48,7 +48,6 @@ ALPACA_TEMPLATE_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n")
 SHOT_TEMPLATE = "{prompt}{completion}\n\n"  # one demonstration of a k-shot prompt
 MAX_LABELS = 20  # gold completions with at most this many distinct values are treated as class labels
-MAX_ERRORS = 10  # bad records listed in one error message
 
 
 # ----------------------------------------------------------------------------- reading examples
@@ -110,10 +109,8 @@ def read_records(path):
         except ValueError as e:
             errors.append(f"{where}: {e}")
     if errors:
-        more = f"\n  ... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-        raise UserError(f"{path}: {len(errors)} bad record(s); each needs prompt+completion or "
-                         f"instruction+output (Alpaca) string fields:\n  "
-                         + "\n  ".join(errors[:MAX_ERRORS]) + more)
+        raise many_errors(f"{path}: {len(errors)} bad record(s); each needs prompt+completion or "
+                          f"instruction+output (Alpaca) string fields", errors)
     if not checked:
         raise UserError(f"{path}: holds no examples")
     return checked

@@ -92,6 +92,17 @@ def test_bad_lines_name_file_line_and_fields(tmp_path):
         load_examples(tmp_path / "nope.jsonl")
 
 
+def test_a_file_of_many_bad_lines_lists_the_first_ten_and_counts_the_rest(tmp_path):
+    """All bad lines are reported at once, but a file of thousands gives a message a user can read."""
+    p = write_jsonl(tmp_path / "many.jsonl", [{"prompt": "p"}] * 13)
+    with pytest.raises(ValueError) as e:
+        load_examples(p)
+    lines = str(e.value).splitlines()
+    assert "13 bad record(s)" in lines[0]
+    assert [line.split(":")[0].strip() for line in lines[1:-1]] == [f"line {n}" for n in range(1, 11)]
+    assert lines[-1] == "  ... and 3 more"
+
+
 # ----------------------------------------------------------------------------- tokens and masks
 
 def test_tokenize_marks_completion_and_eot():

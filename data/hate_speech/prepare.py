@@ -42,14 +42,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not installed
 
-from homegpt.errors import MissingFile, UserError  # noqa: E402
+from homegpt.errors import MissingFile, UserError, many_errors  # noqa: E402
 from configurator import parse_list, run  # noqa: E402
 from homegpt.fileio import check_dir_target, file_sha256, write_json, write_json_lines  # noqa: E402
 
 HUB = "tdavidson/hate_speech_offensive"
 CSV_URL = "https://github.com/t-davidson/hate-speech-and-offensive-language/raw/master/data/labeled_data.csv"
 N_CLASSES = 3  # Davidson et al.'s classes: 0 hate speech, 1 offensive language, 2 neither
-MAX_ERRORS = 10  # bad rows listed in one error message
 
 
 @dataclass
@@ -161,10 +160,8 @@ def check_rows(rows, where):
         else:
             out.append((" ".join(tweet.split()), cls))
     if errors:
-        more = f"\n  ... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-        raise UserError(f"{where}: {len(errors)} bad row(s) of {len(rows):,}; each needs a non-empty tweet and "
-                        f"a class 0 (hate), 1 (offensive) or 2 (neither):\n  "
-                        + "\n  ".join(errors[:MAX_ERRORS]) + more)
+        raise many_errors(f"{where}: {len(errors)} bad row(s) of {len(rows):,}; each needs a non-empty tweet "
+                          f"and a class 0 (hate), 1 (offensive) or 2 (neither)", errors)
     if not out:
         raise UserError(f"{where}: holds no rows")
     return out
