@@ -227,7 +227,8 @@ def test_resuming_a_full_fine_tune_does_not_need_the_base_again(data, tmp_path):
 
 
 def test_resume_takes_the_optimizer_hyperparameters_from_the_config(data, tmp_path):
-    """A resume that prints 'weight_decay changed' must train with the new value (PITFALLS 21)."""
+    """A resume that prints 'weight_decay changed' must train with the new value: restoring the optimizer's
+    saved state would silently bring back the old hyperparameters, and the printed change would be a lie."""
     import shutil
     base = tmp_path / "base"
     train.main(tiny_train_config(data, base, max_iters=2, eval_interval=2))
