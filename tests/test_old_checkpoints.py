@@ -1,9 +1,12 @@
 """Checkpoints written by an earlier homegpt still load and resume exactly.
 
-tests/fixtures/run_format1 is a run saved by the code of checkpoint format 1 as it stood before the model
-options were trimmed (a tiny char model with rotary positions, QK-norm, the four previous-position options
-and Muon, saved at iteration 4 of 6). Beside it, expected.json holds what that code computed: the saved
-model's logits on a fixed input, and the metrics of the same command run to iteration 6 without a stop.
+Each fixture is a run saved by older code: a tiny char model with rotary positions, QK-norm, the four
+previous-position options and Muon, saved at iteration 4 of 6. Beside it, expected.json holds what that
+code computed (the saved model's logits on a fixed input, and the metrics of the same command run to
+iteration 6 without a stop) and recipe.json the options it was trained with and the commit.
+    run_format1          checkpoint format 1 as it stood before the model options were trimmed (bc596e2)
+    run_before_package   the code just before the library moved into homegpt/ (0e44551), 16 wide
+tests/fixtures/make_run.py writes another from any commit; run before a change that may touch the format.
 
     python -m pytest -q tests/test_old_checkpoints.py
 """
@@ -20,38 +23,43 @@ import train
 from homegpt.errors import UserError
 from helpers import char_dataset, tiny_train_config
 
-FIXTURE = Path(__file__).parent / "fixtures" / "run_format1"
-OPTIONS = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, bias=False, tie_weights=False,
-               activation="gelu", qk_norm=True, rotary_dim=8, bigram_embed=300, trigram_embed=200, smear=True,
-               qkv_shift=True, optimizer="muon", muon_lr=0.02, lr_schedule="wsd", warmup_iters=1,
-               eval_interval=2, eval_iters=2, keep_last_n=1, lr_decay_iters=6)
+FIXTURES = Path(__file__).parent / "fixtures"
+RUNS = ["run_format1", "run_before_package"]
+FIXTURE = FIXTURES / "run_format1"
 
 
-def expected():
-    return json.loads((FIXTURE / "expected.json").read_text())
+def expected(run):
+    return json.loads((FIXTURES / run / "expected.json").read_text())
 
 
-def test_an_old_checkpoint_computes_what_it_computed():
-    model, info = weights.load_model(FIXTURE)
+def recipe(run):
+    """The train.py options the fixture was trained with (make_run.py's recipe and that run's overrides)."""
+    return json.loads((FIXTURES / run / "recipe.json").read_text())["options"]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_an_old_checkpoint_computes_what_it_computed(run):
+    model, info = weights.load_model(FIXTURES / run)
     assert info["iter_num"] == 4
     idx = torch.arange(16).remainder(65)[None]
     with torch.no_grad():
         logits = model(idx, targets=torch.full_like(idx, -1))[0]
-    want = expected()
+    want = expected(run)
     torch.testing.assert_close(logits[0, :3, :5], torch.tensor(want["logits_first"]), rtol=0, atol=1e-5)
     assert abs(logits.double().abs().sum().item() - want["logits_abs_sum"]) < 1e-3
 
 
-def test_an_old_run_resumes_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("run", RUNS)
+def test_an_old_run_resumes_exactly(tmp_path, monkeypatch, run):
     """Resumed at iteration 4 by today's code, the run ends as the old code's uninterrupted run did."""
     monkeypatch.chdir(tmp_path)  # the run recorded its data and out_dir as relative paths
-    shutil.copytree(FIXTURE, "v1_run")
+    shutil.copytree(FIXTURES / run, "v1_run")
     char_dataset(Path("fixture-data"), n_chars=20000)
-    result = train.main(tiny_train_config("fixture-data", "v1_run", max_iters=6, init_from="resume", **OPTIONS))
+    result = train.main(tiny_train_config("fixture-data", "v1_run", max_iters=6, init_from="resume", **recipe(run)))
     assert result["iter_num"] == 6
     lines = [json.loads(line) for line in Path("v1_run/metrics.jsonl").read_text().splitlines()]
     resumed = [line for line in lines if line["iter"] > 4]
-    want = expected()["uninterrupted"]
+    want = expected(run)["uninterrupted"]
     assert [sorted(line) for line in resumed] == [sorted(line) for line in want]
     for got, old in zip(resumed, want):
         for key in ("train_loss", "val_loss", "lr", "tokens"):
