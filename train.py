@@ -32,10 +32,10 @@ from homegpt import checkpoint as ckpt_lib
 import configurator
 from homegpt import evaluation
 from homegpt import memory
-from homegpt import sft
 from homegpt.config_checks import check_config, check_resume, resolve_start
-from homegpt.dataloader import (RandomSampler, SequentialSampler, TokenData, Tokenizer, count_eval_batches, eval_batches,
-                        make_sampler, prepare_shipped, resolve_data_dir, to_device)
+from homegpt.dataloader import RandomSampler, SequentialSampler, resolve_data_dir, to_device
+from homegpt.rundata import batches, open_data
+from homegpt.prepare_text import prepare_shipped
 from homegpt.errors import UserError
 from model import GPT, GPTConfig
 from homegpt.optimizers import make_optimizer
@@ -227,47 +227,6 @@ def train_step(model, optimizer, scaler, batches, ctx, grad_clip, dist_info, dev
     return Step(loss_sum, norm, stepped, bool(finite_loss), int(n_tokens), bool(stop_all))
 
 
-# ----------------------------------------------------------------------------- data, model, optimizer
-
-def load_data(cfg, dist_info, meta_hint=None):
-    """(train sampler, function yielding val batches or None, dataset meta) for token files or SFT JSONL."""
-    if cfg.sft_train_file:
-        tokenizer = Tokenizer(meta_hint or {"tokenizer": "gpt2"})
-        template = cfg.sft_template or None
-        sft.check_template(template)
-        records = sft.read_records(cfg.sft_train_file)
-        train_tok, n_cut = sft.tokenize_examples([sft.format_example(r, template) for r in records], tokenizer,
-                                                 cfg.block_size)
-        print0(f"sft: {len(train_tok):,} training examples from {cfg.sft_train_file}, {n_cut} truncated to block_size")
-        sampler = sft.SFTSampler(train_tok, cfg.batch_size, cfg.block_size, cfg.seed, dist_info.rank,
-                                 dist_info.world_size, packing=cfg.sft_packing)
-        val_tok = None
-        if cfg.sft_val_file:
-            val_tok, _ = sft.tokenize_examples(sft.load_examples(cfg.sft_val_file, template), tokenizer, cfg.block_size)
-        val = (lambda: sft.sft_eval_batches(val_tok, cfg.batch_size, cfg.block_size, cfg.eval_iters)) if val_tok else None
-        meta = {k: v for k, v in (meta_hint or {"tokenizer": "gpt2", "vocab_size": tokenizer.vocab_size}).items()
-                if k != "prompt_template"}  # (a base tuned on other data may carry its own)
-        if any("instruction" in r for r in records):  # chat and the judge wrap instructions as training did
-            meta["prompt_template"] = sft.prompt_templates(template)
-        return sampler, val, meta
-    data_dir = resolve_data_dir(cfg.data_dir, cfg.dataset)
-    train = TokenData(data_dir, "train")
-    valdata = TokenData(data_dir, "val")
-    vocab = train.meta.get("vocab_size") or 50304
-    sampler = make_sampler(cfg.sampling, train, cfg.batch_size, cfg.block_size, cfg.seed,
-                           dist_info.rank, dist_info.world_size, vocab)
-    if count_eval_batches(valdata, cfg.batch_size, cfg.block_size, cfg.eval_iters) == 0:  # found now, not at the first evaluation
-        raise UserError(f"{data_dir}: every 'val' file is shorter than block_size+1 = {cfg.block_size + 1} tokens "
-                        f"({valdata.n_tokens:,} val tokens), so no evaluation could run: use a smaller block_size, or "
-                        f"prepare more validation data")
-    val = lambda: eval_batches(valdata, cfg.batch_size, cfg.block_size, cfg.eval_iters, vocab)
-    print0(f"data: {data_dir}: {train.n_tokens:,} train tokens in {len(train.files)} file(s), "
-           f"{valdata.n_tokens:,} val tokens; sampling={cfg.sampling}")
-    # a data_dir without meta.json (e.g. nanoGPT's own folder, holding meta.pkl) keeps the meta the
-    # model came with, so that a checkpoint saved from here still decodes its ids
-    return sampler, val, train.meta or meta_hint or {}
-
-
 def set_lr(optimizer, lr):
     """Every group at lr times its lr_scale (Muon's matrices: muon_lr on the same schedule)."""
     for group in optimizer.param_groups:
@@ -359,8 +318,8 @@ def resume_point(cfg, dist_info, device):
 
 
 def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
-    """Phase 3: data, model (from scratch, a pretrained base or the checkpoint), optimizer, and the
-    checkpoint's state restored: the Run the loop trains."""
+    """Phase 3: model (from scratch, a pretrained base or the checkpoint), its micro-batch, data,
+    optimizer, and the checkpoint's state restored: the Run the loop trains."""
     seed_everything(cfg.seed)  # the same initial weights on every rank and every run
     origin = state["config"]["init_from"] if state else cfg.init_from
     meta_hint = state.get("data_meta") if state else None
@@ -369,14 +328,12 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
     if not cfg.sft_train_file and dist_info.is_master:
         prepare_shipped(resolve_data_dir(cfg.data_dir, cfg.dataset))  # Tiny Shakespeare: one command to a model
     barrier(dist_info, device)
-    # (batch_size='auto': a placeholder batch until the search below has chosen one)
-    sampler, val_batches, data_meta = load_data(cfg if cfg.batch_size != "auto" else dataclasses.replace(
-        cfg, batch_size=1), dist_info, meta_hint)
+    data = open_data(cfg, meta_hint)  # every file checked before a model is built
     build_from, model_args = origin, None
     if state and not state.get("trainable_only"):  # the checkpoint holds every weight: no base to fetch
         build_from, model_args = "scratch", dict(state["model_args"], dropout=cfg.dropout)
     elif origin == "scratch":
-        model_args = weights.scratch_model_args(cfg, data_meta)
+        model_args = weights.scratch_model_args(cfg, data.meta)
     base = weights.repoint_base(state.get("base") if state else weights.base_reference(origin), cfg.base_dir)
     model, partial = weights.build_model(cfg, build_from, model_args, base=base)
     if cfg.batch_size == "auto":  # the search needs the model; the data then comes in the chosen batches
@@ -384,21 +341,14 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
         cfg = autobatch.resolve_auto_batch(train_step, cfg, configurator.before_overrides(cfg, "batch_size"), model,
                                            device, dtype, dist_info)
         print_tokens_per_iter(cfg, dist_info, device)
-        sampler, val_batches, data_meta = load_data(cfg, dist_info, meta_hint)
+    sampler, val_batches = batches(cfg, data, dist_info)
     if isinstance(sampler, (RandomSampler, SequentialSampler)):  # token files: their ids must fit the model
         sampler.data.check_vocab(model.config.vocab_size)
         sampler.vocab_size = model.config.vocab_size
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     print0(memory.budget_report(model, cfg.max_iters, tokens_per_iter, cfg.max_iters - (state or {}).get("iter_num", 0),
                                 device, *peak_flops(device, dtype), dist_info.world_size))
-    est, available = memory.estimate_training_memory(
-        model, cfg.batch_size, cfg.block_size, compute_dtype_bytes=4 if dtype == torch.float32 else 2,
-        optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing,
-        world_size=dist_info.world_size, fsdp=fsdp), memory.device_memory(device)
-    print0(memory.memory_report(est, available))
-    if memory.fits(est, available) is False and not cfg.ignore_memory_estimate:
-        raise UserError("the memory estimate above does NOT fit this device: take one of the changes it lists, or "
-                        "pass --ignore_memory_estimate=True to try anyway")
+    memory.check_training_memory(model, cfg, dtype, device, dist_info.world_size, fsdp, log=print0)
     model.to(device)
     if state:  # whole weights on every rank, before FSDP splits them
         ckpt_lib.restore_model(model, ckpt_dir, state)
@@ -406,7 +356,7 @@ def build_run(cfg, dist_info, device, dtype, fsdp, ckpt_dir, state):
         shard_model(model)
         print0(f"fsdp: {model.config.n_layer} blocks + root sharded over {dist_info.world_size} ranks")
     run = Run(cfg, dist_info, device, autocast(device, dtype), model, make_optimizer(model, cfg, device),
-              make_scaler(device, dtype), sampler, val_batches, data_meta, origin, base, partial, fsdp)
+              make_scaler(device, dtype), sampler, val_batches, data.meta, origin, base, partial, fsdp)
     if state:
         ckpt_lib.restore_run(run, ckpt_dir, state)
     return run

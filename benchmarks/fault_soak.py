@@ -31,6 +31,7 @@ import torch
 
 from homegpt import weights
 from homegpt import checkpoint
+from homegpt.prepare_text import prepare_chars
 from configurator import configure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,9 +118,7 @@ def inject(kind, p, marker, rng):
 
 def soak(cfg, work):
     data, script, marker = work / "data", work / "full_disk.py", work / "disk-full"
-    sys.path.insert(0, str(ROOT / "data" / "shakespeare_char"))
-    from prepare import prepare
-    prepare(data, (ROOT / "data" / "shakespeare_char" / "input.txt").read_text(encoding="utf-8")[:50_000])
+    prepare_chars(data, (ROOT / "data" / "shakespeare_char" / "input.txt").read_text(encoding="utf-8")[:50_000])
     script.write_text(FULL_DISK.format(root=str(ROOT), marker=str(marker)))
     alone, faulted, log_path = work / "alone", work / "faulted", work / "faulted.log"
     with open(work / "alone.log", "w") as log:

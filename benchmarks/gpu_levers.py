@@ -22,7 +22,8 @@ import gpu_rows  # first: it puts the checkout on sys.path for a plain `python b
 import torch
 
 from configurator import parse_list
-from homegpt.dataloader import TokenData, make_sampler, prepare_shipped, resolve_data_dir, to_device
+from homegpt.dataloader import TokenData, make_sampler, resolve_data_dir, to_device
+from homegpt.prepare_text import prepare_shipped
 from homegpt.weights import saved_config, scratch_model_args
 from model import GPT
 from homegpt.optimizers import make_optimizer

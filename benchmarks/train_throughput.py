@@ -7,7 +7,7 @@ plain float32 eager (nanoGPT's CPU path), on the same model, data and dropout ma
     python benchmarks/train_throughput.py --train_args="--n_layer=2 --n_embd=64" --steps=20
     python benchmarks/train_throughput.py --compile=True --steps=20 --batch_size=8
 
-Both sides are built and stepped by train.py's own code (train.load_data, weights.build_model,
+Both sides are built and stepped by train.py's own code (rundata.open_data and batches, weights.build_model,
 optimizers.make_optimizer, runtime.autocast, train.train_step, train.get_lr), from one training
 config file, so this measures what `python train.py <config_file>` does. They run in lockstep in one
 process: the same batch, learning rate and dropout seed for both at each step, the order of the two
@@ -34,6 +34,7 @@ from configurator import parse_config
 from homegpt.dataloader import to_device
 from homegpt.optimizers import make_optimizer
 from homegpt.runtime import Dist, autocast, make_scaler, pick_device, pick_dtype, seed_everything, step_seed
+from homegpt.rundata import batches, open_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,8 +82,9 @@ def main(cfg):
     tcfg = training_config(cfg)
     device = pick_device(cfg.device)
     fast_dtype = pick_dtype(cfg.fast_dtype, device)
-    sampler, _, meta = train.load_data(tcfg, Dist())
-    model_args = weights.scratch_model_args(tcfg, meta)  # as train.py builds a model from scratch
+    data = open_data(tcfg)
+    sampler, _ = batches(tcfg, data, Dist())
+    model_args = weights.scratch_model_args(tcfg, data.meta)  # as train.py builds a model from scratch
     tokens_per_step = tcfg.batch_size * tcfg.block_size
     base = "float32 eager"
     fast = f"{str(fast_dtype).replace('torch.', '')}{' compiled' if cfg.compile else ' eager'}" \

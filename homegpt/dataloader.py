@@ -145,22 +145,6 @@ def resolve_data_dir(data_dir, dataset):
     return CHECKOUT / path
 
 
-SHIPPED_DATASETS = ("shakespeare_char", "shakespeare")  # their text ships in the checkout
-
-
-def prepare_shipped(data_dir):
-    """Prepare data/shakespeare_char or data/shakespeare when their token files are missing: the text
-    ships in the checkout, it takes seconds and downloads nothing. Returns True when it did."""
-    data_dir = Path(data_dir).resolve()
-    if data_dir.parent != CHECKOUT / "data" or data_dir.name not in SHIPPED_DATASETS or (data_dir / "train.bin").exists():
-        return False
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"prepare_{data_dir.name}", data_dir / "prepare.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    print(f"data: {data_dir} has no token files yet; preparing them (python data/{data_dir.name}/prepare.py)", flush=True)
-    script.main(script.PrepareConfig())
-    return True
 
 
 def load_meta(data_dir):
@@ -207,6 +191,7 @@ class TokenData:
 
     def __init__(self, data_dir, split):
         data_dir = Path(data_dir)
+        self.split = split
         raw = data_dir / f"{split}.bin"
         files = [raw] if raw.exists() else sorted(data_dir.glob(f"*_{split}_*.bin"))
         if not files:
@@ -248,6 +233,14 @@ class TokenData:
         del m
         return out
 
+    def check_windows(self, block_size):
+        """Refuse a split none of whose files holds a window of block_size+1 tokens: nothing could be
+        sampled or evaluated from it (a short file among longer ones is only skipped)."""
+        if all(n < block_size + 1 for n in self.lengths):
+            raise UserError(f"every '{self.split}' token file is shorter than block_size+1 = {block_size + 1} tokens "
+                            f"({self.n_tokens:,} tokens in {[str(f) for f in self.files[:3]]}): use a smaller "
+                            f"block_size, or prepare more data")
+
     def check_vocab(self, vocab_size):
         if self.vocab_size is not None and self.vocab_size > vocab_size:
             raise UserError(f"the dataset's vocab_size {self.vocab_size} (meta.json) exceeds the model's "
@@ -261,10 +254,7 @@ class _Sampler:
 
     def __init__(self, data, batch_size, block_size, vocab_size=None):
         self.data, self.batch_size, self.block_size, self.vocab_size = data, batch_size, block_size, vocab_size
-        too_short = [str(f) for f, n in zip(data.files, data.lengths) if n < block_size + 1]
-        if len(too_short) == len(data.files):
-            raise UserError(f"every token file is shorter than block_size+1 = {block_size + 1} tokens: "
-                             f"{too_short[:3]}; use a smaller block_size or more data")
+        data.check_windows(block_size)
 
     def _batch(self, windows):
         buf = np.empty((len(windows), self.block_size + 1), dtype=np.int64)  # (B, T+1)

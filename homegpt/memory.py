@@ -245,6 +245,21 @@ def budget_report(model, max_iters, tokens_per_iter, iters_left, device, peak_fl
     return "\n".join(lines)
 
 
+def check_training_memory(model, cfg, dtype, device, world_size=1, fsdp=False, log=print):
+    """train.py's one memory check: the estimate of training model as cfg says (its micro-batch,
+    optimizer, activation checkpointing) on device, logged as a table, and a UserError when it does NOT
+    fit, unless cfg.ignore_memory_estimate."""
+    est = estimate_training_memory(model, cfg.batch_size, cfg.block_size,
+                                   compute_dtype_bytes=4 if dtype == torch.float32 else 2, optimizer=cfg.optimizer,
+                                   activation_checkpointing=cfg.activation_checkpointing, world_size=world_size,
+                                   fsdp=fsdp)
+    available = device_memory(device)
+    log(memory_report(est, available))
+    if fits(est, available) is False and not cfg.ignore_memory_estimate:
+        raise UserError("the memory estimate above does NOT fit this device: take one of the changes it lists, or "
+                        "pass --ignore_memory_estimate=True to try anyway")
+
+
 def device_memory(device):
     """Bytes the device offers: total CUDA memory, Apple's recommended MPS budget, or for the CPU the
     available RAM (MemAvailable from /proc/meminfo, else sysconf). None when unknown."""

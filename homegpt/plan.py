@@ -42,7 +42,8 @@ from homegpt import memory
 from homegpt.config_checks import check_config
 from homegpt.autobatch import CONFIRM, compare_iterations, random_batches, search, sequences_per_rank, time_iterations
 from homegpt.checkpoint import model_tensors, read_for_resume
-from homegpt.dataloader import TokenData, make_sampler, prepare_command, prepare_shipped, resolve_data_dir, to_device
+from homegpt.dataloader import TokenData, make_sampler, prepare_command, resolve_data_dir, to_device
+from homegpt.prepare_text import prepare_shipped
 from homegpt.errors import UserError
 from homegpt.fileio import JSON_OBJECT, check_file_target, write_json
 from homegpt.hardware import synchronize

@@ -174,8 +174,7 @@ def load_any(spec, device="cpu", which="latest", base_quant="", base_dir=""):
     model's matmuls as it loads (e.g. GPT-J-6B for a few-shot evaluation on an 11 GB card).
     base_dir: where a fine-tune's base is now, when it moved (repoint_base)."""
     if holds_checkpoint(spec):
-        quantised = bool((read_checkpoint(spec, which, verify=False)[1].get("config") or {}).get("base_quant"))
-        model, info = load_model(spec, device=device, which=which, merge_lora=not quantised, base_dir=base_dir)
+        model, info = load_model(spec, device=device, which=which, merge_lora=None, base_dir=base_dir)
         return model, info.get("data_meta") or {"tokenizer": "gpt2", "vocab_size": 50257}, info
     if spec in hf.HF_MODELS or (Path(spec) / "config.json").is_file() or (hf.HUB_REPO.fullmatch(spec) and not Path(spec).exists()):
         repoint_base(None, base_dir)  # (refuses a base_dir: a pretrained model has no base)
@@ -219,6 +218,7 @@ def apply_finetune(model, cfg):
 
 def load_model(path, device="cpu", merge_lora=True, which="latest", base_dir=""):
     """A GPT in eval mode from a run's out_dir or a checkpoint directory, LoRA merged; plus its info.
+    merge_lora=None: as it trained, merged unless its base is quantised (load_any).
 
     which: 'latest' or 'best' (the latest when the run never evaluated). A run that is still
     training may prune the checkpoint its pointer named while we read it: then the pointer is read
@@ -238,6 +238,7 @@ def _load_model(path, device, merge_lora, which, base_dir="", verify=True):
     cfg = state.get("config", {})
     if state.get("trainable_only"):
         base_quant = cfg.get("base_quant", "")
+        merge_lora = not base_quant if merge_lora is None else merge_lora
         model = build_base(state["base"], base_quant, base_dir)
         if model.config.block_size > args["block_size"]:
             model.crop_block_size(args["block_size"])

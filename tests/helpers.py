@@ -1,7 +1,6 @@
 """Small builders shared by the tests: a char dataset, a tiny training config, a fake GPU, a fake terminal."""
 
 import io
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -10,13 +9,9 @@ SHAKESPEARE = ROOT / "data" / "shakespeare_char" / "input.txt"
 
 def char_dataset(path, n_chars=200_000):
     """The first n_chars of Tiny Shakespeare as a char dataset (train.bin, val.bin, meta.json) in path."""
-    sys.path.insert(0, str(ROOT / "data" / "shakespeare_char"))
-    try:
-        from prepare import prepare
-    finally:
-        sys.path.pop(0)
+    from homegpt.prepare_text import prepare_chars  # what data/shakespeare_char/prepare.py runs
     path.mkdir(parents=True, exist_ok=True)
-    prepare(path, SHAKESPEARE.read_text(encoding="utf-8")[:n_chars])
+    prepare_chars(path, SHAKESPEARE.read_text(encoding="utf-8")[:n_chars])
     return path
 
 

@@ -121,7 +121,7 @@ def test_a_validation_split_too_short_is_refused_before_the_first_step(tmp_path)
     training, with no checkpoint written."""
     data = char_dataset(tmp_path / "data", n_chars=300)  # 270 train characters, 30 val: fewer than block_size+1
     out = tmp_path / "out"
-    with pytest.raises(UserError, match=r"every 'val' file is shorter than block_size\+1 = 33 tokens"):
+    with pytest.raises(UserError, match=r"every 'val' token file is shorter than block_size\+1 = 33 tokens"):
         train.main(tiny_train_config(data, out, max_iters=4, eval_interval=100, initial_eval=False))
     assert not out.exists()
 

@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -78,21 +79,23 @@ def test_a_memory_cap_stops_at_the_batch_the_estimate_allows(tmp_path, monkeypat
     assert 8 in [t["batch_size"] for t in result["trials"] if t["status"] == "ok"]
 
 
-def test_the_search_starts_nothing_after_its_time(tmp_path):
+def test_the_search_starts_nothing_after_its_time(tmp_path, monkeypatch):
+    """A clock the test owns (no wall clock: a loaded machine would make it flaky): each step takes 0.2 s
+    of it, and nothing else moves it."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(autobatch, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
     real = train.train_step
 
     def slow(*args):
-        time.sleep(0.2)
+        clock["now"] += 0.2
         return real(*args)
     cfg = plan_config(tmp_path)
-    t0 = time.perf_counter()
     result = autobatch.search(slow, tiny_model(), cfg, torch.device("cpu"), torch.float32, 64, time_s=0.5, min_timed_s=0.0)
-    elapsed = time.perf_counter() - t0
     statuses = [t["status"] for t in result["trials"]]
     assert statuses[0] == "ok" and "time" in statuses
     assert all(s == "time" for s in statuses[statuses.index("time"):])  # nothing tried once the time was up
-    # each trial is 3 steps of >= 0.2 s: the time bound plus the one trial under way when it ran out
-    assert elapsed < 0.5 + 2 * 3 * 0.2 + 1.0, elapsed
+    # each trial is 3 steps of 0.2 s: the time bound plus the one trial under way when it ran out
+    assert clock["now"] <= 0.5 + 3 * 0.2 + 1e-9, clock["now"]
 
 
 def test_evaluation_and_checkpoint_counts_follow_the_training_loop():

@@ -92,4 +92,5 @@ def test_training_on_shipped_shakespeare_prepares_it_first(tmp_path, monkeypatch
     meta = json.loads((fake / "data" / "shakespeare_char" / "meta.json").read_text())
     assert meta["vocab_size"] == 65 and meta["train_tokens"] == 1_003_854
     # anything else stops with the command that prepares it
-    assert not dataloader.prepare_shipped(fake / "data" / "fineweb" / "fineweb-edu_10BT")
+    from homegpt.prepare_text import prepare_shipped
+    assert not prepare_shipped(fake / "data" / "fineweb" / "fineweb-edu_10BT")

@@ -19,8 +19,8 @@ sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not in
 
 from homegpt.errors import MissingFile  # noqa: E402
 from configurator import run  # noqa: E402
-from homegpt.dataloader import gpt2_encoding, write_raw_tokens  # noqa: E402
-from homegpt.fileio import check_dir_target, write_json  # noqa: E402
+from homegpt.fileio import check_dir_target  # noqa: E402
+from homegpt.prepare_text import prepare_gpt2  # noqa: E402
 
 SHIPPED = HERE.parent / "shakespeare_char" / "input.txt"
 
@@ -31,26 +31,11 @@ class PrepareConfig:
     input: str = str(SHIPPED)  # the text (Tiny Shakespeare ships there; any UTF-8 text works)
 
 
-def prepare(out_dir, text):
-    """Encode, split and write; meta.json last and atomically (its token counts vouch for the .bin
-    files beside it). Returns the meta."""
-    n = int(0.9 * len(text))  # split by characters, before encoding, as nanoGPT does
-    enc = gpt2_encoding()
-    train_ids = enc.encode_ordinary(text[:n])
-    val_ids = enc.encode_ordinary(text[n:])
-    out_dir = Path(out_dir)
-    write_raw_tokens(out_dir / "train.bin", train_ids)
-    write_raw_tokens(out_dir / "val.bin", val_ids)
-    meta = {"vocab_size": enc.n_vocab, "tokenizer": "gpt2", "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
-    write_json(out_dir / "meta.json", meta)
-    return meta
-
-
 def main(cfg):
     check_dir_target(cfg.out_dir, "--out_dir")  # never into a run; a read-only place is refused before any work
     if not Path(cfg.input).is_file():
         raise MissingFile(f"--input={cfg.input} does not exist; give a UTF-8 text file")
-    meta = prepare(cfg.out_dir, Path(cfg.input).read_text(encoding="utf-8"))
+    meta = prepare_gpt2(cfg.out_dir, Path(cfg.input).read_text(encoding="utf-8"))
     print(f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens "
           f"(GPT-2 BPE, vocab {meta['vocab_size']:,}) -> {cfg.out_dir}")
     return meta

@@ -13,15 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not installed
 
 from homegpt.errors import MissingFile  # noqa: E402
 from configurator import run  # noqa: E402
-from homegpt.dataloader import write_raw_tokens  # noqa: E402
-from homegpt.fileio import check_dir_target, write_json  # noqa: E402
+from homegpt.fileio import check_dir_target  # noqa: E402
+from homegpt.prepare_text import prepare_chars  # noqa: E402
 
 SHIPPED = HERE / "input.txt"
 
@@ -39,25 +37,9 @@ def read_text(path):
     return Path(path).read_text(encoding="utf-8")
 
 
-def prepare(out_dir, text):
-    """Characters -> ids, the first 90% to train.bin and the rest to val.bin; meta.json (written last,
-    atomically: its token counts vouch for the .bin files) holds the vocabulary. Returns the meta."""
-    chars = sorted(set(text))
-    stoi = {ch: i for i, ch in enumerate(chars)}
-    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
-    n = int(0.9 * len(ids))  # the first 90% trains, the last 10% validates
-    out_dir = Path(out_dir)
-    write_raw_tokens(out_dir / "train.bin", ids[:n])
-    write_raw_tokens(out_dir / "val.bin", ids[n:])
-    meta = {"tokenizer": "char", "vocab_size": len(chars), "itos": chars,
-            "train_tokens": n, "val_tokens": len(ids) - n}
-    write_json(out_dir / "meta.json", meta)
-    return meta
-
-
 def main(cfg):
     check_dir_target(cfg.out_dir, "--out_dir")  # never into a run; a read-only place is refused before any work
-    meta = prepare(cfg.out_dir, read_text(cfg.input))
+    meta = prepare_chars(cfg.out_dir, read_text(cfg.input))
     print(f"vocab {meta['vocab_size']}, train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens "
           f"-> {cfg.out_dir}")
     return meta
