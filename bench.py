@@ -8,7 +8,7 @@ that fits, across batch sizes, precisions and torch.compile on/off.
     python bench.py config/train_gpt2_chinchilla.py --plan     # size a train.py run: see plan.py
 
 What is timed is what train.py does: the model and optimizer are built the same way
-(GPT.configure_optimizers, runtime.pick_dtype / autocast / make_scaler) and each step is
+(optimizers.configure_optimizers, runtime.pick_dtype / autocast / make_scaler) and each step is
 train.train_step itself (forward, backward, clipping, AdamW). The batches are random tokens already
 on the device, so the numbers are compute-bound: data loading is not in them (on a GPU with a slow
 disk or a CPU busy tokenising, a real run can be slower). Warm-up steps (which include torch.compile's

@@ -73,7 +73,7 @@ def main(cfg):
         raise UserError("the prompt encodes to no tokens; give --start some text")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :].repeat(cfg.num_samples, 1)  # (B, T)
     with torch.inference_mode(), autocast(device, dtype):
-        # model.generate, a column at a time, so that the bar can count the tokens
+        # homegpt.generate.generate, a column at a time, so that the bar can count the tokens
         steps = stream(model, x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
                              top_p=cfg.top_p if cfg.top_p < 1.0 else None, generator=gen, use_cache=cfg.use_cache)
         new = list(progress(steps, f"sampling {cfg.num_samples} x", total=cfg.max_new_tokens, unit="tok"))

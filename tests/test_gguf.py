@@ -63,7 +63,7 @@ def export(run, path, dtype):
 
 
 def ours_greedy(run, prompt_ids, n):
-    """The tokens sample.py picks at --temperature=0 (GPT.generate, greedy)."""
+    """The tokens sample.py picks at --temperature=0 (homegpt.generate's greedy decoding)."""
     model, _ = weights.load_model(run)
     idx = torch.tensor([prompt_ids])
     return generate(model, idx, n, temperature=0)[0, len(prompt_ids):].tolist()
