@@ -38,7 +38,8 @@ from homegpt import weights
 from configurator import run
 from homegpt.errors import UserError
 from homegpt.fileio import check_file_target, fsync_dir
-from homegpt.hf import EOT, EOT_ID, architecture, bytes_to_unicode, gpt2_vocab_and_merges
+from homegpt.export import bytes_to_unicode, gpt2_vocab_and_merges
+from homegpt.hf import EOT, EOT_ID, architecture
 
 DTYPES = ("f32", "f16", "q8_0")
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file: what --overwrite may replace

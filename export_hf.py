@@ -30,7 +30,7 @@ from configurator import run
 from homegpt.checkpoint import holds_checkpoint, read_checkpoint
 from homegpt.weights import load_model
 from homegpt.runtime import progress
-from homegpt.hf import check_export_dir, export_hf, export_peft_adapter
+from homegpt.export import check_export_dir, export_hf, export_peft_adapter
 from homegpt.lora import count_params
 
 

@@ -12,8 +12,8 @@ Multiple choice is scored the way lm-evaluation-harness and llm.c do it: the log
 each ending given the context, in one padded batch per item. `pred` takes the highest sum of
 log-probabilities; `pred_norm` the highest mean per token (length-normalised, as llm.c's HellaSwag
 eval; the harness's acc_norm divides by bytes instead, so its numbers differ slightly).
-Long runs show a progress bar on a terminal (runtime.progress) and none in a log. `datasets` (and
-hf.py for its hub check) are imported only when a benchmark is downloaded.
+Long runs show a progress bar on a terminal (runtime.progress) and none in a log. `datasets` is
+imported only when a benchmark is downloaded (hub.load_hub_dataset, which asks whether the hub is there first).
 """
 
 import contextlib
@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from homegpt import runtime
 from homegpt.dataloader import to_device
 from homegpt.errors import UserError
-from homegpt.hf import load_hub_dataset
+from homegpt.hub import load_hub_dataset
 
 
 # ----------------------------------------------------------------------------- validation loss

@@ -155,8 +155,8 @@ def test_cli_bad_model_exits_nonzero_without_a_results_file(workdir):
 def test_offline_hint_names_the_option_the_user_used(workdir, monkeypatch, kw, option):
     # the hub unreachable and the cache cold: the way out is a local copy, passed where 'gpt2' was
     transformers = pytest.importorskip("transformers")
-    from homegpt import hf
-    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE=1 is set")
+    from homegpt import hub
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE=1 is set")
 
     def cold_cache(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "

@@ -267,10 +267,10 @@ def test_load_task_errors_name_the_file_and_field(tmp_path):
 
 @pytest.fixture
 def hub(monkeypatch):
-    """Sets what hf.hub_unreachable_reason answers (None = reachable): no test asks the network."""
-    from homegpt import hf
+    """Sets what hub.hub_unreachable_reason answers (None = reachable): no test asks the network."""
+    from homegpt import hub as hub_lib
     state = {"reason": None}
-    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: state["reason"])
+    monkeypatch.setattr(hub_lib, "hub_unreachable_reason", lambda: state["reason"])
     return state
 
 

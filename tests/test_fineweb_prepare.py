@@ -369,10 +369,10 @@ def test_rerun_of_a_finished_dataset_keeps_it_and_other_settings_are_refused(tmp
 
 @pytest.fixture
 def hub(monkeypatch):
-    """Sets what hf.hub_unreachable_reason answers (None = reachable): no test asks the network."""
-    from homegpt import hf
+    """Sets what hub.hub_unreachable_reason answers (None = reachable): no test asks the network."""
+    from homegpt import hub as hub_lib
     state = {"reason": None}
-    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: state["reason"])
+    monkeypatch.setattr(hub_lib, "hub_unreachable_reason", lambda: state["reason"])
     return state
 
 

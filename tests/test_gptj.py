@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import GPTJConfig, GPTJForCausalLM  # noqa: E402
 
-from homegpt import hf  # noqa: E402
+from homegpt import export, hf  # noqa: E402
 from homegpt.errors import UserError  # noqa: E402
 from helpers import all_logits  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -53,7 +53,7 @@ def test_import_gives_transformers_gptj_logits(tmp_path, rotary_dim):
 def test_export_round_trip_loads_in_transformers_with_the_same_logits(tmp_path):
     make_hf_gptj().save_pretrained(tmp_path / "gptj")
     ours = hf.from_pretrained(str(tmp_path / "gptj")).eval()
-    hf.export_hf(ours, tmp_path / "out", tokenizer=None)
+    export.export_hf(ours, tmp_path / "out", tokenizer=None)
     again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     assert type(again).__name__ == "GPTJForCausalLM"
     idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
@@ -97,7 +97,7 @@ def test_gpt2_defaults_are_unchanged():
 def test_a_combination_transformers_cannot_load_is_refused_naming_the_fields(tmp_path):
     rotary_only = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=VOCAB, rotary_dim=4))
     with pytest.raises(UserError, match="rotary_dim=4, parallel_residual=False"):
-        hf.export_hf(rotary_only, tmp_path / "x", tokenizer=None)
+        export.export_hf(rotary_only, tmp_path / "x", tokenizer=None)
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="rotary_dim must be"):
         GPTConfig(n_head=2, n_embd=16, rotary_dim=3)

@@ -37,7 +37,7 @@ mnli = load_script("mnli")
 def fake_hub(monkeypatch):
     """The hub reachable, and datasets.load_dataset answering from tables given here (a real
     datasets.Dataset, so the scripts' column reads are the ones they do on the hub): no network."""
-    from homegpt import hf
+    from homegpt import hub
     datasets = pytest.importorskip("datasets")
     tables, calls = {}, []
 
@@ -46,7 +46,7 @@ def fake_hub(monkeypatch):
         if (*args, split) not in tables:
             raise ConnectionError(f"Couldn't reach '{args[0]}' on the Hub (ReadTimeout)")
         return datasets.Dataset.from_list(tables[(*args, split)])
-    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return tables, calls
 

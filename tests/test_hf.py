@@ -7,7 +7,6 @@ No network: the "pretrained" GPT-2 is a small random transformers model saved to
 
 import json
 import logging
-import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from homegpt import hf  # noqa: E402
+from homegpt import export, hf, hub  # noqa: E402
 from helpers import all_logits  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from homegpt.generate import generate
@@ -91,13 +90,13 @@ def test_import_gives_transformers_logits_and_generations(tmp_path, fmt):
 @pytest.fixture
 def hub_online(monkeypatch):
     """The hub probe answers "reachable" without asking anything (tests never touch the network)."""
-    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
 
 
 @pytest.fixture
 def hub_offline(monkeypatch):
     reason = "https://huggingface.co: [Errno -2] Name or service not known"
-    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: reason)
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: reason)
     return reason
 
 
@@ -169,7 +168,7 @@ def test_unreachable_hub_reads_only_the_cache_then_says_what_to_do(monkeypatch, 
     msg = str(e.value)
     assert f"unreachable ({hub_offline})" in msg and "not in the local Hugging Face cache" in msg
     assert "save_pretrained('gpt2-medium-hf')" in msg and "(e.g. ./gpt2-medium-hf)" in msg
-    # hf.py is a library: which option took the name is for the script to say (eval.py: --models)
+    # the library does not know which option took the name: that is for the script to say (eval.py: --models)
     assert "--init_from" not in msg
 
 
@@ -198,97 +197,6 @@ def test_warm_cache_loads_offline_without_a_connection(tmp_path, monkeypatch, hu
     idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         assert (all_logits(model, idx) - ref(idx).logits).abs().max().item() < 1e-5
-
-
-@pytest.fixture
-def probe(monkeypatch):
-    """hub_unreachable_reason with no offline switch set and a fresh (uncached) probe."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    hf._probe.cache_clear()
-    yield hf.hub_unreachable_reason
-    hf._probe.cache_clear()
-
-
-@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
-def test_offline_switch_skips_the_probe(probe, monkeypatch, var):
-    import urllib.request
-
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("probed although offline"))
-    monkeypatch.setenv(var, "1")
-    assert probe() == f"{var}=1 is set"
-    monkeypatch.setenv(var, "0")  # huggingface_hub's "false": the probe runs
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: types.SimpleNamespace(close=lambda: None))
-    assert probe() is None
-
-
-def _raise(e):
-    def urlopen(*args, **kwargs):
-        raise e
-    return urlopen
-
-
-def test_probe_counts_only_a_clear_no_as_unreachable(probe, monkeypatch):
-    import socket
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    url = "https://huggingface.co"
-    down = {"dns": urllib.error.URLError(socket.gaierror(-2, "Name or service not known")),
-            "refused": urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")),
-            "timeout": TimeoutError("timed out")}
-    up = {"404": urllib.error.HTTPError(url, 404, "Not Found", {}, None),
-          "503": urllib.error.HTTPError(url, 503, "Service Unavailable", {}, None),
-          "tls": urllib.error.URLError(ssl.SSLCertVerificationError("self-signed certificate"))}
-    for name, e in {**down, **up}.items():
-        hf._probe.cache_clear()
-        monkeypatch.setattr(urllib.request, "urlopen", _raise(e))
-        reason = probe()
-        assert (reason is not None) == (name in down), (name, reason)
-        if reason:
-            assert reason.startswith(url + ": ")  # the message says what was asked and what came back
-
-
-def test_probe_gives_up_after_its_timeout(probe, monkeypatch):
-    import time
-    import urllib.request
-
-    def hanging(*args, **kwargs):  # a DNS lookup with no resolver to answer it
-        time.sleep(3)
-        return types.SimpleNamespace(close=lambda: None)
-    monkeypatch.setattr(urllib.request, "urlopen", hanging)
-    start = time.perf_counter()
-    assert probe(timeout=0.2) == "https://huggingface.co: no answer within 0.2 s"
-    assert time.perf_counter() - start < 1.5
-
-
-def test_probe_over_real_sockets_on_localhost(probe, monkeypatch):
-    # the urllib path end to end, without leaving the machine: a server answering 404 is "reachable",
-    # the same port closed (connection refused) is not
-    import http.server
-    import threading
-    from huggingface_hub import constants
-
-    class NotFound(http.server.BaseHTTPRequestHandler):
-        def do_HEAD(self):
-            self.send_response(404)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    threading.Thread(target=server.handle_request, daemon=True).start()
-    try:
-        assert probe() is None
-    finally:
-        server.server_close()
-    hf._probe.cache_clear()
-    reason = probe()
-    assert reason is not None and reason.startswith(url) and "refused" in reason.lower()
 
 
 def test_malformed_directories_name_the_path_and_the_problem(hf_dir, tmp_path):
@@ -387,7 +295,7 @@ def _our_model(seed=0, **kw):
 ], ids=["gpt2", "untied", "nobias", "nobias-untied", "no-qkv-bias", "qkv-bias-only", "exact-gelu"])
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, kw, caplog):
     model = _our_model(**kw)
-    out = hf.export_hf(model, tmp_path / "export", tokenizer=None)
+    out = export.export_hf(model, tmp_path / "export", tokenizer=None)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     with caplog.at_level(logging.WARNING):
         loaded, info = GPT2LMHeadModel.from_pretrained(str(out), output_loading_info=True)
@@ -412,13 +320,13 @@ def test_export_replaces_only_an_earlier_export_and_only_with_overwrite(tmp_path
     (target / "notes.txt").write_text("mine")
     for overwrite in (False, True):  # what an export did not write is never replaced
         with pytest.raises(ValueError, match="notes.txt"):
-            hf.export_hf(_our_model(), target, tokenizer=None, overwrite=overwrite)
+            export.export_hf(_our_model(), target, tokenizer=None, overwrite=overwrite)
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
     (target / "notes.txt").unlink()
-    hf.export_hf(_our_model(), target, tokenizer=None)  # an empty directory is written
+    export.export_hf(_our_model(), target, tokenizer=None)  # an empty directory is written
     with pytest.raises(ValueError, match="--overwrite=True"):
-        hf.export_hf(_our_model(), target, tokenizer=None)
-    hf.export_hf(_our_model(), target, tokenizer=None, overwrite=True)
+        export.export_hf(_our_model(), target, tokenizer=None)
+    export.export_hf(_our_model(), target, tokenizer=None, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary or old copies left
 
@@ -430,26 +338,26 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(OSError):
-        hf.export_hf(_our_model(), tmp_path / "export", tokenizer=None)
+        export.export_hf(_our_model(), tmp_path / "export", tokenizer=None)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_export_refuses_lora_leftovers_and_gpt2_tokenizer_on_a_small_vocab(tmp_path):
     model = _our_model()
     with pytest.raises(ValueError, match="tokenizer=None"):
-        hf.export_hf(model, tmp_path / "a", tokenizer="gpt2")
+        export.export_hf(model, tmp_path / "a", tokenizer="gpt2")
     with pytest.raises(ValueError, match="tokenizer="):
-        hf.export_hf(model, tmp_path / "b", tokenizer="char")
+        export.export_hf(model, tmp_path / "b", tokenizer="char")
     model.transformer.h[0].attn.c_attn.register_parameter("lora_A", torch.nn.Parameter(torch.zeros(4, 32)))
     with pytest.raises(ValueError, match="merge LoRA"):
-        hf.export_hf(model, tmp_path / "c", tokenizer=None)
+        export.export_hf(model, tmp_path / "c", tokenizer=None)
     assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
 def test_recovered_merges_are_gpt2s():
-    vocab, merges = hf.gpt2_vocab_and_merges()
+    vocab, merges = export.gpt2_vocab_and_merges()
     assert len(vocab) == 50257 and len(merges) == 50000 and vocab["<|endoftext|>"] == 50256
     # the first lines of OpenAI's merges.txt; ' the' could also be ' th'+'e', but BPE builds ' t'+'he'
     assert merges[:8] == [("Ġ", "t"), ("Ġ", "a"), ("h", "e"), ("i", "n"), ("r", "e"), ("o", "n"),
@@ -462,7 +370,7 @@ def test_exported_tokenizer_encodes_like_tiktoken(tmp_path):
 
     from homegpt.dataloader import gpt2_encoding
     model = _our_model(vocab_size=50257)
-    out = hf.export_hf(model, tmp_path / "export", tokenizer="gpt2")
+    out = export.export_hf(model, tmp_path / "export", tokenizer="gpt2")
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == 50256

@@ -105,18 +105,18 @@ def test_prepare_without_network_says_how_to_give_a_local_file(tmp_path, monkeyp
 
 
 def test_alpaca_falls_back_to_the_hub_and_offline_reads_only_the_datasets_cache(tmp_path, monkeypatch):
-    """Alpaca's URL failing, its hub copy (tatsu-lab/alpaca) is read through hf.load_hub_dataset: the
+    """Alpaca's URL failing, its hub copy (tatsu-lab/alpaca) is read through hub.load_hub_dataset: the
     splits come from it, and with the hub unreachable the error names both failures and --input."""
     import urllib.request
 
-    from homegpt import hf
+    from homegpt import hub
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("no route")))
     rows = [{"instruction": f"say {i}", "input": "", "output": str(i), "text": "unused"} for i in range(40)]
     asked = []
     monkeypatch.setattr(datasets, "load_dataset", lambda repo, config, split: asked.append((repo, split, datasets.config.HF_HUB_OFFLINE))
                         or datasets.Dataset.from_list(rows))
-    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
     out = tmp_path / "alpaca"
     counts = instruct_prepare.main(instruct_prepare.PrepareConfig(source="alpaca", out_dir=str(out)))
     assert counts == {"train": 34, "val": 2, "test": 4} and asked[0][:2] == ("tatsu-lab/alpaca", "train")
@@ -126,7 +126,7 @@ def test_alpaca_falls_back_to_the_hub_and_offline_reads_only_the_datasets_cache(
         asked.append((repo, split, datasets.config.HF_HUB_OFFLINE))
         raise FileNotFoundError("not in the cache")
     monkeypatch.setattr(datasets, "load_dataset", not_cached)
-    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: "no DNS")
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: "no DNS")
     with pytest.raises(UserError, match=r"no route.*hub is unreachable \(no DNS\).*--input=path/to/file.json"):
         instruct_prepare.main(instruct_prepare.PrepareConfig(source="alpaca", out_dir=str(tmp_path / "b")))
     assert asked[-1][2] is True  # offline: the datasets cache only, no request

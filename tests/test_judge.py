@@ -47,7 +47,7 @@ def hf_judge_dir(path, reply=None, seed=0):
     """A tiny random GPT-2 Hugging Face directory with a plain chat template. With `reply` (one GPT-2
     token, e.g. ' 85'), the model always answers exactly that: the final LayerNorm outputs a multiple of
     the token's embedding (so its logit is the largest for any input) and the token is its end-of-sequence."""
-    from homegpt.hf import write_gpt2_tokenizer
+    from homegpt.export import write_gpt2_tokenizer
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=50257, n_positions=512))

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from homegpt import hf
+from homegpt import export, hf
 import train
 from homegpt.weights import load_model
 from homegpt.checkpoint import read_metrics
@@ -170,7 +170,7 @@ def test_a_run_with_options_resumes_exactly_and_refuses_a_change_of_them(data, t
 def test_export_refuses_what_transformers_cannot_compute_naming_the_option(tmp_path, name):
     model = make(**OPTIONS[name])
     with pytest.raises(UserError, match=list(OPTIONS[name])[0]):
-        hf.export_hf(model, tmp_path / "hf", tokenizer=None)
+        export.export_hf(model, tmp_path / "hf", tokenizer=None)
     assert not (tmp_path / "hf").exists()
 
 

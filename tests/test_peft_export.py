@@ -17,7 +17,7 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import export_hf  # noqa: E402
-from homegpt import hf  # noqa: E402
+from homegpt import export, hf  # noqa: E402
 import train  # noqa: E402
 from homegpt.weights import load_model  # noqa: E402
 from helpers import all_logits, char_dataset, tiny_train_config  # noqa: E402
@@ -53,7 +53,7 @@ def _peft_model(hf_base, adapter_dir):
 
 def _adapted(peft_model):
     """The module names PEFT put a LoRA layer on, as named in the transformers model."""
-    prefix = hf.PEFT_PREFIX
+    prefix = export.PEFT_PREFIX
     return {n.removeprefix(prefix) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
 
 
@@ -63,7 +63,7 @@ def _max_diff(ours, theirs, vocab, seed=3):
         return (theirs(idx).logits - all_logits(ours, idx)).abs().max().item()
 
 
-# ----------------------------------------------------------------------------- hf.export_peft_adapter
+# ----------------------------------------------------------------------------- export.export_peft_adapter
 
 @pytest.mark.parametrize("targets", ["attn", "all"])
 def test_peft_on_the_exported_base_gives_our_logits(tmp_path, targets):
@@ -71,8 +71,8 @@ def test_peft_on_the_exported_base_gives_our_logits(tmp_path, targets):
     # the base export of the LoRA model is exactly the model before apply_lora: adapters left out, not merged
     frozen = hf.hf_state_dict(model, drop_lora=True)
     assert frozen.keys() == base_sd.keys() and all(torch.equal(v, base_sd[k]) for k, v in frozen.items())
-    hf.export_hf(model, tmp_path / "base", tokenizer=None, drop_lora=True)
-    out = hf.export_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path="base")
+    export.export_hf(model, tmp_path / "base", tokenizer=None, drop_lora=True)
+    out = export.export_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path="base")
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"], config["fan_in_fan_out"],
@@ -93,8 +93,8 @@ def test_peft_saves_our_adapter_back_unchanged(tmp_path):
     and the config fields we write come back the same."""
     from safetensors.torch import load_file
     model, _, _ = _lora_model("all")
-    hf.export_hf(model, tmp_path / "base", tokenizer=None, drop_lora=True)
-    ours = hf.export_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path="base")
+    export.export_hf(model, tmp_path / "base", tokenizer=None, drop_lora=True)
+    ours = export.export_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path="base")
     _peft_model(tmp_path / "base", ours).save_pretrained(str(tmp_path / "again"))
     a, b = load_file(str(ours / "adapter_model.safetensors")), load_file(str(tmp_path / "again/adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -111,7 +111,7 @@ def test_a_model_without_adapters_is_refused(tmp_path):
     model, _, _ = _lora_model("attn")
     plain = GPT(model.config)
     with pytest.raises(ValueError, match="no LoRA adapters"):
-        hf.export_peft_adapter(plain, tmp_path / "adapter", base_model_name_or_path="gpt2")
+        export.export_peft_adapter(plain, tmp_path / "adapter", base_model_name_or_path="gpt2")
     with pytest.raises(ValueError, match="drop_lora=True"):  # the merged export refuses the unmerged model
         hf.hf_state_dict(model)
     assert list(tmp_path.iterdir()) == []

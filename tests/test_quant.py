@@ -19,7 +19,7 @@ pytest.importorskip("bitsandbytes", reason="needs bitsandbytes (dev extra)")
 transformers = pytest.importorskip("transformers")
 from transformers import GPTJConfig, GPTJForCausalLM  # noqa: E402
 
-from homegpt import hf  # noqa: E402
+from homegpt import hf, hub  # noqa: E402
 from homegpt import lora  # noqa: E402
 from homegpt import quant  # noqa: E402
 from homegpt.errors import UserError  # noqa: E402
@@ -149,7 +149,7 @@ def test_a_sharded_pytorch_bin_directory_loads_as_its_transformers_model(tmp_pat
 def test_a_hub_repository_downloads_safetensors_when_it_has_them_else_the_bin_files(monkeypatch, gptj_dir):
     import huggingface_hub
     asked = []
-    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: None)
     for listing, expected in ((["config.json", "model.safetensors"], "*.safetensors"),
                               (["config.json", "pytorch_model.bin"], "pytorch_model*.bin")):
         monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, listing=listing: listing)
@@ -162,7 +162,7 @@ def test_a_hub_repository_downloads_safetensors_when_it_has_them_else_the_bin_fi
 
 def test_offline_without_a_cached_copy_a_hub_repository_fails_at_once_saying_what_to_do(monkeypatch):
     import huggingface_hub
-    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE=1 is set")
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: "HF_HUB_OFFLINE=1 is set")
 
     def no_cache(repo, **kw):
         assert kw.get("local_files_only"), "offline, only the cache may be read"

@@ -146,7 +146,7 @@ OFFLINE_HINT = ("Without the hub, prepare local files instead: --data_files='cor
 def require_hub(repo):
     """Stop at once when the hub is unreachable (or HF_HUB_OFFLINE=1): FineWeb is streamed, so no
     local cache could stand in, and the libraries would retry for ~30 s before failing."""
-    from homegpt.hf import hub_unreachable_reason  # the same check as GPT-2 weights and benchmarks
+    from homegpt.hub import hub_unreachable_reason  # the same check as GPT-2 weights and benchmarks
     offline = hub_unreachable_reason()
     if offline:
         raise UserError(f"{repo} is streamed from the Hugging Face hub, which is unreachable ({offline}).\n"

@@ -136,7 +136,7 @@ def read_hub():
     hint = (f"Instead pass a local copy: --input=labeled_data.csv, downloaded from {CSV_URL}, or a JSONL "
             f"file saved on a machine with access by datasets.load_dataset('{HUB}', split='train')"
             f".to_json('hate_speech.jsonl')")
-    from homegpt.hf import load_hub_dataset  # the same reachability check as GPT-2 weights, benchmarks and FineWeb
+    from homegpt.hub import load_hub_dataset  # the same reachability check as GPT-2 weights, benchmarks and FineWeb
     ds = load_hub_dataset(HUB, split="train", hint=hint)
     return [(f"row {i}", {"tweet": t, "class": c}) for i, (t, c) in enumerate(zip(ds["tweet"], ds["class"]))]
 

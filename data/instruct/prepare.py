@@ -74,7 +74,7 @@ def download(source, dest):
         url_error = e
     hub_error = ""
     if hub:
-        from homegpt.hf import load_hub_dataset  # the hub check and offline cache of every hub reader here
+        from homegpt.hub import load_hub_dataset  # the hub check and offline cache of every hub reader here
         try:
             rows = load_hub_dataset(hub, split="train", what=f"the {source!r} instructions")
         except UserError as e:  # reported beside the URL's error

@@ -86,7 +86,7 @@ def read_hub(split):
             f"  python -c \"import datasets; ds = datasets.load_dataset('{HUB}', '{HUB_CONFIG}'); "
             "[ds[s].to_json(f'mnli_jsonl/{s}.jsonl') for s in ('train', 'validation_matched')]\"\n"
             "then copy mnli_jsonl/ over and pass --input_dir=mnli_jsonl")
-    from homegpt.hf import load_hub_dataset  # the same reachability check as GPT-2 weights, benchmarks and FineWeb
+    from homegpt.hub import load_hub_dataset  # the same reachability check as GPT-2 weights, benchmarks and FineWeb
     ds = load_hub_dataset(HUB, HUB_CONFIG, split=split, hint=hint)
     # whole columns at once: a Python loop over 392,702 rows of a datasets table takes a minute
     return [(f"row {i}", {"premise": p, "hypothesis": h, "label": y})
