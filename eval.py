@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from homegpt import weights
-from homegpt import checkpoint
 from homegpt import judge
 from homegpt import sft
 from configurator import parse_list, run
@@ -28,6 +27,7 @@ from homegpt.dataloader import TokenData, Tokenizer, count_eval_batches, eval_ba
 from homegpt.errors import UserError
 from homegpt.evaluation import evaluate_loss, load_task, progress_bar, run_benchmark, run_lambada
 from homegpt.fileio import JSON_OBJECT, check_file_target, write_json
+from homegpt.runs import holds_checkpoint
 from homegpt.runtime import autocast, pick_device, pick_dtype, seed_everything, setup_backends
 
 BENCHMARK_TASKS = ("hellaswag", "piqa", "winogrande", "lambada")
@@ -123,7 +123,7 @@ def model_specs(cfg):
 def load_any(spec, device, option="--models", which="best", base_quant="", base_dir=""):
     """(model, tokenizer, info) for an out_dir of ours, a GPT-2 name or a Hugging Face directory
     (weights.load_any). Errors start with `option`, so that a hint says where to pass a path."""
-    if option == "--out_dir" and not checkpoint.holds_checkpoint(spec):
+    if option == "--out_dir" and not holds_checkpoint(spec):
         raise UserError(f"--out_dir={spec!r} holds no checkpoint (latest.json): train there first, or "
                         f"name the model with --init_from=<gpt2 name or HF directory> or --models=...")
     try:

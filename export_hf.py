@@ -27,8 +27,9 @@ from pathlib import Path
 from homegpt.errors import UserError
 from homegpt.fileio import CKPT_PREFIX
 from configurator import run
-from homegpt.checkpoint import holds_checkpoint, read_checkpoint
+from homegpt.checkpoint import read_checkpoint
 from homegpt.weights import load_model
+from homegpt.runs import holds_checkpoint
 from homegpt.runtime import progress
 from homegpt.export import check_export_dir, export_hf, export_peft_adapter
 from homegpt.lora import count_params

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from homegpt.errors import UserError
 from configurator import run
-from homegpt.checkpoint import read_metrics
+from homegpt.runs import read_metrics
 from homegpt.fileio import atomic_write, check_file_target
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first eight bytes of every PNG: the only kind of file --out replaces

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from homegpt.weights import load_any
-from homegpt.checkpoint import holds_checkpoint
+from homegpt.runs import holds_checkpoint
 from homegpt.errors import MissingFile, UserError
 from configurator import run
 from homegpt.dataloader import Tokenizer

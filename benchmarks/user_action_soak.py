@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from homegpt import checkpoint  # noqa: E402
+from homegpt import checkpoint, runs  # noqa: E402
 from configurator import configure  # noqa: E402
 from helpers import char_dataset  # noqa: E402
 
@@ -69,7 +69,7 @@ def run(cmd, stop_at=None, sig=signal.SIGKILL):
 
 def intact(out):
     found = {}
-    for ckpt in checkpoint.checkpoint_dirs(out):
+    for ckpt in runs.checkpoint_dirs(out):
         try:
             checkpoint._validated_state(ckpt, verify=True)
             found[ckpt.name] = (ckpt / "model.safetensors").read_bytes()
@@ -80,7 +80,7 @@ def intact(out):
 
 def reached(out):
     """The last iteration metrics.jsonl records."""
-    return max((r["iter"] for r in checkpoint.read_metrics(out)), default=0)
+    return max((r["iter"] for r in runs.read_metrics(out)), default=0)
 
 
 def act(action, data, out, target, rng):
@@ -95,7 +95,7 @@ def act(action, data, out, target, rng):
     elif action == "delete latest.json":
         (out / "latest.json").unlink(missing_ok=True)
     elif action == "damage the newest checkpoint":
-        damaged = checkpoint.checkpoint_dirs(out)[0].name
+        damaged = runs.checkpoint_dirs(out)[0].name
         f = out / damaged / "model.safetensors"
         b = bytearray(f.read_bytes())
         b[rng.randrange(len(b))] ^= 0xFF

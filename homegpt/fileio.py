@@ -94,7 +94,7 @@ def read_json_lines(path):
 
 # ----------------------------------------------------------------------------- what a writer may replace
 
-# the signs of one of our runs (checkpoint.py's layout): a directory holding one of these files, or a
+# the signs of one of our runs (runs.py's and checkpoint.py's layout): a directory holding one of these files, or a
 # ckpt-NNNNNNN directory, is a run's, and only train.py writes there
 RUN_FILES = ("latest.json", "best.json", "state.json", "metrics.jsonl", "run.lock")
 CKPT_PREFIX = "ckpt-"

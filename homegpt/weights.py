@@ -19,7 +19,8 @@ import torch
 from homegpt import hf
 from homegpt import lora
 from homegpt import quant
-from homegpt.checkpoint import holds_checkpoint, read_checkpoint, restore_model
+from homegpt.checkpoint import read_checkpoint, restore_model
+from homegpt.runs import holds_checkpoint
 from homegpt.errors import MissingFile, UserError
 from homegpt.fileio import file_sha256
 from model import SHAPE, GPT, GPTConfig

@@ -56,4 +56,4 @@ class Terminal(io.StringIO):
         return True
 
 
-from homegpt.checkpoint import read_metrics  # noqa: E402,F401  (the tests read runs as plot.py does)
+from homegpt.runs import read_metrics  # noqa: E402,F401  (the tests read runs as plot.py does)

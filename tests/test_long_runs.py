@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from homegpt import checkpoint
+from homegpt import runs
 import train
 from homegpt.errors import UserError
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
@@ -72,32 +72,32 @@ def test_a_second_training_into_a_live_runs_out_dir_is_refused_naming_it(data, t
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         out.mkdir()
-        lock = dict(checkpoint._this_process(), pid=live.pid, started=checkpoint._start_time(live.pid))
-        (out / checkpoint.LOCK).write_text(json.dumps(lock))
+        lock = dict(runs._this_process(), pid=live.pid, started=runs._start_time(live.pid))
+        (out / runs.LOCK).write_text(json.dumps(lock))
         with pytest.raises(UserError, match=f"in use by a live run \\(host {socket.gethostname()}, process {live.pid}\\)"):
             train.main(tiny_train_config(data, out, max_iters=2, eval_interval=2))
-        assert sorted(p.name for p in out.iterdir()) == [checkpoint.LOCK]  # nothing read or written
+        assert sorted(p.name for p in out.iterdir()) == [runs.LOCK]  # nothing read or written
     finally:
         live.kill()
         live.wait()
     # its holder is gone (as after kill -9): the next start takes the lock over, and gives it back at the end
     assert train.main(tiny_train_config(data, out, max_iters=2, eval_interval=2))["iter_num"] == 2
-    assert not (out / checkpoint.LOCK).exists()
+    assert not (out / runs.LOCK).exists()
 
 
 def test_a_lock_from_before_a_reboot_or_of_the_same_torchrun_job_does_not_block(data, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
-    me = checkpoint._this_process()
-    (out / checkpoint.LOCK).write_text(json.dumps(dict(me, pid=1, boot="another boot")))  # pid 1 is alive
+    me = runs._this_process()
+    (out / runs.LOCK).write_text(json.dumps(dict(me, pid=1, boot="another boot")))  # pid 1 is alive
     assert train.main(tiny_train_config(data, out, max_iters=2, eval_interval=2))["iter_num"] == 2
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
-    (out / checkpoint.LOCK).write_text(json.dumps(dict(me, pid=1, started=None, job="job-7")))
+    (out / runs.LOCK).write_text(json.dumps(dict(me, pid=1, started=None, job="job-7")))
     train.main(tiny_train_config(data, out, max_iters=4, eval_interval=2, init_from="resume"))
-    (out / checkpoint.LOCK).write_text(json.dumps(dict(me, pid=1, started=None, job="job-6")))
+    (out / runs.LOCK).write_text(json.dumps(dict(me, pid=1, started=None, job="job-6")))
     with pytest.raises(UserError, match="in use by a live run"):  # pid 1 of another job on this boot: alive
         train.main(tiny_train_config(data, out, max_iters=6, eval_interval=2, init_from="resume"))
-    assert os.path.exists(out / checkpoint.LOCK)
+    assert os.path.exists(out / runs.LOCK)
 
 
 def test_torchrun_restarts_without_auto_resume_are_warned_about(data, tmp_path, monkeypatch, capsys):

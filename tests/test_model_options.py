@@ -16,7 +16,7 @@ import torch
 from homegpt import export, hf
 import train
 from homegpt.weights import load_model
-from homegpt.checkpoint import read_metrics
+from homegpt.runs import read_metrics
 from homegpt.errors import UserError
 from helpers import all_logits, char_dataset, tiny_train_config
 from homegpt.generate import KVCache, generate

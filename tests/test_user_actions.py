@@ -22,6 +22,7 @@ import time
 import pytest
 
 from homegpt import checkpoint as ckpt_lib
+from homegpt import runs
 import sample
 import train
 from homegpt.errors import UserError
@@ -35,7 +36,7 @@ ACTIONS = ["train", "train", "kill -9", "kill -9", "resume", "eval_only", "sampl
 def intact(out):
     """{checkpoint name: its model file's bytes} of every checkpoint in out whose files verify."""
     found = {}
-    for ckpt in ckpt_lib.checkpoint_dirs(out):
+    for ckpt in runs.checkpoint_dirs(out):
         try:
             ckpt_lib._validated_state(ckpt, verify=True)
         except (ValueError, FileNotFoundError):
@@ -87,23 +88,23 @@ def test_no_user_action_loses_an_intact_checkpoint(tmp_path, seed):
     for step in range(20):
         action = rng.choice(ACTIONS)
         before = intact(out) if out.exists() else {}
-        newest, had_checkpoints = (max(before) if before else None), bool(ckpt_lib.checkpoint_dirs(out))
+        newest, had_checkpoints = (max(before) if before else None), bool(runs.checkpoint_dirs(out))
         frozen = pointers_and_checkpoints(out) if out.exists() else {}
         printed, refused = "", None
         target = max([target] + [int(n.split("-")[1]) for n in before]) + rng.randint(2, 6)
         if action in ("train", "resume"):
-            resume = action == "resume" and ckpt_lib.holds_checkpoint(out)
+            resume = action == "resume" and runs.holds_checkpoint(out)
             cfg = tiny_train_config(data, out, max_iters=target, eval_interval=2, log_interval=5, keep_last_n=KEEP,
                                     auto_resume=not resume, init_from="resume" if resume else "scratch")
             printed, refused = quietly(train.main, cfg)
         elif action == "kill -9":
             printed = killed_run(data, out, target + 400, rng)
-        elif action == "eval_only" and ckpt_lib.holds_checkpoint(out):
+        elif action == "eval_only" and runs.holds_checkpoint(out):
             printed, refused = quietly(train.main, tiny_train_config(data, out, init_from="resume", eval_only=True))
-        elif action == "sample" and ckpt_lib.holds_checkpoint(out):
+        elif action == "sample" and runs.holds_checkpoint(out):
             printed, refused = quietly(sample.main, sample.SampleConfig(out_dir=str(out), device="cpu", num_samples=1,
                                                                         max_new_tokens=8, which="latest"))
-        elif action == "export" and ckpt_lib.holds_checkpoint(out):
+        elif action == "export" and runs.holds_checkpoint(out):
             import export_hf
             exports += 1
             printed, refused = quietly(export_hf.main, export_hf.ExportConfig(
