@@ -19,9 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from homegpt import weights
-from homegpt import judge
-from homegpt import sft
+from homegpt import judge, sft, weights
 from configurator import parse_list, run
 from homegpt.dataloader import TokenData, Tokenizer, count_eval_batches, eval_batches
 from homegpt.errors import UserError

@@ -26,22 +26,19 @@ from typing import Literal, NamedTuple, Optional, Union
 import numpy as np
 import torch
 
-from homegpt import autobatch
-from homegpt import weights
-from homegpt import checkpoint as ckpt_lib
 import configurator
-from homegpt import evaluation
-from homegpt import memory
+from homegpt import autobatch, evaluation, memory, runs, weights
+from homegpt import checkpoint as ckpt_lib
 from homegpt.config_checks import check_config, check_resume, resolve_start
 from homegpt.dataloader import RandomSampler, SequentialSampler, resolve_data_dir, to_device
-from homegpt.rundata import batches, open_data
-from homegpt.prepare_text import prepare_shipped
 from homegpt.errors import UserError
-from model import GPT, GPTConfig
-from homegpt.optimizers import make_optimizer
 from homegpt.hardware import peak_flops
+from homegpt.optimizers import make_optimizer
+from homegpt.prepare_text import prepare_shipped
+from homegpt.rundata import batches, open_data
 from homegpt.runtime import (Dist, StopFlag, autocast, barrier, close_distributed, init_distributed, make_scaler, pick_dtype,
                              print0, seed_everything, setup_backends, shard_model, step_seed, wrap_for_training)
+from model import GPT, GPTConfig
 
 
 @dataclass
@@ -309,10 +306,10 @@ def resume_point(cfg, dist_info, device):
                 print0(f"resume: {k} changed from {a!r} to {b!r}")
         print0(f"resuming from {ckpt_dir} at iteration {state['iter_num']}")
     elif cfg.overwrite and dist_info.is_master and not cfg.eval_only:
-        doomed = ckpt_lib.run_files(cfg.out_dir)
+        doomed = runs.run_files(cfg.out_dir)
         if doomed:  # named before they go
             print0(f"overwrite: deleting the earlier run's {', '.join(p.name for p in doomed)} in {cfg.out_dir}")
-            ckpt_lib.delete_run_files(doomed)
+            runs.delete_run_files(doomed)
     barrier(dist_info, device)
     return ckpt_dir, state
 
@@ -516,12 +513,12 @@ def main(cfg):
     owner = dist_info.is_master and not cfg.eval_only  # one training per out_dir: its lock, taken before any read
     new_dir = owner and not Path(cfg.out_dir).exists()
     if not cfg.eval_only:
-        ckpt_lib.claim_out_dir(cfg.out_dir, dist_info)
+        runs.claim_out_dir(cfg.out_dir, dist_info)
     try:
         return train_run(cfg, dist_info, device, dtype, fsdp)
     finally:
         if owner:  # given back, and an out_dir this run made but never wrote to removed (refused: nothing left)
-            ckpt_lib.release_out_dir(cfg.out_dir, remove_empty=new_dir)
+            runs.release_out_dir(cfg.out_dir, remove_empty=new_dir)
 
 
 def train_run(cfg, dist_info, device, dtype, fsdp):
@@ -541,13 +538,13 @@ def train_run(cfg, dist_info, device, dtype, fsdp):
     if dist_info.is_master and not cfg.eval_only:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         if state:
-            ckpt_lib.trim_metrics(Path(cfg.out_dir) / "metrics.jsonl", run.iter_num)  # lines a crash left past it
+            runs.trim_metrics(Path(cfg.out_dir) / "metrics.jsonl", run.iter_num)  # lines a crash left past it
         if cfg.wandb_log:
             import wandb
             wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg),
                                    id=run.wandb_id, resume="allow")
             run.wandb_id = wandb_run.id
-    metrics = ckpt_lib.MetricsFile(cfg.out_dir, log_metrics, wandb_run)
+    metrics = runs.MetricsFile(cfg.out_dir, log_metrics, wandb_run)
     stop = StopFlag()
     try:
         train_loop(run, runner, metrics, peak_flops(device, dtype)[0], stop)

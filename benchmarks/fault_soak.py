@@ -29,8 +29,7 @@ from pathlib import Path
 import common  # noqa: F401  (the checkout on sys.path)
 import torch
 
-from homegpt import weights
-from homegpt import checkpoint
+from homegpt import checkpoint, weights
 from homegpt.prepare_text import prepare_chars
 from configurator import configure
 
@@ -42,7 +41,6 @@ FULL_DISK = """
 import os, sys
 sys.path.insert(0, {root!r})
 import configurator, train
-from homegpt import checkpoint
 from safetensors import SafetensorError
 real = checkpoint.save_file
 

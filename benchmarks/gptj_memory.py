@@ -27,8 +27,7 @@ import common  # noqa: F401  (puts the checkout on sys.path)
 import torch
 
 from configurator import run
-from homegpt import memory
-from homegpt import lora
+from homegpt import lora, memory
 from model import GPT, GPTConfig
 from homegpt.hf import place_weight
 from homegpt.hardware import proc_status_bytes, reset_peak_rss

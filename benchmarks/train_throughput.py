@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from homegpt import weights
+from homegpt import runtime, weights
 import common
-from homegpt import runtime
 import train
 from homegpt.errors import UserError
 from configurator import parse_config

@@ -36,9 +36,6 @@ from homegpt import lora
 from homegpt.errors import MissingFile, UserError
 from homegpt.fileio import file_sha256, fsync_dir, write_json
 from homegpt.runs import checkpoint_dirs
-# the out_dir around the checkpoints lives in runs.py; train.py and config_checks.py reach these through here
-from homegpt.runs import (MetricsFile, claim_out_dir, delete_run_files, holds_checkpoint, holds_run,  # noqa: F401
-                          release_out_dir, run_files, trim_metrics)
 from homegpt.runtime import broadcast_object, gather_objects, print0, rng_state, set_rng_state
 
 FORMAT_VERSION = 1
@@ -345,7 +342,7 @@ def newest_intact(out_dir, verify=True):
     if not skipped:
         raise MissingFile(f"no checkpoint in {out_dir}: no {PREFIX}* directory")
     raise UserError(f"no intact checkpoint in {out_dir}: " + "; ".join(f"{n}: {why}" for n, why in skipped)
-                    + f". Nothing was changed; restore them from a copy, or train into another --out_dir")
+                    + ". Nothing was changed; restore them from a copy, or train into another --out_dir")
 
 
 def read_checkpoint(path, which="latest", verify=True):

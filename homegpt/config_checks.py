@@ -16,8 +16,7 @@ import math
 import os
 from pathlib import Path
 
-from homegpt import weights
-from homegpt import checkpoint as ckpt_lib
+from homegpt import runs, weights
 from homegpt.errors import UserError
 from model import COMPUTE, SHAPE, GPTConfig
 from homegpt.optimizers import optimizer_problems
@@ -156,7 +155,7 @@ def check_sources(cfg):
     if (out / "state.json").exists():
         errors.append(f"out_dir={cfg.out_dir} is a checkpoint directory, not a run's out_dir: new checkpoints would "
                       f"nest inside it; use --out_dir={out.parent} --init_from=resume --resume_from={out.name}")
-    elif cfg.init_from != "resume" and not cfg.overwrite and not cfg.eval_only and ckpt_lib.holds_run(out):
+    elif cfg.init_from != "resume" and not cfg.overwrite and not cfg.eval_only and runs.holds_run(out):
         errors.append(f"out_dir={cfg.out_dir} already holds a run: continue it with --init_from=resume (or let the same "
                       f"command continue it: --auto_resume=True), start this one in another --out_dir, or pass "
                       f"--overwrite=True to delete its checkpoints and metrics")
@@ -186,10 +185,10 @@ def resolve_start(cfg):
     where a run died before its first checkpoint, it starts afresh (overwrite). Under torchrun with
     --max-restarts and without auto_resume, a warning: the restarted command would be refused."""
     if cfg.auto_resume and cfg.init_from != "resume" and not cfg.eval_only:
-        if ckpt_lib.holds_checkpoint(cfg.out_dir):  # any ckpt-* directory: never deleted, resumed (or refused)
+        if runs.holds_checkpoint(cfg.out_dir):  # any ckpt-* directory: never deleted, resumed (or refused)
             print0(f"auto_resume: {cfg.out_dir} holds a run: resuming it (it started from init_from={cfg.init_from!r})")
             cfg.init_from = "resume"
-        elif ckpt_lib.holds_run(cfg.out_dir):  # metrics of a run that died before its first checkpoint
+        elif runs.holds_run(cfg.out_dir):  # metrics of a run that died before its first checkpoint
             print0(f"auto_resume: {cfg.out_dir} holds no checkpoint, only the metrics of a run that died before its "
                    f"first one: starting afresh")
             cfg.overwrite = True

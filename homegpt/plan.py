@@ -36,9 +36,7 @@ import statistics
 import time
 from pathlib import Path
 
-from homegpt import weights
-from homegpt import evaluation
-from homegpt import memory
+from homegpt import evaluation, memory, weights
 from homegpt.config_checks import check_config
 from homegpt.autobatch import CONFIRM, compare_iterations, random_batches, search, sequences_per_rank, time_iterations
 from homegpt.checkpoint import model_tensors, read_for_resume

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import torch
 
-from homegpt import hf
-from homegpt import lora
-from homegpt import quant
+from homegpt import hf, hub, lora, quant
 from homegpt.checkpoint import read_checkpoint, restore_model
 from homegpt.runs import holds_checkpoint
 from homegpt.errors import MissingFile, UserError
@@ -94,7 +92,7 @@ def source_context(init_from):
             return config.get("n_positions", config.get("n_ctx"))
         except (json.JSONDecodeError, AttributeError):
             return None  # the loader explains what is wrong with the file
-    return hf.GPT2_CONTEXT if init_from in hf.HF_MODELS else None
+    return hf.GPT2_CONTEXT if init_from in hub.HF_MODELS else None
 
 
 def source_data_meta(init_from):
@@ -177,14 +175,14 @@ def load_any(spec, device="cpu", which="latest", base_quant="", base_dir=""):
     if holds_checkpoint(spec):
         model, info = load_model(spec, device=device, which=which, merge_lora=None, base_dir=base_dir)
         return model, info.get("data_meta") or {"tokenizer": "gpt2", "vocab_size": 50257}, info
-    if spec in hf.HF_MODELS or (Path(spec) / "config.json").is_file() or (hf.HUB_REPO.fullmatch(spec) and not Path(spec).exists()):
+    if spec in hub.HF_MODELS or (Path(spec) / "config.json").is_file() or (hub.HUB_REPO.fullmatch(spec) and not Path(spec).exists()):
         repoint_base(None, base_dir)  # (refuses a base_dir: a pretrained model has no base)
         gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257}  # (GPT-J's tokenizer is GPT-2's BPE too)
         model = hf.from_pretrained(spec, base_quant=base_quant).to(device).eval()
         return model, gpt2, {"config": {}, "data_meta": gpt2, "checkpoint": spec}
     if Path(spec).is_dir():
         raise MissingFile(f"{spec} holds no checkpoint (latest.json or state.json): train there first, or check the path")
-    raise MissingFile(f"model {spec!r} is not a GPT-2 name ({', '.join(hf.HF_MODELS)}), a Hugging Face directory "
+    raise MissingFile(f"model {spec!r} is not a GPT-2 name ({', '.join(hub.HF_MODELS)}), a Hugging Face directory "
                       f"(config.json) or one of our runs (an out_dir with latest.json); check the name or the path")
 
 

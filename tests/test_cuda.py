@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from homegpt import generate as generation
+from homegpt.optimizers import configure_optimizers
 import model as model_lib
 import train
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config

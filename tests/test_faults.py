@@ -17,8 +17,7 @@ import time
 import pytest
 import torch
 
-from homegpt import weights
-from homegpt import checkpoint
+from homegpt import checkpoint, weights
 import train
 from helpers import ROOT, char_dataset, read_metrics, tiny_train_config
 

@@ -12,9 +12,8 @@ no biases and an untied head.
 import pytest
 import torch
 
-from homegpt import weights
+from homegpt import sft, weights
 import export_gguf
-from homegpt import sft
 import train
 from homegpt.dataloader import Tokenizer, gpt2_encoding
 from homegpt.errors import UserError

@@ -16,13 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from homegpt import autobatch
+from homegpt import autobatch, memory, plan, runtime
 import configurator
 from homegpt.errors import UserError
-from homegpt import memory
-from homegpt import plan
 import bench
-from homegpt import runtime
 import train
 from helpers import char_dataset, tiny_train_config
 from model import GPT, GPTConfig

@@ -42,7 +42,7 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the checkout: its modules are not installed
 
-from homegpt.errors import MissingFile, UserError  # noqa: E402
+from homegpt.errors import MissingFile, UserError, many_errors  # noqa: E402
 from configurator import run  # noqa: E402
 from homegpt.dataloader import gpt2_encoding, write_raw_tokens  # noqa: E402
 from homegpt.fileio import check_dir_target, file_sha256, write_json, write_json_lines  # noqa: E402
@@ -51,7 +51,6 @@ HUB, HUB_CONFIG = "nyu-mll/glue", "mnli"
 SPLITS = {"train": "train", "val": "validation_matched"}  # our token file -> GLUE's split
 LABELS = ("entailment", "neutral", "contradiction")  # GLUE's label ids 0, 1, 2
 PROMPT = "mnli hypothesis: {hypothesis} premise: {premise} target:"
-MAX_ERRORS = 10  # bad rows listed in one error message
 TOKENIZE_CHUNK = 10_000  # pairs per encode_ordinary_batch call: the bar moves often, tiktoken's threads stay busy
 
 
@@ -112,9 +111,7 @@ def check_rows(rows, where):
         else:
             out.append((r["premise"], r["hypothesis"], label))
     if errors:
-        more = f"\n  ... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-        raise UserError(f"{where}: {len(errors)} bad row(s) of {len(rows):,}:\n  "
-                        + "\n  ".join(errors[:MAX_ERRORS]) + more)
+        raise many_errors(f"{where}: {len(errors)} bad row(s) of {len(rows):,}", errors)
     if not out:
         raise UserError(f"{where}: no labelled rows ({len(rows):,} rows, {dropped:,} of them labelled -1)")
     return out, dropped
