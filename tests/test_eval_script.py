@@ -195,7 +195,6 @@ def test_generate_task_calls_sft(workdir, monkeypatch):
 
 
 def test_generate_task_with_the_real_sft(workdir):
-    pytest.importorskip("sft")
     rows = [{"prompt": "the cat sat on the", "completion": " mat."}, {"prompt": "a dog ran to the", "completion": " log."}]
     (workdir / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = eval_script.main(cfg_for(workdir, tasks="generate", data_file=str(workdir / "gen.jsonl"), max_new_tokens=5))
