@@ -5,7 +5,8 @@ eval_only, sample, export, a damaged file, a deleted pointer. After every action
 - a resume continues from the newest intact checkpoint (and, with none intact, is refused);
 - eval_only, sample and export leave the checkpoints and pointers as they were.
 
-Seeded random sequences, bounded in time (about a minute each on a 2-core machine).
+Seeded random sequences of 20 actions, each bounded (a killed run lives at most 6 s): about 40 s a
+sequence on a 2-core machine.
 
     python -m pytest -q tests/test_user_actions.py
 """
@@ -17,7 +18,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -83,7 +83,7 @@ def test_no_user_action_loses_an_intact_checkpoint(tmp_path, seed):
     rng = random.Random(seed)
     data = char_dataset(tmp_path / "data", 30_000)
     out = tmp_path / "out"
-    target, exports, t0 = 0, 0, time.monotonic()
+    target, exports = 0, 0
     known = {}
     for step in range(20):
         action = rng.choice(ACTIONS)
@@ -143,5 +143,4 @@ def test_no_user_action_loses_an_intact_checkpoint(tmp_path, seed):
         if action in ("eval_only", "sample", "export"):
             assert pointers_and_checkpoints(out) == frozen, story
         known = after
-        assert time.monotonic() - t0 < 170, "the sequence ran past its time budget"
     assert known, "the sequence ended without an intact checkpoint"
