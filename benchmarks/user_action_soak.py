@@ -32,7 +32,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from homegpt import checkpoint, runs  # noqa: E402
 from configurator import configure  # noqa: E402
-from helpers import char_dataset  # noqa: E402
+from helpers import char_dataset, intact_checkpoints  # noqa: E402
 
 ACTIONS = ["kill -9 while training", "SIGTERM during an evaluation", "delete latest.json", "damage the newest checkpoint",
            "write a malformed latest.json", "eval_only beside the run", "sample.py", "export_hf.py --overwrite onto the run"]
@@ -65,17 +65,6 @@ def run(cmd, stop_at=None, sig=signal.SIGKILL):
             stop_at = None
     p.wait()
     return "".join(lines), first
-
-
-def intact(out):
-    found = {}
-    for ckpt in runs.checkpoint_dirs(out):
-        try:
-            checkpoint._validated_state(ckpt, verify=True)
-            found[ckpt.name] = (ckpt / "model.safetensors").read_bytes()
-        except (ValueError, FileNotFoundError):
-            pass
-    return found
 
 
 def reached(out):
@@ -120,11 +109,11 @@ def main(args):
         data = char_dataset(work / "data", 30_000)
         out, target = work / "out", step
         run(train_cmd(data, out, target))
-        known = intact(out)
+        known = intact_checkpoints(out)
         for action in [a for _ in range(args.rounds) for a in rng.sample(ACTIONS, len(ACTIONS))]:
             hit, damaged = act(action, data, out, target + step, rng)
             known.pop(damaged, None)  # damaged by the user, not lost by the code
-            now = intact(out)
+            now = intact_checkpoints(out)
             for name, content in known.items():  # lost: gone or changed, with no newer intact checkpoint
                 if now.get(name) != content and not any(n > name for n in now):
                     lost.append((action, name))
@@ -134,7 +123,7 @@ def main(args):
             assert f"saved checkpoint to {out}/ckpt-{target:07d}" in printed, printed[-3000:]
             frm = int(resumed.group(1)) if resumed else None
             rows.append((action, hit, frm, hit - frm if frm is not None else None, first))
-            after = intact(out)
+            after = intact_checkpoints(out)
             for name, content in known.items():
                 if after.get(name) != content and not any(n > name for n in after):
                     lost.append((action, name))

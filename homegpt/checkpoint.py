@@ -34,12 +34,11 @@ from safetensors.torch import load_file, save_file
 
 from homegpt import lora
 from homegpt.errors import MissingFile, UserError
-from homegpt.fileio import file_sha256, fsync_dir, write_json
+from homegpt.fileio import CKPT_PREFIX, file_sha256, fsync_dir, write_json
 from homegpt.runs import checkpoint_dirs
 from homegpt.runtime import broadcast_object, gather_objects, print0, rng_state, set_rng_state
 
 FORMAT_VERSION = 1
-PREFIX = "ckpt-"
 
 
 # ----------------------------------------------------------------------------- module and state dict hygiene
@@ -219,9 +218,9 @@ def save_checkpoint(out_dir, state, model, optimizer=None, trainable_only=False,
     tensors = model_tensors(model, trainable_only, full_sd)
     check_finite(tensors, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".{PREFIX}*.tmp-*"):  # debris of a save that was killed
+    for stale in out_dir.glob(f".{CKPT_PREFIX}*.tmp-*"):  # debris of a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    name = f"{PREFIX}{state['iter_num']:07d}"
+    name = f"{CKPT_PREFIX}{state['iter_num']:07d}"
     tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     final = out_dir / name
     try:
@@ -301,8 +300,8 @@ def _read_pointer(path):
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: damaged pointer file ({type(e).__name__}: {e}); a resume finds the newest "
                          f"intact checkpoint without it{_intact_hint(path.parent, None)}") from e
-    if not isinstance(name, str) or not name.startswith(PREFIX) or "/" in name:
-        raise UserError(f"{path}: damaged pointer file (checkpoint {name!r} is no {PREFIX}NNNNNNN name); a resume "
+    if not isinstance(name, str) or not name.startswith(CKPT_PREFIX) or "/" in name:
+        raise UserError(f"{path}: damaged pointer file (checkpoint {name!r} is no {CKPT_PREFIX}NNNNNNN name); a resume "
                          f"finds the newest intact checkpoint without it{_intact_hint(path.parent, None)}")
     return name
 
@@ -340,7 +339,7 @@ def newest_intact(out_dir, verify=True):
         except (ValueError, FileNotFoundError) as e:
             skipped.append((ckpt.name, str(e)))
     if not skipped:
-        raise MissingFile(f"no checkpoint in {out_dir}: no {PREFIX}* directory")
+        raise MissingFile(f"no checkpoint in {out_dir}: no {CKPT_PREFIX}* directory")
     raise UserError(f"no intact checkpoint in {out_dir}: " + "; ".join(f"{n}: {why}" for n, why in skipped)
                     + ". Nothing was changed; restore them from a copy, or train into another --out_dir")
 
@@ -389,7 +388,7 @@ def _intact_hint(out_dir, damaged):
     """Where to go from a damaged checkpoint: the others in out_dir whose files have their recorded
     sizes (hashes are checked when one is loaded), newest first."""
     intact = []
-    for ckpt in sorted((p for p in out_dir.glob(f"{PREFIX}*") if p.is_dir() and p != damaged), reverse=True):
+    for ckpt in (p for p in checkpoint_dirs(out_dir) if p != damaged):
         try:
             state = _validated_state(ckpt, verify=False)
         except (ValueError, FileNotFoundError):

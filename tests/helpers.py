@@ -49,6 +49,20 @@ def fake_gpu(monkeypatch, name, capability):
     return torch.device("cuda")  # no CUDA needed: only the queries above are consulted
 
 
+def intact_checkpoints(out):
+    """{checkpoint name: its model file's bytes} of every checkpoint in a run whose files verify (sizes and
+    sha256): what 'no intact checkpoint lost' is checked against."""
+    from homegpt import checkpoint
+    found = {}
+    for ckpt in checkpoint.checkpoint_dirs(out):
+        try:
+            checkpoint._validated_state(ckpt, verify=True)
+        except (ValueError, FileNotFoundError):
+            continue
+        found[ckpt.name] = (ckpt / "model.safetensors").read_bytes()
+    return found
+
+
 class Terminal(io.StringIO):
     """A stream that says it is a terminal, as stderr is in an interactive shell."""
 

@@ -21,28 +21,15 @@ import sys
 
 import pytest
 
-from homegpt import checkpoint as ckpt_lib
 from homegpt import runs
 import sample
 import train
 from homegpt.errors import UserError
-from helpers import ROOT, char_dataset, tiny_train_config
+from helpers import ROOT, char_dataset, intact_checkpoints, tiny_train_config
 
 KEEP = 2  # keep_last_n: small, so that pruning happens often
 ACTIONS = ["train", "train", "kill -9", "kill -9", "resume", "eval_only", "sample", "export", "damage",
            "delete pointer"]
-
-
-def intact(out):
-    """{checkpoint name: its model file's bytes} of every checkpoint in out whose files verify."""
-    found = {}
-    for ckpt in runs.checkpoint_dirs(out):
-        try:
-            ckpt_lib._validated_state(ckpt, verify=True)
-        except (ValueError, FileNotFoundError):
-            continue
-        found[ckpt.name] = (ckpt / "model.safetensors").read_bytes()
-    return found
 
 
 def pointers_and_checkpoints(out):
@@ -87,7 +74,7 @@ def test_no_user_action_loses_an_intact_checkpoint(tmp_path, seed):
     known = {}
     for step in range(20):
         action = rng.choice(ACTIONS)
-        before = intact(out) if out.exists() else {}
+        before = intact_checkpoints(out) if out.exists() else {}
         newest, had_checkpoints = (max(before) if before else None), bool(runs.checkpoint_dirs(out))
         frozen = pointers_and_checkpoints(out) if out.exists() else {}
         printed, refused = "", None
@@ -124,7 +111,7 @@ def test_no_user_action_loses_an_intact_checkpoint(tmp_path, seed):
             (out / "latest.json").unlink()
         else:
             continue
-        after = intact(out)
+        after = intact_checkpoints(out)
         story = f"seed {seed}, action {step} ({action}): {printed[-1500:]}"
         # 1. an intact checkpoint goes only by keep_last_n, once a newer intact one exists
         for name, content in known.items():
